@@ -1,0 +1,254 @@
+"""Averaging of model parameters, buffers and optimizer state across workers.
+
+Parameters (trainable or frozen, with or without a gradient) and, under
+``buffers="average"``, floating-point buffers are re-pointed once into one flat
+tensor per (device, dtype): each ``p.data`` becomes a view of that storage. A
+round is then a single collective per bucket on memory the model already uses,
+with no gather/scatter copy and no allocation (DESIGN pitfall 5). If something
+re-points a tensor later (``module.to(dtype)``, a buffer re-assigned by its
+module), the bucket notices at the next round and rebuilds itself.
+
+Integer buffers (``num_batches_tracked``) are never averaged: they count steps,
+which are equal on all workers anyway.
+
+Optimizer state is created lazily by the optimizer and may be replaced by
+``load_state_dict``, so it is not re-pointed: under ``optimizer_state="average"``
+it is copied into a persistent bucket, reduced, and copied back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Literal, get_args
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from localsgd.comm import Communicator
+
+log = logging.getLogger(__name__)
+
+BufferPolicy = Literal["average", "local"]
+OptimizerStatePolicy = Literal["local", "average", "reset"]
+
+
+def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
+    """Return ``value`` if it is one of ``allowed``, else raise a ValueError naming ``name``."""
+    if not isinstance(value, str) or value not in allowed:
+        choices = ", ".join(repr(a) for a in allowed)
+        raise ValueError(f"{name} ({value!r}) must be one of {choices}")
+    return value
+
+
+class FlatBucket:
+    """Tensors of one (device, dtype) whose ``.data`` are views into one flat tensor."""
+
+    def __init__(self, tensors: Sequence[Tensor]) -> None:
+        assert tensors, "a bucket holds at least one tensor"
+        self.tensors = list(tensors)
+        first = self.tensors[0]
+        self.flat = torch.empty(sum(t.numel() for t in self.tensors), dtype=first.dtype, device=first.device)
+        self._ptrs: list[int] = []
+        offset = 0
+        for t in self.tensors:
+            n = t.numel()
+            view = self.flat[offset : offset + n].view_as(t)
+            view.copy_(t.data)
+            # keeps the Parameter object (and every optimizer reference to it)
+            t.data = view
+            self._ptrs.append(view.data_ptr())
+            offset += n
+
+    def intact(self) -> bool:
+        """Whether every tensor still lives where the bucket put it."""
+        return all(t.data_ptr() == p for t, p in zip(self.tensors, self._ptrs))
+
+
+def _float_tensors(module: nn.Module, buffers: BufferPolicy) -> list[Tensor]:
+    tensors: list[Tensor] = [p for p in module.parameters() if p.is_floating_point()]
+    if buffers == "average":
+        tensors += [b for b in module.buffers() if b.is_floating_point()]
+    return tensors
+
+
+def _group(tensors: Sequence[Tensor]) -> dict[tuple[str, str], list[Tensor]]:
+    groups: dict[tuple[str, str], list[Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((str(t.device), str(t.dtype)), []).append(t)
+    return dict(sorted(groups.items()))
+
+
+class Averager:
+    """Averages ``modules`` (one per local worker of ``comm``) and their optimizers' state.
+
+    Args:
+        modules: the local workers' models, ``comm.num_local_workers`` of them, all with
+            the same architecture.
+        comm: the communicator that reaches the other workers.
+        buffers: ``"average"`` averages floating-point buffers (BatchNorm running mean and
+            variance) with the parameters; ``"local"`` leaves every buffer as each worker has it.
+        optimizer_state: at a sync, ``"local"`` leaves each worker's optimizer state as it is,
+            ``"average"`` averages its floating-point tensors (momentum, Adam moments; not the
+            step count), ``"reset"`` zeroes every state tensor, step count included, as if
+            the optimizer had just been created.
+        optimizers: per local worker, the optimizers whose state the policy applies to.
+    """
+
+    def __init__(
+        self,
+        modules: Sequence[nn.Module],
+        comm: Communicator,
+        *,
+        buffers: BufferPolicy = "average",
+        optimizer_state: OptimizerStatePolicy = "local",
+        optimizers: Sequence[Sequence[Optimizer]] = (),
+    ) -> None:
+        self.buffers = check_choice("buffers", buffers, get_args(BufferPolicy))
+        self.optimizer_state = check_choice(
+            "optimizer_state", optimizer_state, get_args(OptimizerStatePolicy)
+        )
+        if len(modules) != comm.num_local_workers:
+            raise ValueError(
+                f"modules ({len(modules)}) must hold one model per local worker ({comm.num_local_workers})"
+            )
+        if optimizers and len(optimizers) != len(modules):
+            raise ValueError(f"optimizers ({len(optimizers)}) must hold one list per model ({len(modules)})")
+        self.modules = list(modules)
+        self.comm = comm
+        self.optimizers = [list(opts) for opts in optimizers] or [[] for _ in modules]
+        self._buckets: list[list[FlatBucket]] = []
+        self._backup: list[list[Tensor]] = []
+        self._state_buckets: dict[tuple[object, ...], list[list[Tensor]]] = {}
+        self._build()
+
+    # ------------------------------------------------------------------ layout
+    def _build(self) -> None:
+        per_worker = [_group(_float_tensors(m, self.buffers)) for m in self.modules]
+        keys = list(per_worker[0])
+        for i, groups in enumerate(per_worker[1:], start=1):
+            shapes0 = {k: [t.shape for t in v] for k, v in per_worker[0].items()}
+            if {k: [t.shape for t in v] for k, v in groups.items()} != shapes0:
+                raise ValueError(f"modules[{i}] does not have the same tensors as modules[0]")
+        self._buckets = [[FlatBucket(groups[k]) for k in keys] for groups in per_worker]
+        self._backup = []
+
+    def _ensure_intact(self) -> None:
+        if not all(b.intact() for worker in self._buckets for b in worker):
+            log.debug("a parameter or buffer was re-pointed since the last round; rebuilding buckets")
+            self._build()
+
+    @property
+    def num_bytes(self) -> int:
+        """Bytes one worker contributes to a round of parameter (and buffer) averaging."""
+        return sum(b.flat.numel() * b.flat.element_size() for b in self._buckets[0])
+
+    def flat_tensors(self, worker: int = 0) -> list[Tensor]:
+        """The flat buckets of local ``worker``: its parameters (and averaged buffers), by (device, dtype)."""
+        self._ensure_intact()
+        return [b.flat for b in self._buckets[worker]]
+
+    # ------------------------------------------------------------------ collectives
+    def broadcast(self, src: int = 0) -> None:
+        """Make every worker's model equal to worker ``src``'s (all buffers included)."""
+        self._ensure_intact()
+        for i in range(len(self._buckets[0])):
+            self.comm.broadcast_([w[i].flat for w in self._buckets], src=src)
+        # integer buffers (and float buffers under buffers="local") are not in the buckets
+        rest = [
+            [b for b in m.buffers() if not (self.buffers == "average" and b.is_floating_point())]
+            for m in self.modules
+        ]
+        for j in range(len(rest[0])):
+            self.comm.broadcast_([r[j] for r in rest], src=src)
+
+    def average(self, tag: str = "sync", *, optimizer_state: bool = True) -> None:
+        """One round: average the models, then apply the optimizer-state policy."""
+        self._ensure_intact()
+        with self.comm.round(tag):
+            for i in range(len(self._buckets[0])):
+                self.comm.all_reduce_([w[i].flat for w in self._buckets], op="mean")
+            if optimizer_state and self.optimizer_state == "average":
+                self._average_optimizer_state()
+        if optimizer_state and self.optimizer_state == "reset":
+            for opts in self.optimizers:
+                for t in _state_tensors(opts, include_step=True):
+                    t.zero_()
+
+    @contextlib.contextmanager
+    def averaged(self, tag: str = "eval") -> Iterator[None]:
+        """Temporarily hold the averaged model; each worker's own model comes back on exit."""
+        self._ensure_intact()
+        if not self._backup:
+            self._backup = [[torch.empty_like(b.flat) for b in w] for w in self._buckets]
+        for w, backup in zip(self._buckets, self._backup):
+            for b, copy in zip(w, backup):
+                copy.copy_(b.flat)
+        try:
+            self.average(tag, optimizer_state=False)
+            yield
+        finally:
+            for w, backup in zip(self._buckets, self._backup):
+                for b, copy in zip(w, backup):
+                    b.flat.copy_(copy)
+
+    def _average_optimizer_state(self) -> None:
+        per_worker = [_state_tensors(opts, include_step=False) for opts in self.optimizers]
+        signature = tuple((t.shape, t.dtype, t.device) for t in per_worker[0])
+        for i, ts in enumerate(per_worker[1:], start=1):
+            if tuple((t.shape, t.dtype, t.device) for t in ts) != signature:
+                raise RuntimeError(f"optimizer state of local worker {i} does not match worker 0's")
+        # Lazily created state can differ across processes (a parameter that got no
+        # gradient on one rank has no momentum there): check before the collective,
+        # so a mismatch is an error on every rank rather than a hang or garbage.
+        count = sum(t.numel() for t in per_worker[0])
+        checks = [torch.tensor([count, -count], dtype=torch.float64) for _ in per_worker]
+        self.comm.all_reduce_(checks, op="max", counted=False)
+        if int(checks[0][0]) != count or int(-checks[0][1]) != count:
+            raise RuntimeError(
+                "optimizer_state='average': workers hold optimizer state of different sizes "
+                f"(this worker {count} elements, others between {int(-checks[0][1])} "
+                f"and {int(checks[0][0])}); "
+                "HINT: every parameter must receive a gradient on every worker before the first sync, "
+                "or use optimizer_state='local'"
+            )
+        buckets = self._state_buckets.get(signature)
+        if buckets is None:
+            # one flat per (device, dtype) group and local worker, kept while the layout holds
+            buckets = [
+                [
+                    torch.empty(sum(t.numel() for t in group), dtype=group[0].dtype, device=group[0].device)
+                    for _ in per_worker
+                ]
+                for group in _group(per_worker[0]).values()
+            ]
+            self._state_buckets = {signature: buckets}
+        for g, group_ts in enumerate(zip(*[_group(ts).values() for ts in per_worker])):
+            flats = buckets[g]
+            for flat, ts in zip(flats, group_ts):
+                torch.cat([t.reshape(-1) for t in ts], out=flat)
+            self.comm.all_reduce_(flats, op="mean")
+            for flat, ts in zip(flats, group_ts):
+                offset = 0
+                for t in ts:
+                    t.copy_(flat[offset : offset + t.numel()].view_as(t))
+                    offset += t.numel()
+
+
+def _state_tensors(optimizers: Sequence[Optimizer], *, include_step: bool) -> list[Tensor]:
+    """Floating-point state tensors in a rank-independent order (groups, params, sorted keys)."""
+    out: list[Tensor] = []
+    for opt in optimizers:
+        for group in opt.param_groups:
+            for p in group["params"]:
+                state = opt.state.get(p, {})
+                for key in sorted(state):
+                    value = state[key]
+                    if not isinstance(value, Tensor) or not value.is_floating_point():
+                        continue
+                    if key == "step" and not include_step:
+                        continue
+                    out.append(value)
+    return out

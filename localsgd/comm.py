@@ -1,0 +1,223 @@
+"""All communication between workers goes through a :class:`Communicator`.
+
+This is the only module of the library that imports ``torch.distributed``. Two
+implementations share one interface:
+
+* :class:`ProcessGroupCommunicator`: one worker per process, collectives over a
+  ``torch.distributed`` process group (NCCL on GPUs, gloo on CPU);
+* :class:`InProcessCommunicator`: ``K`` workers held in one process (the simulator
+  and the unit tests run the real averaging code through it).
+
+A collective takes one tensor per *local* worker (one for a process group, ``K``
+in-process) and leaves the result in every one of them.
+
+Accounting: a *round* is one logical exchange (one averaging of the model),
+opened with :meth:`Communicator.round`; every collective inside it adds its
+payload (``numel * element_size`` of the tensor one worker contributes) to that
+round's tag. Collectives outside a round (the initial broadcast, control flags)
+are not counted, so ``comm/bytes`` is the model-averaging traffic per worker.
+The wire traffic of a ring all-reduce is about ``2 (K - 1) / K`` times the payload.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+ReduceOpName = Literal["mean", "sum", "max"]
+
+
+@dataclass
+class CommStats:
+    """Cumulative traffic of one tag (for example ``"sync"``), per worker."""
+
+    rounds: int = 0
+    """Number of rounds opened under this tag."""
+    bytes: int = 0
+    """Payload bytes one worker contributed to collectives inside those rounds."""
+
+
+class Communicator(ABC):
+    """Collectives over ``num_workers`` workers, ``num_local_workers`` of them in this process."""
+
+    def __init__(self) -> None:
+        self.stats: dict[str, CommStats] = {}
+        self._open_tag: str | None = None
+
+    @property
+    @abstractmethod
+    def num_workers(self) -> int:
+        """Total number of workers taking part in every collective."""
+
+    @property
+    @abstractmethod
+    def num_local_workers(self) -> int:
+        """Number of workers held by this process (length of the lists collectives take)."""
+
+    @property
+    @abstractmethod
+    def first_local_worker(self) -> int:
+        """Global index of this process's first worker."""
+
+    @abstractmethod
+    def _all_reduce(self, tensors: Sequence[Tensor], op: ReduceOpName) -> None: ...
+
+    @abstractmethod
+    def _broadcast(self, tensors: Sequence[Tensor], src: int) -> None: ...
+
+    def all_reduce_(
+        self, tensors: Sequence[Tensor], op: ReduceOpName = "mean", *, counted: bool = True
+    ) -> None:
+        """Reduce ``tensors`` (one per local worker) over all workers, in place, into each of them.
+
+        ``counted=False`` marks a control message (a flag, a size check): it is not model
+        traffic and is left out of the round's bytes.
+        """
+        self._check(tensors)
+        if op not in ("mean", "sum", "max"):
+            raise ValueError(f"op ({op!r}) must be one of 'mean', 'sum', 'max'")
+        if counted:
+            self._count(tensors[0])
+        self._all_reduce(tensors, op)
+
+    def broadcast_(self, tensors: Sequence[Tensor], src: int = 0) -> None:
+        """Copy worker ``src``'s tensor into every worker's tensor, in place."""
+        self._check(tensors)
+        if not 0 <= src < self.num_workers:
+            raise ValueError(f"src ({src}) must be a worker index in [0, {self.num_workers})")
+        self._count(tensors[0])
+        self._broadcast(tensors, src)
+
+    @contextlib.contextmanager
+    def round(self, tag: str = "sync") -> Iterator[None]:
+        """Count one round under ``tag``; collectives inside add their payload to it."""
+        if self._open_tag is not None:
+            raise RuntimeError(f"round {tag!r} opened inside round {self._open_tag!r}")
+        self.stats.setdefault(tag, CommStats()).rounds += 1
+        self._open_tag = tag
+        try:
+            yield
+        finally:
+            self._open_tag = None
+
+    def rounds(self, tag: str = "sync") -> int:
+        return self.stats.get(tag, CommStats()).rounds
+
+    def bytes(self, tag: str = "sync") -> int:
+        return self.stats.get(tag, CommStats()).bytes
+
+    def state_dict(self) -> dict[str, Any]:
+        return {tag: {"rounds": s.rounds, "bytes": s.bytes} for tag, s in self.stats.items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.stats = {tag: CommStats(int(s["rounds"]), int(s["bytes"])) for tag, s in state.items()}
+
+    def _count(self, tensor: Tensor) -> None:
+        if self._open_tag is not None:
+            self.stats[self._open_tag].bytes += tensor.numel() * tensor.element_size()
+
+    def _check(self, tensors: Sequence[Tensor]) -> None:
+        if len(tensors) != self.num_local_workers:
+            raise ValueError(
+                f"a collective takes one tensor per local worker: got {len(tensors)}, "
+                f"this process holds {self.num_local_workers}"
+            )
+
+
+class ProcessGroupCommunicator(Communicator):
+    """One worker per process; collectives over a ``torch.distributed`` process group.
+
+    ``mean`` is an all-reduce SUM followed by a division by the group size (gloo has
+    no AVG op, and one code path for every backend keeps results identical).
+    """
+
+    def __init__(self, group: Any = None) -> None:
+        super().__init__()
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "ProcessGroupCommunicator needs an initialized torch.distributed process group "
+                "(the Lightning strategy initializes it in setup)"
+            )
+        self.group = group
+        self._size = dist.get_world_size(group)
+        self._rank = dist.get_rank(group)
+
+    @property
+    def num_workers(self) -> int:
+        return self._size
+
+    @property
+    def num_local_workers(self) -> int:
+        return 1
+
+    @property
+    def first_local_worker(self) -> int:
+        return self._rank
+
+    def _all_reduce(self, tensors: Sequence[Tensor], op: ReduceOpName) -> None:
+        (tensor,) = tensors
+        dist_op = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
+        dist.all_reduce(tensor, op=dist_op, group=self.group)
+        if op == "mean" and self._size > 1:
+            tensor.div_(self._size)
+
+    def _broadcast(self, tensors: Sequence[Tensor], src: int) -> None:
+        (tensor,) = tensors
+        global_src = dist.get_global_rank(self.group, src) if self.group is not None else src
+        dist.broadcast(tensor, src=global_src, group=self.group)
+
+
+class InProcessCommunicator(Communicator):
+    """``num_workers`` workers held in one process: the collectives are local tensor math.
+
+    Reductions accumulate in worker order into a scratch tensor allocated once per
+    (shape, dtype, device), so a round allocates nothing after the first.
+    """
+
+    def __init__(self, num_workers: int) -> None:
+        super().__init__()
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
+            raise ValueError(f"num_workers ({num_workers!r}) must be an integer >= 1")
+        self._num_workers = num_workers
+        self._scratch: dict[tuple[Any, ...], Tensor] = {}
+
+    @property
+    def num_workers(self) -> int:
+        return self._num_workers
+
+    @property
+    def num_local_workers(self) -> int:
+        return self._num_workers
+
+    @property
+    def first_local_worker(self) -> int:
+        return 0
+
+    def _all_reduce(self, tensors: Sequence[Tensor], op: ReduceOpName) -> None:
+        first = tensors[0]
+        key = (tuple(first.shape), first.dtype, first.device)
+        acc = self._scratch.get(key)
+        if acc is None:
+            acc = self._scratch[key] = torch.empty_like(first)
+        acc.copy_(first)
+        for t in tensors[1:]:
+            if op == "max":
+                torch.maximum(acc, t, out=acc)
+            else:
+                acc.add_(t)
+        if op == "mean" and len(tensors) > 1:
+            acc.div_(len(tensors))
+        for t in tensors:
+            t.copy_(acc)
+
+    def _broadcast(self, tensors: Sequence[Tensor], src: int) -> None:
+        for i, t in enumerate(tensors):
+            if i != src:
+                t.copy_(tensors[src])

@@ -1,0 +1,379 @@
+"""Lightning strategies: Local SGD and the synchronous SGD baseline.
+
+Both are DDPStrategy subclasses, so process-group setup, launchers, cluster
+environments and distributed samplers are Lightning's own. Local SGD differs in
+two places only: the model is *not* wrapped in DistributedDataParallel (no
+gradient all-reduce), and ``optimizer_step`` calls the ordinary step and then,
+when the schedule says so, averages the workers. Every sync happens in
+``LocalSGDStrategy._after_step``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies.registry import _StrategyRegistry
+from lightning.fabric.utilities.seed import seed_everything
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.plugins.precision import Precision
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch.optim import Optimizer
+
+from localsgd.averaging import Averager, BufferPolicy, OptimizerStatePolicy, check_choice
+from localsgd.comm import Communicator, ProcessGroupCommunicator
+from localsgd.schedules import Constant, SyncSchedule, check_positive_int
+
+log = logging.getLogger(__name__)
+
+StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
+_CHECKPOINT_KEY = "localsgd"
+
+
+def _raw(optimizer: Optimizer) -> Optimizer:
+    return optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+
+
+class _StrategyCommon:
+    """What both strategies share: metrics, seeding and checkpointed state, so their runs compare."""
+
+    lightning_module: pl.LightningModule | None
+    _pending_state: dict[str, Any] | None = None
+
+    def _log_comm(self, rounds: int, nbytes: int, sync_every: int) -> None:
+        module = self.lightning_module
+        if module is None or module._trainer is None:
+            return
+        # float64: byte counts pass float32's 2**24 exact-integer range within minutes
+        metrics = {
+            "comm/rounds": torch.tensor(float(rounds), dtype=torch.float64),
+            "comm/bytes": torch.tensor(float(nbytes), dtype=torch.float64),
+            "localsgd/sync_every": torch.tensor(float(sync_every), dtype=torch.float64),
+        }
+        module.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=False, batch_size=1)
+
+    # The sync state travels in the checkpoint under "localsgd"; it is restored once the
+    # strategy is set up (Lightning loads the checkpoint file before that).
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None
+    ) -> None:
+        checkpoint[_CHECKPOINT_KEY] = self.state_dict()
+        super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
+
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)  # type: ignore[misc]
+        self._pending_state = checkpoint.get(_CHECKPOINT_KEY)
+        return checkpoint
+
+    def on_train_start(self) -> None:
+        super().on_train_start()  # type: ignore[misc]
+        state, self._pending_state = self._pending_state, None
+        if state is not None:
+            self.load_state_dict(state)
+
+    def _seed_workers_apart(self, trainer: pl.Trainer, global_rank: int) -> None:
+        """Pitfall 10: identical streams on every rank would make averaging a no-op."""
+        if trainer._accelerator_connector.use_distributed_sampler:
+            return
+        base = int(os.environ.get("PL_GLOBAL_SEED", "0"))
+        seed_everything(base + global_rank, verbose=False)
+        rank_zero_warn(
+            "use_distributed_sampler=False: Lightning will not shard the training data, so each worker "
+            f"now draws from its own random stream seeded with seed + rank ({base} + rank). Make sure "
+            "your dataloader gives each worker different samples."
+        )
+
+
+class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
+    """Local SGD: each worker takes optimizer steps on its own data; every ``sync_every`` steps
+    the workers average their parameters (one all-reduce per device and dtype).
+
+    Args:
+        sync_every: H, the number of optimizer steps per round (an integer >= 1), or a
+            :class:`~localsgd.schedules.SyncSchedule`. One step is one ``optimizer.step`` call
+            (not one per param group, not one per micro-batch under gradient accumulation).
+        buffers: ``"average"`` averages floating-point buffers (BatchNorm running stats) with
+            the parameters at each sync; ``"local"`` keeps each worker's own.
+        optimizer_state: at each sync, ``"local"`` keeps each worker's optimizer state,
+            ``"average"`` averages it (with ``sync_every=1`` this is exactly synchronous SGD),
+            ``"reset"`` zeroes it.
+        process_group_backend: ``"nccl"``, ``"gloo"``, ...; by default NCCL on GPUs, gloo on CPU.
+        timeout: timeout of every collective.
+        start_method: how Lightning starts the worker processes when it launches them itself.
+        cluster_environment, checkpoint_io, precision_plugin, accelerator, parallel_devices:
+            as for Lightning's DDPStrategy (the Trainer fills them in).
+    """
+
+    strategy_name = "localsgd"
+
+    def __init__(
+        self,
+        *,
+        sync_every: int | SyncSchedule = 8,
+        buffers: BufferPolicy = "average",
+        optimizer_state: OptimizerStatePolicy = "local",
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: StartMethod = "popen",
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+        accelerator: pl.accelerators.Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+    ) -> None:
+        if isinstance(sync_every, SyncSchedule):
+            self.schedule: SyncSchedule = sync_every
+        elif isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
+            raise ValueError(
+                f"sync_every ({sync_every!r}) must be an integer >= 1 (the number of optimizer steps "
+                "between averagings) or a localsgd.schedules.SyncSchedule"
+            )
+        else:
+            self.schedule = Constant(check_positive_int("sync_every", sync_every))
+        self.buffer_policy = check_choice("buffers", buffers, ("average", "local"))
+        self.optimizer_state_policy = check_choice(
+            "optimizer_state", optimizer_state, ("local", "average", "reset")
+        )
+        check_choice("start_method", start_method, ("popen", "spawn", "fork", "forkserver"))
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
+        self.comm: Communicator | None = None
+        self.averager: Averager | None = None
+        self.num_steps = 0
+        """Optimizer steps taken so far in this fit (rank-consistent: every rank counts every call)."""
+        self._dirty = False
+        self._eval_average: contextlib.ExitStack | None = None
+
+    # ------------------------------------------------------------------ setup
+    def configure_ddp(self) -> None:
+        """No DistributedDataParallel wrapper: workers must not all-reduce gradients."""
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and self._layer_sync is not None:
+            raise ValueError(
+                "Trainer(sync_batchnorm=True) all-reduces BatchNorm statistics at every forward pass, which "
+                "defeats Local SGD. HINT: drop sync_batchnorm; LocalSGDStrategy(buffers='average') averages "
+                "BatchNorm statistics at each sync instead"
+            )
+        super().setup(trainer)
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        assert self.lightning_module is not None
+        self.comm = ProcessGroupCommunicator()
+        self.averager = Averager(
+            [self.lightning_module],
+            self.comm,
+            buffers=self.buffer_policy,  # type: ignore[arg-type]
+            optimizer_state=self.optimizer_state_policy,  # type: ignore[arg-type]
+            optimizers=[[_raw(o) for o in self.optimizers]],
+        )
+        # Replicas start identical, whatever each rank's initialization drew.
+        self.averager.broadcast(src=0)
+        self.num_steps = 0
+        self._dirty = False
+        self._seed_workers_apart(trainer, self.global_rank)
+        rank_zero_info(
+            f"LocalSGD: {self.world_size} workers, schedule {self.schedule!r}, "
+            f"buffers={self.buffer_policy!r}, optimizer_state={self.optimizer_state_policy!r}, "
+            f"{self.averager.num_bytes} bytes per worker per sync"
+        )
+
+    # ------------------------------------------------------------------ the sync
+    def training_step(self, *args: Any, **kwargs: Any) -> Any:
+        self._dirty = True  # a forward pass in train mode moves BatchNorm statistics
+        return super().training_step(*args, **kwargs)
+
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: pl.LightningModule | torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if self.averager is not None:
+            self._after_step(optimizer)
+        return output
+
+    def _after_step(self, optimizer: Optimizer) -> None:
+        # Counted on every rank for every call, also when AMP skipped the update or the
+        # closure returned None, so all ranks reach the same collectives (pitfall 2).
+        assert self.averager is not None and self.comm is not None
+        self.num_steps += 1
+        self._dirty = True
+        if self.schedule.should_sync(self.num_steps, float(optimizer.param_groups[0]["lr"])):
+            self.averager.average("sync")
+            self._dirty = False
+        self._log_comm(self.comm.rounds("sync"), self.comm.bytes("sync"), self.schedule.period)
+
+    # ------------------------------------------------------------------ what others see
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        if self.averager is not None and self._dirty and self._eval_average is None:
+            self._eval_average = contextlib.ExitStack()
+            self._eval_average.enter_context(self.averager.averaged("eval"))
+
+    def on_validation_end(self) -> None:
+        if self._eval_average is not None:
+            self._eval_average.close()  # back to each worker's own model
+            self._eval_average = None
+        super().on_validation_end()
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        if self.averager is not None and self._dirty:
+            # the fit's result is the average, also when the last round was cut short
+            self.averager.average("final", optimizer_state=False)
+            self._dirty = False
+        if self.comm is not None:
+            rank_zero_info(
+                f"LocalSGD: {self.num_steps} optimizer steps, {self.comm.rounds('sync')} sync rounds, "
+                f"{self.comm.bytes('sync')} bytes per worker"
+            )
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The averaged model (each rank's local model is left as it is)."""
+        assert self.lightning_module is not None
+        if self.averager is None or not self._dirty or self._eval_average is not None:
+            return self.lightning_module.state_dict()
+        with self.averager.averaged("checkpoint"):
+            return {k: v.clone() for k, v in self.lightning_module.state_dict().items()}
+
+    # ------------------------------------------------------------------ checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """The sync state: step count, schedule and communication counters."""
+        return {
+            "num_steps": self.num_steps,
+            "schedule": self.schedule.state_dict(),
+            "comm": self.comm.state_dict() if self.comm is not None else {},
+            "world_size": self.world_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # The checkpoint holds the averaged model, so a resumed run starts a round from it.
+        self.num_steps = int(state["num_steps"])
+        self.schedule.load_state_dict(state["schedule"])
+        if self.comm is not None:
+            self.comm.load_state_dict(state["comm"])
+        self._dirty = False
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        strategy_registry.register(
+            cls.strategy_name,
+            cls,
+            description="Local SGD: local optimizer steps, parameter averaging every H steps",
+        )
+
+
+class SGDBaselineStrategy(_StrategyCommon, DDPStrategy):
+    """Synchronous mini-batch SGD (a gradient all-reduce every step, as DDP), with the same data
+    sharding, seeding and ``comm/*`` metrics as :class:`LocalSGDStrategy`.
+
+    ``comm/rounds`` counts optimizer steps (one gradient all-reduce each) and ``comm/bytes`` the
+    gradient payload of the trainable parameters per worker.
+
+    Args:
+        find_unused_parameters: as for DistributedDataParallel.
+        process_group_backend, timeout, start_method, cluster_environment, checkpoint_io,
+            precision_plugin, accelerator, parallel_devices: as for Lightning's DDPStrategy.
+    """
+
+    strategy_name = "sgd_baseline"
+
+    def __init__(
+        self,
+        *,
+        find_unused_parameters: bool = False,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: StartMethod = "popen",
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision_plugin: Precision | None = None,
+        accelerator: pl.accelerators.Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+    ) -> None:
+        if not isinstance(find_unused_parameters, bool):
+            raise ValueError(f"find_unused_parameters ({find_unused_parameters!r}) must be True or False")
+        check_choice("start_method", start_method, ("popen", "spawn", "fork", "forkserver"))
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision_plugin=precision_plugin,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+            find_unused_parameters=find_unused_parameters,
+        )
+        self.num_steps = 0
+        self._grad_bytes = 0
+
+    def setup(self, trainer: pl.Trainer) -> None:
+        super().setup(trainer)
+        if trainer.state.fn != TrainerFn.FITTING:
+            return
+        assert self.lightning_module is not None
+        self._grad_bytes = sum(
+            p.numel() * p.element_size() for p in self.lightning_module.parameters() if p.requires_grad
+        )
+        self.num_steps = 0
+        self._seed_workers_apart(trainer, self.global_rank)
+
+    def optimizer_step(
+        self,
+        optimizer: Optimizer,
+        closure: Callable[[], Any],
+        model: pl.LightningModule | torch.nn.Module | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        self.num_steps += 1
+        self._log_comm(self.num_steps, self.num_steps * self._grad_bytes, 1)
+        return output
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"num_steps": self.num_steps, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.num_steps = int(state["num_steps"])
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        strategy_registry.register(
+            cls.strategy_name,
+            cls,
+            description="Synchronous mini-batch SGD (DDP) with the same data, seeds and metrics as localsgd",
+        )
+
+
+for _cls in (LocalSGDStrategy, SGDBaselineStrategy):
+    if _cls.strategy_name not in StrategyRegistry:
+        _cls.register_strategies(StrategyRegistry)

@@ -1,0 +1,17 @@
+import os
+
+import pytest
+import torch
+
+# Two cores: keep every test process single-threaded so gloo peers don't starve each other.
+torch.set_num_threads(1)
+os.environ.setdefault("PYTHONHASHSEED", "0")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

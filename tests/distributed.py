@@ -1,0 +1,56 @@
+"""Run a function on several gloo processes on CPU, as Lightning's external launchers do.
+
+Each process gets the environment torchrun would give it (so Lightning sees an externally
+launched job and creates no processes of its own), runs ``fn(rank, *args)`` and saves the
+result; the parent returns the results in rank order. A failing rank fails the test with
+its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank: int, world_size: int, port: int, out: str, fn: Callable[..., Any], args: tuple) -> None:
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(world_size),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        LOCAL_WORLD_SIZE=str(world_size),
+        NODE_RANK="0",
+        GROUP_RANK="0",
+        # Lightning deletes WORLD_SIZE when a fit tears down; tests read this one
+        TEST_WORLD_SIZE=str(world_size),
+    )
+    torch.set_num_threads(1)
+    result = fn(rank, *args)
+    torch.save(result, Path(out) / f"rank{rank}.pt")
+
+
+def run(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
+    """``[fn(0, *args), ..., fn(world_size - 1, *args)]``, each computed in its own process."""
+    with tempfile.TemporaryDirectory() as out:
+        mp.start_processes(
+            _entry,
+            args=(world_size, free_port(), out, fn, args),
+            nprocs=world_size,
+            join=True,
+            start_method="spawn",
+        )
+        return [torch.load(Path(out) / f"rank{r}.pt", weights_only=False) for r in range(world_size)]

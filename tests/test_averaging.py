@@ -1,0 +1,213 @@
+"""The averaging code through the in-process communicator: K workers in one process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from common import ToyNet, max_diff, mean_state, snapshot
+from torch import nn
+
+from localsgd import Averager, InProcessCommunicator
+
+K = 3
+
+
+def workers(*, bn: bool = True, frozen: bool = True) -> list[ToyNet]:
+    """K models with different parameters and BatchNorm statistics."""
+    nets = []
+    for k in range(K):
+        torch.manual_seed(k)
+        net = ToyNet(bn=bn, frozen=frozen)
+        net(torch.randn(16, 8))  # train-mode forward: moves the running statistics
+        nets.append(net)
+    return nets
+
+
+def test_comm_reduces_and_counts() -> None:
+    comm = InProcessCommunicator(3)
+    ts = [torch.tensor([1.0, 5.0]), torch.tensor([2.0, 0.0]), torch.tensor([6.0, 1.0])]
+    with comm.round("sync"):
+        comm.all_reduce_(ts, op="mean")
+    assert all(torch.equal(t, torch.tensor([3.0, 2.0])) for t in ts)
+    ts = [torch.tensor([1.0, 5.0]), torch.tensor([2.0, 0.0]), torch.tensor([6.0, 1.0])]
+    comm.all_reduce_(ts, op="max")  # outside a round: not counted
+    assert all(torch.equal(t, torch.tensor([6.0, 5.0])) for t in ts)
+    with comm.round("sync"):
+        comm.all_reduce_(ts, op="sum")
+        comm.all_reduce_(ts, op="sum", counted=False)
+    assert comm.rounds("sync") == 2 and comm.bytes("sync") == 2 * 8
+    assert comm.rounds("eval") == 0
+    with pytest.raises(ValueError, match="one tensor per local worker"):
+        comm.all_reduce_(ts[:2])
+    with pytest.raises(ValueError, match="op"):
+        comm.all_reduce_(ts, op="avg")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="num_workers"):
+        InProcessCommunicator(0)
+
+
+def test_parameters_frozen_ones_included_and_buffers_averaged() -> None:
+    nets = workers()
+    before = [snapshot(n) for n in nets]
+    for k, n in enumerate(nets):
+        n.scale.data.fill_(float(k))  # frozen: no gradient, still averaged
+        n.net[1].num_batches_tracked.fill_(10 * k)
+    avg = Averager(nets, InProcessCommunicator(K), buffers="average")
+    avg.average()
+    expected = mean_state(before)
+    for n in nets:
+        state = snapshot(n)
+        for key in ("net.0.weight", "net.0.bias", "net.3.weight", "net.1.running_mean", "net.1.running_var"):
+            torch.testing.assert_close(state[key].double(), expected[key], rtol=0, atol=1e-6)
+        assert torch.allclose(n.scale, torch.full((4,), 1.0))
+    # integer buffers are counters, never averaged
+    assert [int(n.net[1].num_batches_tracked) for n in nets] == [0, 10, 20]
+    assert avg.comm.rounds() == 1
+    assert (
+        avg.comm.bytes()
+        == avg.num_bytes
+        == 4
+        * sum(
+            t.numel()
+            for t in list(nets[0].parameters()) + [nets[0].net[1].running_mean, nets[0].net[1].running_var]
+        )
+    )
+
+
+def test_local_buffers_are_untouched() -> None:
+    nets = workers()
+    before = [snapshot(n) for n in nets]
+    Averager(nets, InProcessCommunicator(K), buffers="local").average()
+    for n, b in zip(nets, before):
+        assert torch.equal(n.net[1].running_mean, b["net.1.running_mean"])
+        assert torch.equal(n.net[1].running_var, b["net.1.running_var"])
+    assert max_diff(snapshot(nets[0]), snapshot(nets[1])) > 0  # running stats still differ
+    assert torch.equal(nets[0].net[0].weight, nets[1].net[0].weight)
+
+
+def test_one_flat_bucket_per_dtype_reused_every_round() -> None:
+    nets = workers()
+    for n in nets:
+        n.extra = nn.Parameter(torch.ones(3, dtype=torch.float64) * len(nets))
+    avg = Averager(nets, InProcessCommunicator(K))
+    flats = avg.flat_tensors(0)
+    assert sorted(str(f.dtype) for f in flats) == ["torch.float32", "torch.float64"]
+    ptrs = [f.data_ptr() for f in flats]
+    # parameters are views of the bucket: writing the bucket writes the model
+    flats[0].zero_()
+    assert all(not p.any() for p in nets[0].parameters() if p.dtype == torch.float32)
+    for _ in range(3):
+        avg.average()
+    assert [f.data_ptr() for f in avg.flat_tensors(0)] == ptrs, "a round must not reallocate"
+
+
+def test_rebuilds_when_a_tensor_is_repointed() -> None:
+    nets = workers(bn=False)
+    avg = Averager(nets, InProcessCommunicator(K))
+    before = [snapshot(n) for n in nets]
+    for n in nets:
+        n.double()  # every parameter now lives in new float64 storage
+    avg.average()
+    expected = mean_state(before)
+    for n in nets:
+        assert n.net[0].weight.dtype == torch.float64
+        assert max_diff(snapshot(n), expected) <= 1e-6
+    assert [str(f.dtype) for f in avg.flat_tensors(0)] == ["torch.float64"]
+
+
+def test_averaged_context_restores_each_worker() -> None:
+    nets = workers()
+    before = [snapshot(n) for n in nets]
+    avg = Averager(nets, InProcessCommunicator(K))
+    with avg.averaged("eval"):
+        for n in nets:
+            assert max_diff(snapshot(n), mean_state(before)) <= 1e-6
+    for n, b in zip(nets, before):
+        assert max_diff(snapshot(n), b) == 0.0
+    assert avg.comm.rounds("eval") == 1 and avg.comm.rounds("sync") == 0
+
+
+def test_broadcast_copies_worker_zero_including_all_buffers() -> None:
+    nets = workers()
+    for k, n in enumerate(nets):
+        n.net[1].num_batches_tracked.fill_(k)
+    Averager(nets, InProcessCommunicator(K), buffers="local").broadcast(0)
+    for n in nets[1:]:
+        assert max_diff(snapshot(n), snapshot(nets[0])) == 0.0
+
+
+def _stepped(
+    opt_cls: type[torch.optim.Optimizer], **kwargs: float
+) -> tuple[list[ToyNet], list[torch.optim.Optimizer]]:
+    nets = workers(bn=False, frozen=False)
+    opts = [opt_cls(n.parameters(), lr=0.1, **kwargs) for n in nets]
+    for k, (n, o) in enumerate(zip(nets, opts)):
+        torch.manual_seed(100 + k)
+        n(torch.randn(4, 8)).square().mean().backward()
+        o.step()
+    return nets, opts
+
+
+def _state(opts: list[torch.optim.Optimizer], key: str) -> list[list[torch.Tensor]]:
+    return [[o.state[p][key].clone() for p in o.param_groups[0]["params"]] for o in opts]
+
+
+def test_optimizer_state_average() -> None:
+    nets, opts = _stepped(torch.optim.Adam)
+    m_before, v_before = _state(opts, "exp_avg"), _state(opts, "exp_avg_sq")
+    Averager(
+        nets, InProcessCommunicator(K), optimizer_state="average", optimizers=[[o] for o in opts]
+    ).average()
+    for key, before in (("exp_avg", m_before), ("exp_avg_sq", v_before)):
+        after = _state(opts, key)
+        for i in range(len(after[0])):
+            expected = torch.stack([b[i] for b in before]).mean(0)
+            for a in after:
+                torch.testing.assert_close(a[i], expected, rtol=1e-6, atol=1e-8)
+    assert all(float(o.state[p]["step"]) == 1 for o in opts for p in o.param_groups[0]["params"])
+
+
+def test_optimizer_state_reset_and_local() -> None:
+    nets, opts = _stepped(torch.optim.Adam)
+    Averager(
+        nets, InProcessCommunicator(K), optimizer_state="reset", optimizers=[[o] for o in opts]
+    ).average()
+    for o in opts:
+        for p in o.param_groups[0]["params"]:
+            assert all(not t.any() for t in o.state[p].values())  # moments and step: a fresh optimizer
+
+    nets, opts = _stepped(torch.optim.SGD, momentum=0.9)
+    before = _state(opts, "momentum_buffer")
+    Averager(
+        nets, InProcessCommunicator(K), optimizer_state="local", optimizers=[[o] for o in opts]
+    ).average()
+    after = _state(opts, "momentum_buffer")
+    assert all(torch.equal(a, b) for wa, wb in zip(after, before) for a, b in zip(wa, wb))
+
+
+def test_optimizer_state_layout_mismatch_is_an_error() -> None:
+    nets, opts = _stepped(torch.optim.SGD, momentum=0.9)
+    opts[1].state.clear()  # as if worker 1 had not stepped yet
+    avg = Averager(nets, InProcessCommunicator(K), optimizer_state="average", optimizers=[[o] for o in opts])
+    with pytest.raises(RuntimeError, match="optimizer state of local worker 1"):
+        avg.average()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"buffers": "avg"}, r"buffers \('avg'\) must be one of 'average', 'local'"),
+        (
+            {"optimizer_state": "keep"},
+            r"optimizer_state \('keep'\) must be one of 'local', 'average', 'reset'",
+        ),
+        ({"optimizer_state": None}, r"optimizer_state \(None\) must be one of"),
+    ],
+)
+def test_averager_bad_policies(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        Averager(workers(), InProcessCommunicator(K), **kwargs)
+
+
+def test_averager_needs_one_model_per_worker() -> None:
+    with pytest.raises(ValueError, match=r"modules \(2\) must hold one model per local worker \(3\)"):
+        Averager(workers()[:2], InProcessCommunicator(K))

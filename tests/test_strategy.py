@@ -1,0 +1,82 @@
+"""The strategies' arguments, registration and single-process behaviour (fast, no spawn)."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from common import ToyModule, make_trainer
+
+from localsgd import Constant, LocalSGDStrategy, SGDBaselineStrategy
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, "x", True, None])
+def test_sync_every_must_be_a_positive_integer(value: object) -> None:
+    with pytest.raises(ValueError, match=rf"sync_every \({value!r}\) must be an integer >= 1"):
+        LocalSGDStrategy(sync_every=value)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"buffers": "mean"}, r"buffers \('mean'\) must be one of 'average', 'local'"),
+        (
+            {"optimizer_state": "sync"},
+            r"optimizer_state \('sync'\) must be one of 'local', 'average', 'reset'",
+        ),
+        ({"start_method": "thread"}, r"start_method \('thread'\) must be one of 'popen', 'spawn'"),
+    ],
+)
+def test_unknown_policy_names(kwargs: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        LocalSGDStrategy(**kwargs)
+
+
+def test_schedule_arguments() -> None:
+    assert LocalSGDStrategy(sync_every=5).schedule.period == 5
+    schedule = Constant(3)
+    assert LocalSGDStrategy(sync_every=schedule).schedule is schedule
+    with pytest.raises(ValueError, match=r"every \(0\) must be an integer >= 1"):
+        Constant(0)
+    with pytest.raises(ValueError, match=r"find_unused_parameters \('yes'\) must be True or False"):
+        SGDBaselineStrategy(find_unused_parameters="yes")  # type: ignore[arg-type]
+
+
+def test_arguments_are_keyword_only() -> None:
+    with pytest.raises(TypeError):
+        LocalSGDStrategy(4)  # type: ignore[misc]
+
+
+def test_registered_names_build_the_strategies() -> None:
+    assert isinstance(
+        pl.Trainer(strategy="localsgd", accelerator="cpu", devices=1, logger=False).strategy, LocalSGDStrategy
+    )
+    assert isinstance(
+        pl.Trainer(strategy="sgd_baseline", accelerator="cpu", devices=1, logger=False).strategy,
+        SGDBaselineStrategy,
+    )
+
+
+def test_sync_batchnorm_is_refused() -> None:
+    trainer = make_trainer(LocalSGDStrategy(sync_every=2), max_steps=2, sync_batchnorm=True)
+    with pytest.raises(ValueError, match=r"Trainer\(sync_batchnorm=True\) all-reduces BatchNorm statistics"):
+        trainer.fit(ToyModule(bn=True))
+
+
+def test_single_process_fit_counts_rounds_and_checkpoints_sync_state(tmp_path) -> None:
+    # one worker: averaging is an identity, but the bookkeeping is the same as with many
+    trainer = make_trainer(LocalSGDStrategy(sync_every=3), max_steps=10, default_root_dir=tmp_path)
+    module = ToyModule(momentum=0.9)
+    trainer.fit(module)
+    assert float(trainer.callback_metrics["comm/rounds"]) == 3
+    assert trainer.strategy.num_steps == 10
+    path = tmp_path / "last.ckpt"
+    trainer.save_checkpoint(path)
+    ckpt = torch.load(path, weights_only=False)
+    assert ckpt["localsgd"]["num_steps"] == 10
+    assert ckpt["localsgd"]["comm"]["sync"]["rounds"] == 3
+    # resuming restores the step count and the counters, and goes on from there
+    trainer = make_trainer(LocalSGDStrategy(sync_every=3), max_steps=16, default_root_dir=tmp_path)
+    trainer.fit(ToyModule(momentum=0.9), ckpt_path=path)
+    assert trainer.strategy.num_steps == 16
+    assert float(trainer.callback_metrics["comm/rounds"]) == 16 // 3
