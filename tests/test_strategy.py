@@ -80,3 +80,31 @@ def test_single_process_fit_counts_rounds_and_checkpoints_sync_state(tmp_path) -
     trainer.fit(ToyModule(momentum=0.9), ckpt_path=path)
     assert trainer.strategy.num_steps == 16
     assert float(trainer.callback_metrics["comm/rounds"]) == 16 // 3
+
+
+class _TwoGroups(ToyModule):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        first, second = self.model.net[0], self.model.net[3]
+        return torch.optim.SGD(
+            [{"params": first.parameters()}, {"params": second.parameters(), "lr": 0.01}], lr=0.1
+        )
+
+
+def test_one_step_per_optimizer_step_not_per_group_or_micro_batch(tmp_path) -> None:
+    trainer = make_trainer(
+        LocalSGDStrategy(sync_every=3),
+        max_steps=6,
+        accumulate_grad_batches=2,
+        logger=pl.loggers.CSVLogger(tmp_path, name="run"),
+        log_every_n_steps=1,
+    )
+    trainer.fit(_TwoGroups())
+    assert trainer.global_step == 6
+    assert trainer.strategy.num_steps == 6  # 12 micro-batches, 2 param groups: still 6 steps
+    assert float(trainer.callback_metrics["comm/rounds"]) == 2
+    # the metrics reach the Trainer's loggers, step by step
+    import csv
+
+    rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
+    rounds = [float(r["comm/rounds"]) for r in rows if r.get("comm/rounds")]
+    assert rounds == [0, 0, 1, 1, 1, 2]
