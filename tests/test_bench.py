@@ -1,0 +1,29 @@
+"""Benchmarks stay runnable: each one's --quick mode, with its built-in correctness checks."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.integration
+def test_averaging_bench_quick(tmp_path: Path) -> None:
+    out = tmp_path / "averaging.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "averaging.py"), "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["correctness"] == "ok"
+    methods = {r["method"] for r in result["rows"]}
+    assert {"localsgd", "raw all_reduce", "torch average_parameters", "per-tensor all_reduce"} <= methods
+    assert {r["model"] for r in result["rows"]} == {"resnet56", "resnet56-wide"}
