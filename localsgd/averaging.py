@@ -21,21 +21,23 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator, Sequence
-from typing import Literal, get_args
+from typing import Literal, TypeVar, get_args
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from localsgd.comm import Communicator
+from localsgd.outer import OuterOptimizer
 
 log = logging.getLogger(__name__)
 
+_Choice = TypeVar("_Choice", bound=str)
 BufferPolicy = Literal["average", "local"]
 OptimizerStatePolicy = Literal["local", "average", "reset"]
 
 
-def check_choice(name: str, value: object, allowed: tuple[str, ...]) -> str:
+def check_choice(name: str, value: object, allowed: tuple[_Choice, ...]) -> _Choice:
     """Return ``value`` if it is one of ``allowed``, else raise a ValueError naming ``name``."""
     if not isinstance(value, str) or value not in allowed:
         choices = ", ".join(repr(a) for a in allowed)
@@ -49,6 +51,8 @@ class FlatBucket:
     def __init__(self, tensors: Sequence[Tensor]) -> None:
         assert tensors, "a bucket holds at least one tensor"
         self.tensors = list(tensors)
+        # parameters come first: the outer optimizer steps this prefix, never the buffers after it
+        self.param_numel = sum(t.numel() for t in self.tensors if isinstance(t, nn.Parameter))
         first = self.tensors[0]
         self.flat = torch.empty(sum(t.numel() for t in self.tensors), dtype=first.dtype, device=first.device)
         self._ptrs: list[int] = []
@@ -65,6 +69,11 @@ class FlatBucket:
     def intact(self) -> bool:
         """Whether every tensor still lives where the bucket put it."""
         return all(t.data_ptr() == p for t, p in zip(self.tensors, self._ptrs))
+
+    @property
+    def params(self) -> Tensor:
+        """The parameter part of the flat tensor."""
+        return self.flat[: self.param_numel]
 
 
 def _float_tensors(module: nn.Module, buffers: BufferPolicy) -> list[Tensor]:
@@ -95,6 +104,8 @@ class Averager:
             step count), ``"reset"`` zeroes every state tensor, step count included, as if
             the optimizer had just been created.
         optimizers: per local worker, the optimizers whose state the policy applies to.
+        outer: an outer optimizer stepping the global model on ``anchor - average`` at each
+            sync (``None``: plain averaging). Buffers are always plainly averaged.
     """
 
     def __init__(
@@ -105,6 +116,7 @@ class Averager:
         buffers: BufferPolicy = "average",
         optimizer_state: OptimizerStatePolicy = "local",
         optimizers: Sequence[Sequence[Optimizer]] = (),
+        outer: OuterOptimizer | None = None,
     ) -> None:
         self.buffers = check_choice("buffers", buffers, get_args(BufferPolicy))
         self.optimizer_state = check_choice(
@@ -122,7 +134,9 @@ class Averager:
         self._buckets: list[list[FlatBucket]] = []
         self._backup: list[list[Tensor]] = []
         self._state_buckets: dict[tuple[object, ...], list[list[Tensor]]] = {}
+        self.outer = outer
         self._build()
+        self._bind_outer()
 
     # ------------------------------------------------------------------ layout
     def _build(self) -> None:
@@ -134,6 +148,14 @@ class Averager:
                 raise ValueError(f"modules[{i}] does not have the same tensors as modules[0]")
         self._buckets = [[FlatBucket(groups[k]) for k in keys] for groups in per_worker]
         self._backup = []
+        if self.outer is not None and self.outer.anchors:
+            if [a.shape for a in self.outer.anchors] != [b.params.shape for b in self._buckets[0]]:
+                log.warning("the model's layout changed: the outer optimizer restarts from the current model")
+                self._bind_outer()
+
+    def _bind_outer(self) -> None:
+        if self.outer is not None:
+            self.outer.bind([b.params for b in self._buckets[0]])
 
     def _ensure_intact(self) -> None:
         if not all(b.intact() for worker in self._buckets for b in worker):
@@ -163,16 +185,33 @@ class Averager:
         ]
         for j in range(len(rest[0])):
             self.comm.broadcast_([r[j] for r in rest], src=src)
+        self._bind_outer()  # the global model is now the broadcast one
 
-    def average(self, tag: str = "sync", *, optimizer_state: bool = True) -> None:
-        """One round: average the models, then apply the optimizer-state policy."""
+    def average(
+        self,
+        tag: str = "sync",
+        *,
+        comm: Communicator | None = None,
+        optimizer_state: OptimizerStatePolicy | None = None,
+        outer: bool = True,
+    ) -> None:
+        """One round: average the models over ``comm`` (default: all workers), take the outer
+        optimizer's step if ``outer``, then apply the optimizer-state policy (``optimizer_state``
+        overrides the averager's for this round)."""
         self._ensure_intact()
-        with self.comm.round(tag):
+        comm = comm or self.comm
+        policy = optimizer_state or self.optimizer_state
+        with comm.round(tag):
             for i in range(len(self._buckets[0])):
-                self.comm.all_reduce_([w[i].flat for w in self._buckets], op="mean")
-            if optimizer_state and self.optimizer_state == "average":
-                self._average_optimizer_state()
-        if optimizer_state and self.optimizer_state == "reset":
+                comm.all_reduce_([w[i].flat for w in self._buckets], op="mean")
+            if policy == "average":
+                self._average_optimizer_state(comm)
+        if outer and self.outer is not None:
+            anchors = self.outer.step([b.params for b in self._buckets[0]])
+            for worker in self._buckets:
+                for b, anchor in zip(worker, anchors):
+                    b.params.copy_(anchor)
+        if policy == "reset":
             for opts in self.optimizers:
                 for t in _state_tensors(opts, include_step=True):
                     t.zero_()
@@ -187,14 +226,14 @@ class Averager:
             for b, copy in zip(w, backup):
                 copy.copy_(b.flat)
         try:
-            self.average(tag, optimizer_state=False)
+            self.average(tag, optimizer_state="local", outer=False)
             yield
         finally:
             for w, backup in zip(self._buckets, self._backup):
                 for b, copy in zip(w, backup):
                     b.flat.copy_(copy)
 
-    def _average_optimizer_state(self) -> None:
+    def _average_optimizer_state(self, comm: Communicator) -> None:
         per_worker = [_state_tensors(opts, include_step=False) for opts in self.optimizers]
         signature = tuple((t.shape, t.dtype, t.device) for t in per_worker[0])
         for i, ts in enumerate(per_worker[1:], start=1):
@@ -205,7 +244,7 @@ class Averager:
         # so a mismatch is an error on every rank rather than a hang or garbage.
         count = sum(t.numel() for t in per_worker[0])
         checks = [torch.tensor([count, -count], dtype=torch.float64) for _ in per_worker]
-        self.comm.all_reduce_(checks, op="max", counted=False)
+        comm.all_reduce_(checks, op="max", counted=False)
         if int(checks[0][0]) != count or int(-checks[0][1]) != count:
             raise RuntimeError(
                 "optimizer_state='average': workers hold optimizer state of different sizes "
@@ -229,7 +268,7 @@ class Averager:
             flats = buckets[g]
             for flat, ts in zip(flats, group_ts):
                 torch.cat([t.reshape(-1) for t in ts], out=flat)
-            self.comm.all_reduce_(flats, op="mean")
+            comm.all_reduce_(flats, op="mean")
             for flat, ts in zip(flats, group_ts):
                 offset = 0
                 for t in ts:

@@ -174,6 +174,20 @@ class ProcessGroupCommunicator(Communicator):
         dist.broadcast(tensor, src=global_src, group=self.group)
 
 
+def node_communicator(local_world_size: int) -> ProcessGroupCommunicator:
+    """A communicator over this process's node: consecutive ranks in groups of ``local_world_size``.
+
+    Creating the groups is collective: every rank must call this at the same point.
+    """
+    world = dist.get_world_size()
+    if local_world_size < 1 or world % local_world_size != 0:
+        raise ValueError(
+            f"local_world_size ({local_world_size}) must be >= 1 and divide the world size ({world})"
+        )
+    group, _ = dist.new_subgroups(group_size=local_world_size)
+    return ProcessGroupCommunicator(group)
+
+
 class InProcessCommunicator(Communicator):
     """``num_workers`` workers held in one process: the collectives are local tensor math.
 

@@ -15,7 +15,7 @@ import logging
 import os
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import lightning.pytorch as pl
 import torch
@@ -32,8 +32,10 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
 from localsgd.averaging import Averager, BufferPolicy, OptimizerStatePolicy, check_choice
-from localsgd.comm import Communicator, ProcessGroupCommunicator
-from localsgd.schedules import Constant, SyncSchedule, check_positive_int
+from localsgd.comm import Communicator, ProcessGroupCommunicator, node_communicator
+from localsgd.outer import OuterOptimizer
+from localsgd.scaling import intrinsic_lr
+from localsgd.schedules import SyncSchedule, as_schedule
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +53,17 @@ class _StrategyCommon:
     lightning_module: pl.LightningModule | None
     _pending_state: dict[str, Any] | None = None
 
-    def _log_comm(self, rounds: int, nbytes: int, sync_every: int) -> None:
+    def _log_step(self, optimizer: Optimizer, metrics: dict[str, float]) -> None:
+        """Log ``metrics`` and the step's learning rate through the Trainer's loggers."""
         module = self.lightning_module
         if module is None or module._trainer is None:
             return
+        group = optimizer.param_groups[0]
+        lr, weight_decay = float(group["lr"]), float(group.get("weight_decay", 0.0))
+        metrics = {**metrics, "lr": lr, "intrinsic_lr": intrinsic_lr(lr, weight_decay)}
         # float64: byte counts pass float32's 2**24 exact-integer range within minutes
-        metrics = {
-            "comm/rounds": torch.tensor(float(rounds), dtype=torch.float64),
-            "comm/bytes": torch.tensor(float(nbytes), dtype=torch.float64),
-            "localsgd/sync_every": torch.tensor(float(sync_every), dtype=torch.float64),
-        }
-        module.log_dict(metrics, on_step=True, on_epoch=False, sync_dist=False, batch_size=1)
+        values = {k: torch.tensor(float(v), dtype=torch.float64) for k, v in metrics.items()}
+        module.log_dict(values, on_step=True, on_epoch=False, sync_dist=False, batch_size=1)
 
     # The sync state travels in the checkpoint under "localsgd"; it is restored once the
     # strategy is set up (Lightning loads the checkpoint file before that).
@@ -107,13 +109,18 @@ class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
 
     Args:
         sync_every: H, the number of optimizer steps per round (an integer >= 1), or a
-            :class:`~localsgd.schedules.SyncSchedule`. One step is one ``optimizer.step`` call
-            (not one per param group, not one per micro-batch under gradient accumulation).
+            :class:`~localsgd.schedules.SyncSchedule` (``PostLocal``, ``QSR``, ``Hierarchical``,
+            your own), or a function ``(step, lr) -> bool``. One step is one ``optimizer.step``
+            call (not one per param group, not one per micro-batch under gradient accumulation).
         buffers: ``"average"`` averages floating-point buffers (BatchNorm running stats) with
             the parameters at each sync; ``"local"`` keeps each worker's own.
         optimizer_state: at each sync, ``"local"`` keeps each worker's optimizer state,
             ``"average"`` averages it (with ``sync_every=1`` this is exactly synchronous SGD),
             ``"reset"`` zeroes it.
+        outer_optimizer: steps the global model on the pseudo-gradient ``anchor - average`` at
+            each sync across all workers (:class:`~localsgd.outer.SlowMo`,
+            :class:`~localsgd.outer.DiLoCo`, any :class:`~localsgd.outer.OuterOptimizer`);
+            ``None`` is plain averaging.
         process_group_backend: ``"nccl"``, ``"gloo"``, ...; by default NCCL on GPUs, gloo on CPU.
         timeout: timeout of every collective.
         start_method: how Lightning starts the worker processes when it launches them itself.
@@ -126,9 +133,10 @@ class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
     def __init__(
         self,
         *,
-        sync_every: int | SyncSchedule = 8,
+        sync_every: int | SyncSchedule | Callable[[int, float], bool] = 8,
         buffers: BufferPolicy = "average",
         optimizer_state: OptimizerStatePolicy = "local",
+        outer_optimizer: OuterOptimizer | None = None,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         start_method: StartMethod = "popen",
@@ -138,15 +146,13 @@ class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
     ) -> None:
-        if isinstance(sync_every, SyncSchedule):
-            self.schedule: SyncSchedule = sync_every
-        elif isinstance(sync_every, bool) or not isinstance(sync_every, int) or sync_every < 1:
+        self.schedule: SyncSchedule = as_schedule(sync_every, "sync_every")
+        if outer_optimizer is not None and not isinstance(outer_optimizer, OuterOptimizer):
             raise ValueError(
-                f"sync_every ({sync_every!r}) must be an integer >= 1 (the number of optimizer steps "
-                "between averagings) or a localsgd.schedules.SyncSchedule"
+                f"outer_optimizer ({outer_optimizer!r}) must be None (plain averaging) or a "
+                "localsgd.outer.OuterOptimizer such as SlowMo or DiLoCo"
             )
-        else:
-            self.schedule = Constant(check_positive_int("sync_every", sync_every))
+        self.outer_optimizer = outer_optimizer
         self.buffer_policy = check_choice("buffers", buffers, ("average", "local"))
         self.optimizer_state_policy = check_choice(
             "optimizer_state", optimizer_state, ("local", "average", "reset")
@@ -163,6 +169,9 @@ class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
             start_method=start_method,
         )
         self.comm: Communicator | None = None
+        """All workers."""
+        self.node_comm: Communicator | None = None
+        """The workers of this node, built at the first ``"inner"`` sync."""
         self.averager: Averager | None = None
         self.num_steps = 0
         """Optimizer steps taken so far in this fit (rank-consistent: every rank counts every call)."""
@@ -191,17 +200,31 @@ class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
             buffers=self.buffer_policy,  # type: ignore[arg-type]
             optimizer_state=self.optimizer_state_policy,  # type: ignore[arg-type]
             optimizers=[[_raw(o) for o in self.optimizers]],
+            outer=self.outer_optimizer,
         )
         # Replicas start identical, whatever each rank's initialization drew.
         self.averager.broadcast(src=0)
+        self.node_comm = None
         self.num_steps = 0
         self._dirty = False
         self._seed_workers_apart(trainer, self.global_rank)
         rank_zero_info(
             f"LocalSGD: {self.world_size} workers, schedule {self.schedule!r}, "
             f"buffers={self.buffer_policy!r}, optimizer_state={self.optimizer_state_policy!r}, "
-            f"{self.averager.num_bytes} bytes per worker per sync"
+            f"outer_optimizer={self.outer_optimizer!r}, {self.averager.num_bytes} bytes per worker per sync"
         )
+
+    def on_train_start(self) -> None:
+        trainer = self.lightning_module.trainer if self.lightning_module is not None else None
+        if trainer is not None and self.averager is not None:
+            total = trainer.estimated_stepping_batches
+            per_epoch = None
+            if isinstance(trainer.num_training_batches, int):
+                per_epoch = -(-trainer.num_training_batches // trainer.accumulate_grad_batches)
+            self.schedule.configure(
+                total_steps=int(total) if total != float("inf") else None, steps_per_epoch=per_epoch
+            )
+        super().on_train_start()  # restores a checkpoint's sync state
 
     # ------------------------------------------------------------------ the sync
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
@@ -223,13 +246,48 @@ class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
     def _after_step(self, optimizer: Optimizer) -> None:
         # Counted on every rank for every call, also when AMP skipped the update or the
         # closure returned None, so all ranks reach the same collectives (pitfall 2).
-        assert self.averager is not None and self.comm is not None
+        assert self.averager is not None
         self.num_steps += 1
         self._dirty = True
-        if self.schedule.should_sync(self.num_steps, float(optimizer.param_groups[0]["lr"])):
-            self.averager.average("sync")
-            self._dirty = False
-        self._log_comm(self.comm.rounds("sync"), self.comm.bytes("sync"), self.schedule.period)
+        decision = self.schedule.should_sync(self.num_steps, float(optimizer.param_groups[0]["lr"]))
+        if decision:
+            policy = self._schedule_policy()
+            if decision == "inner":
+                self.averager.average("inner", comm=self._node_comm(), optimizer_state=policy, outer=False)
+            else:
+                self.averager.average("sync", optimizer_state=policy)
+                self._dirty = False
+        self._log_step(optimizer, self._comm_metrics())
+
+    def _schedule_policy(self) -> OptimizerStatePolicy | None:
+        policy = self.schedule.optimizer_state_policy(self.num_steps)
+        if policy is None:
+            return None
+        name = f"{type(self.schedule).__name__}.optimizer_state_policy({self.num_steps})"
+        return check_choice(name, policy, get_args(OptimizerStatePolicy))
+
+    def _node_comm(self) -> Communicator:
+        if self.node_comm is None:
+            # collective, but rank-consistent: every rank gets the same "inner" decision
+            self.node_comm = node_communicator(self.num_processes)
+        return self.node_comm
+
+    def _comm_metrics(self) -> dict[str, float]:
+        assert self.comm is not None
+        outer_rounds, outer_bytes = self.comm.rounds("sync"), self.comm.bytes("sync")
+        metrics: dict[str, float] = {
+            "comm/rounds": outer_rounds,
+            "comm/bytes": outer_bytes,
+            "localsgd/sync_every": self.schedule.period,
+            "localsgd/round": outer_rounds,
+        }
+        if self.node_comm is not None:
+            inner_rounds, inner_bytes = self.node_comm.rounds("inner"), self.node_comm.bytes("inner")
+            metrics["comm/rounds"] += inner_rounds
+            metrics["comm/bytes"] += inner_bytes
+            metrics["comm/inner_rounds"] = inner_rounds
+            metrics["comm/outer_rounds"] = outer_rounds
+        return metrics
 
     # ------------------------------------------------------------------ what others see
     def on_validation_start(self) -> None:
@@ -248,12 +306,13 @@ class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
         super().on_train_end()
         if self.averager is not None and self._dirty:
             # the fit's result is the average, also when the last round was cut short
-            self.averager.average("final", optimizer_state=False)
+            self.averager.average("final", optimizer_state="local")
             self._dirty = False
         if self.comm is not None:
+            metrics = self._comm_metrics()
             rank_zero_info(
-                f"LocalSGD: {self.num_steps} optimizer steps, {self.comm.rounds('sync')} sync rounds, "
-                f"{self.comm.bytes('sync')} bytes per worker"
+                f"LocalSGD: {self.num_steps} optimizer steps, {int(metrics['comm/rounds'])} sync rounds, "
+                f"{int(metrics['comm/bytes'])} bytes per worker"
             )
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
@@ -271,6 +330,8 @@ class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
             "num_steps": self.num_steps,
             "schedule": self.schedule.state_dict(),
             "comm": self.comm.state_dict() if self.comm is not None else {},
+            "node_comm": self.node_comm.state_dict() if self.node_comm is not None else {},
+            "outer": self.outer_optimizer.state_dict() if self.outer_optimizer is not None else {},
             "world_size": self.world_size,
         }
 
@@ -280,6 +341,10 @@ class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
         self.schedule.load_state_dict(state["schedule"])
         if self.comm is not None:
             self.comm.load_state_dict(state["comm"])
+        if state.get("node_comm"):
+            self._node_comm().load_state_dict(state["node_comm"])
+        if self.outer_optimizer is not None and state.get("outer"):
+            self.outer_optimizer.load_state_dict(state["outer"])
         self._dirty = False
 
     @classmethod
@@ -356,7 +421,8 @@ class SGDBaselineStrategy(_StrategyCommon, DDPStrategy):
     ) -> Any:
         output = super().optimizer_step(optimizer, closure, model, **kwargs)
         self.num_steps += 1
-        self._log_comm(self.num_steps, self.num_steps * self._grad_bytes, 1)
+        metrics = {"comm/rounds": self.num_steps, "comm/bytes": self.num_steps * self._grad_bytes}
+        self._log_step(optimizer, {**metrics, "localsgd/sync_every": 1, "localsgd/round": self.num_steps})
         return output
 
     def state_dict(self) -> dict[str, Any]:

@@ -135,8 +135,8 @@ def make_trainer(
 ) -> pl.Trainer:
     defaults: dict[str, Any] = dict(
         accelerator="cpu",
-        devices=int(os.environ.get("TEST_WORLD_SIZE", "1")),
-        num_nodes=1,
+        devices=int(os.environ.get("TEST_WORLD_SIZE", "1")) // int(os.environ.get("TEST_NUM_NODES", "1")),
+        num_nodes=int(os.environ.get("TEST_NUM_NODES", "1")),
         max_steps=max_steps,
         logger=False,
         enable_checkpointing=False,

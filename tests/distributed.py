@@ -25,16 +25,20 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world_size: int, port: int, out: str, fn: Callable[..., Any], args: tuple) -> None:
+def _entry(
+    rank: int, world_size: int, nodes: int, port: int, out: str, fn: Callable[..., Any], args: tuple
+) -> None:
+    per_node = world_size // nodes
     os.environ.update(
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
         WORLD_SIZE=str(world_size),
         RANK=str(rank),
-        LOCAL_RANK=str(rank),
-        LOCAL_WORLD_SIZE=str(world_size),
-        NODE_RANK="0",
-        GROUP_RANK="0",
+        LOCAL_RANK=str(rank % per_node),
+        LOCAL_WORLD_SIZE=str(per_node),
+        NODE_RANK=str(rank // per_node),
+        GROUP_RANK=str(rank // per_node),
+        TEST_NUM_NODES=str(nodes),
         # Lightning deletes WORLD_SIZE when a fit tears down; tests read this one
         TEST_WORLD_SIZE=str(world_size),
     )
@@ -43,12 +47,14 @@ def _entry(rank: int, world_size: int, port: int, out: str, fn: Callable[..., An
     torch.save(result, Path(out) / f"rank{rank}.pt")
 
 
-def run(fn: Callable[..., Any], world_size: int, *args: Any) -> list[Any]:
-    """``[fn(0, *args), ..., fn(world_size - 1, *args)]``, each computed in its own process."""
+def run(fn: Callable[..., Any], world_size: int, *args: Any, nodes: int = 1) -> list[Any]:
+    """``[fn(0, *args), ..., fn(world_size - 1, *args)]``, each computed in its own process;
+    ``nodes`` > 1 splits the ranks into that many simulated nodes (consecutive ranks)."""
+    assert world_size % nodes == 0
     with tempfile.TemporaryDirectory() as out:
         mp.start_processes(
             _entry,
-            args=(world_size, free_port(), out, fn, args),
+            args=(world_size, nodes, free_port(), out, fn, args),
             nprocs=world_size,
             join=True,
             start_method="spawn",
