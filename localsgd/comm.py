@@ -131,50 +131,83 @@ class Communicator(ABC):
             )
 
 
-class ProcessGroupCommunicator(Communicator):
-    """One worker per process; collectives over a ``torch.distributed`` process group.
+def _reduce_into_first(tensors: Sequence[Tensor], op: ReduceOpName) -> None:
+    """Reduce the local workers' tensors into ``tensors[0]``, in worker order (mean: the sum)."""
+    acc = tensors[0]
+    for t in tensors[1:]:
+        if op == "max":
+            torch.maximum(acc, t, out=acc)
+        else:
+            acc.add_(t)
 
-    ``mean`` is an all-reduce SUM followed by a division by the group size (gloo has
-    no AVG op, and one code path for every backend keeps results identical).
+
+def _copy_from_first(tensors: Sequence[Tensor]) -> None:
+    for t in tensors[1:]:
+        t.copy_(tensors[0])
+
+
+class ProcessGroupCommunicator(Communicator):
+    """Workers in processes: collectives over a ``torch.distributed`` process group.
+
+    Each process holds ``workers_per_process`` workers (more than one when it simulates
+    several, see :mod:`localsgd.simulate`): they are reduced locally, in worker order,
+    then across processes. ``mean`` is a SUM followed by a division by the number of
+    workers (gloo has no native mean, and one code path for every backend keeps
+    results identical).
+
+    Args:
+        group: the process group (``None``: the default, all processes).
+        workers_per_process: workers held by each process.
     """
 
-    def __init__(self, group: Any = None) -> None:
+    def __init__(self, group: Any = None, *, workers_per_process: int = 1) -> None:
         super().__init__()
         if not dist.is_available() or not dist.is_initialized():
             raise RuntimeError(
                 "ProcessGroupCommunicator needs an initialized torch.distributed process group "
                 "(the Lightning strategy initializes it in setup)"
             )
+        if (
+            isinstance(workers_per_process, bool)
+            or not isinstance(workers_per_process, int)
+            or workers_per_process < 1
+        ):
+            raise ValueError(f"workers_per_process ({workers_per_process!r}) must be an integer >= 1")
         self.group = group
-        self._size = dist.get_world_size(group)
+        self._per_process = workers_per_process
+        self._processes = dist.get_world_size(group)
         self._rank = dist.get_rank(group)
 
     @property
     def num_workers(self) -> int:
-        return self._size
+        return self._processes * self._per_process
 
     @property
     def num_local_workers(self) -> int:
-        return 1
+        return self._per_process
 
     @property
     def first_local_worker(self) -> int:
-        return self._rank
+        return self._rank * self._per_process
 
     def _all_reduce(self, tensors: Sequence[Tensor], op: ReduceOpName) -> None:
-        (tensor,) = tensors
+        _reduce_into_first(tensors, op)
         dist_op = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
-        dist.all_reduce(tensor, op=dist_op, group=self.group)
-        if op == "mean" and self._size > 1:
-            tensor.div_(self._size)
+        dist.all_reduce(tensors[0], op=dist_op, group=self.group)
+        if op == "mean" and self.num_workers > 1:
+            tensors[0].div_(self.num_workers)
+        _copy_from_first(tensors)
 
     def _broadcast(self, tensors: Sequence[Tensor], src: int) -> None:
-        (tensor,) = tensors
-        global_src = dist.get_global_rank(self.group, src) if self.group is not None else src
-        dist.broadcast(tensor, src=global_src, group=self.group)
+        src_process, src_local = divmod(src, self._per_process)
+        if self._rank == src_process and src_local != 0:
+            tensors[0].copy_(tensors[src_local])
+        global_src = dist.get_global_rank(self.group, src_process) if self.group is not None else src_process
+        dist.broadcast(tensors[0], src=global_src, group=self.group)
+        _copy_from_first(tensors)
 
 
-def node_communicator(local_world_size: int) -> ProcessGroupCommunicator:
+def node_communicator(local_world_size: int, *, workers_per_process: int = 1) -> ProcessGroupCommunicator:
     """A communicator over this process's node: consecutive ranks in groups of ``local_world_size``.
 
     Creating the groups is collective: every rank must call this at the same point.
@@ -185,14 +218,12 @@ def node_communicator(local_world_size: int) -> ProcessGroupCommunicator:
             f"local_world_size ({local_world_size}) must be >= 1 and divide the world size ({world})"
         )
     group, _ = dist.new_subgroups(group_size=local_world_size)
-    return ProcessGroupCommunicator(group)
+    return ProcessGroupCommunicator(group, workers_per_process=workers_per_process)
 
 
 class InProcessCommunicator(Communicator):
-    """``num_workers`` workers held in one process: the collectives are local tensor math.
-
-    Reductions accumulate in worker order into a scratch tensor allocated once per
-    (shape, dtype, device), so a round allocates nothing after the first.
+    """``num_workers`` workers held in one process: the collectives are local tensor math,
+    reducing into the first worker's tensor in worker order, then copying it to the others.
     """
 
     def __init__(self, num_workers: int) -> None:
@@ -200,7 +231,6 @@ class InProcessCommunicator(Communicator):
         if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 1:
             raise ValueError(f"num_workers ({num_workers!r}) must be an integer >= 1")
         self._num_workers = num_workers
-        self._scratch: dict[tuple[Any, ...], Tensor] = {}
 
     @property
     def num_workers(self) -> int:
@@ -215,23 +245,12 @@ class InProcessCommunicator(Communicator):
         return 0
 
     def _all_reduce(self, tensors: Sequence[Tensor], op: ReduceOpName) -> None:
-        first = tensors[0]
-        key = (tuple(first.shape), first.dtype, first.device)
-        acc = self._scratch.get(key)
-        if acc is None:
-            acc = self._scratch[key] = torch.empty_like(first)
-        acc.copy_(first)
-        for t in tensors[1:]:
-            if op == "max":
-                torch.maximum(acc, t, out=acc)
-            else:
-                acc.add_(t)
+        _reduce_into_first(tensors, op)
         if op == "mean" and len(tensors) > 1:
-            acc.div_(len(tensors))
-        for t in tensors:
-            t.copy_(acc)
+            tensors[0].div_(len(tensors))
+        _copy_from_first(tensors)
 
     def _broadcast(self, tensors: Sequence[Tensor], src: int) -> None:
-        for i, t in enumerate(tensors):
-            if i != src:
-                t.copy_(tensors[src])
+        if src != 0:
+            tensors[0].copy_(tensors[src])
+        _copy_from_first(tensors)

@@ -36,6 +36,7 @@ from localsgd.comm import Communicator, ProcessGroupCommunicator, node_communica
 from localsgd.outer import OuterOptimizer
 from localsgd.scaling import intrinsic_lr
 from localsgd.schedules import SyncSchedule, as_schedule
+from localsgd.simulate import WorkerLoader, WorkerReplicas
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +122,11 @@ class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
             each sync across all workers (:class:`~localsgd.outer.SlowMo`,
             :class:`~localsgd.outer.DiLoCo`, any :class:`~localsgd.outer.OuterOptimizer`);
             ``None`` is plain averaging.
+        workers_per_device: simulated workers in each process (see :mod:`localsgd.simulate`):
+            P processes x ``workers_per_device`` = K workers, each with its own data shard
+            (the one rank ``process_rank * workers_per_device + i`` of a K-process run would
+            get), parameters, BatchNorm statistics, optimizer state and RNG stream. The
+            LightningModule is unchanged; ``comm/*`` count what K processes would send.
         process_group_backend: ``"nccl"``, ``"gloo"``, ...; by default NCCL on GPUs, gloo on CPU.
         timeout: timeout of every collective.
         start_method: how Lightning starts the worker processes when it launches them itself.
@@ -137,6 +143,7 @@ class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
         buffers: BufferPolicy = "average",
         optimizer_state: OptimizerStatePolicy = "local",
         outer_optimizer: OuterOptimizer | None = None,
+        workers_per_device: int = 1,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         start_method: StartMethod = "popen",
@@ -146,6 +153,13 @@ class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
     ) -> None:
+        if (
+            isinstance(workers_per_device, bool)
+            or not isinstance(workers_per_device, int)
+            or workers_per_device < 1
+        ):
+            raise ValueError(f"workers_per_device ({workers_per_device!r}) must be an integer >= 1")
+        self.workers_per_device = workers_per_device
         self.schedule: SyncSchedule = as_schedule(sync_every, "sync_every")
         if outer_optimizer is not None and not isinstance(outer_optimizer, OuterOptimizer):
             raise ValueError(
@@ -173,6 +187,8 @@ class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
         self.node_comm: Communicator | None = None
         """The workers of this node, built at the first ``"inner"`` sync."""
         self.averager: Averager | None = None
+        self.replicas: WorkerReplicas | None = None
+        """The simulated workers of this process (``workers_per_device`` > 1)."""
         self.num_steps = 0
         """Optimizer steps taken so far in this fit (rank-consistent: every rank counts every call)."""
         self._dirty = False
@@ -193,26 +209,90 @@ class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
         if trainer.state.fn != TrainerFn.FITTING:
             return
         assert self.lightning_module is not None
-        self.comm = ProcessGroupCommunicator()
+        optimizers = [_raw(o) for o in self.optimizers]
+        k = self.workers_per_device
+        self.comm = ProcessGroupCommunicator(workers_per_process=k)
+        if k > 1:
+            self._check_simulation(trainer)
+            self.replicas = WorkerReplicas(self.lightning_module, optimizers, k)
+            modules: list[torch.nn.Module] = list(self.replicas.replicas)
+            worker_optimizers: list[list[Any]] = [list(v) for v in self.replicas.optimizer_views]
+        else:
+            self.replicas = None
+            modules, worker_optimizers = [self.lightning_module], [optimizers]
         self.averager = Averager(
-            [self.lightning_module],
+            modules,
             self.comm,
             buffers=self.buffer_policy,  # type: ignore[arg-type]
             optimizer_state=self.optimizer_state_policy,  # type: ignore[arg-type]
-            optimizers=[[_raw(o) for o in self.optimizers]],
+            optimizers=worker_optimizers,
             outer=self.outer_optimizer,
         )
         # Replicas start identical, whatever each rank's initialization drew.
         self.averager.broadcast(src=0)
+        if self.replicas is not None:
+            self.replicas.point_at(0)
         self.node_comm = None
         self.num_steps = 0
         self._dirty = False
         self._seed_workers_apart(trainer, self.global_rank)
         rank_zero_info(
-            f"LocalSGD: {self.world_size} workers, schedule {self.schedule!r}, "
+            f"LocalSGD: {self.comm.num_workers} workers ({self.world_size} processes x {k}), "
+            f"schedule {self.schedule!r}, "
             f"buffers={self.buffer_policy!r}, optimizer_state={self.optimizer_state_policy!r}, "
             f"outer_optimizer={self.outer_optimizer!r}, {self.averager.num_bytes} bytes per worker per sync"
         )
+
+    def _check_simulation(self, trainer: pl.Trainer) -> None:
+        assert self.lightning_module is not None
+        rule = f"workers_per_device ({self.workers_per_device}) > 1"
+        if not self.lightning_module.automatic_optimization:
+            raise ValueError(
+                f"{rule} needs automatic optimization: each simulated worker takes the step itself"
+            )
+        if trainer.accumulate_grad_batches != 1:
+            raise ValueError(
+                f"{rule} does not support accumulate_grad_batches ({trainer.accumulate_grad_batches}); "
+                "HINT: raise the local batch instead"
+            )
+        if not trainer._accelerator_connector.use_distributed_sampler:
+            raise ValueError(
+                f"{rule} needs Trainer(use_distributed_sampler=True): it deals each simulated worker the "
+                "DistributedSampler shard that its rank would get in a run of that many processes"
+            )
+
+    def process_dataloader(self, dataloader: object) -> object:
+        """Under simulation, the training loader yields one batch per simulated worker."""
+        dataloader = super().process_dataloader(dataloader)
+        module = self.lightning_module
+        if self.workers_per_device == 1 or module is None or not module.trainer.training:
+            return dataloader
+        from lightning.pytorch.utilities.data import _update_dataloader
+        from torch.utils.data import DataLoader, DistributedSampler
+
+        sampler = getattr(dataloader, "sampler", None)
+        if not isinstance(dataloader, DataLoader) or not isinstance(sampler, DistributedSampler):
+            raise ValueError(
+                f"workers_per_device ({self.workers_per_device}) > 1 needs a training DataLoader that "
+                f"Lightning shards with a DistributedSampler; got {type(dataloader).__name__} with sampler "
+                f"{type(sampler).__name__}"
+            )
+        k = self.workers_per_device
+        loaders = [
+            _update_dataloader(
+                dataloader,
+                DistributedSampler(
+                    sampler.dataset,
+                    num_replicas=self.world_size * k,
+                    rank=self.global_rank * k + i,
+                    shuffle=sampler.shuffle,
+                    seed=sampler.seed,
+                    drop_last=sampler.drop_last,
+                ),
+            )
+            for i in range(k)
+        ]
+        return WorkerLoader(loaders)
 
     def on_train_start(self) -> None:
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
@@ -229,6 +309,9 @@ class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
     # ------------------------------------------------------------------ the sync
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         self._dirty = True  # a forward pass in train mode moves BatchNorm statistics
+        if self.replicas is not None and self.replicas.active is not None:
+            batch = args[0] if args else kwargs.pop("batch")
+            args = (batch[self.replicas.active], *args[1:])
         return super().training_step(*args, **kwargs)
 
     def optimizer_step(
@@ -238,7 +321,14 @@ class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
         model: pl.LightningModule | torch.nn.Module | None = None,
         **kwargs: Any,
     ) -> Any:
-        output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        if self.replicas is None:
+            output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        else:
+            # every simulated worker runs the closure (its training_step, backward) and the step
+            for worker in range(self.replicas.num_workers):
+                self.replicas.activate(worker)
+                output = super().optimizer_step(optimizer, closure, model, **kwargs)
+            self.replicas.deactivate()
         if self.averager is not None:
             self._after_step(optimizer)
         return output
@@ -269,7 +359,9 @@ class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
     def _node_comm(self) -> Communicator:
         if self.node_comm is None:
             # collective, but rank-consistent: every rank gets the same "inner" decision
-            self.node_comm = node_communicator(self.num_processes)
+            self.node_comm = node_communicator(
+                self.num_processes, workers_per_process=self.workers_per_device
+            )
         return self.node_comm
 
     def _comm_metrics(self) -> dict[str, float]:

@@ -26,7 +26,11 @@ class ToyNet(nn.Module):
     def __init__(self, *, bn: bool = False, frozen: bool = False) -> None:
         super().__init__()
         self.net = nn.Sequential(
-            nn.Linear(8, 16), nn.BatchNorm1d(16) if bn else nn.Identity(), nn.ReLU(), nn.Linear(16, 4)
+            # no bias before BatchNorm: its gradient is rounding noise, which Adam would amplify
+            nn.Linear(8, 16, bias=not bn),
+            nn.BatchNorm1d(16) if bn else nn.Identity(),
+            nn.ReLU(),
+            nn.Linear(16, 4),
         )
         # a parameter no optimizer moves (requires_grad=False): still part of the model
         self.scale = nn.Parameter(torch.ones(4), requires_grad=not frozen)

@@ -1,0 +1,108 @@
+"""Simulated workers: K workers in fewer processes do exactly what K processes do."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from common import TIMEOUT, ToyModule, make_trainer, max_diff, snapshot
+from distributed import run
+
+from localsgd import LocalSGDStrategy
+from localsgd.simulate import WorkerReplicas
+
+H, STEPS = 3, 9  # three rounds
+
+
+def _fit(rank: int, workers_per_device: int, optimizer: str) -> dict[str, Any]:
+    pl.seed_everything(0, verbose=False)
+    module = _Module(bn=True, lr=0.05, momentum=0.9, weight_decay=1e-3, optimizer=optimizer)
+    strategy = LocalSGDStrategy(sync_every=H, workers_per_device=workers_per_device, timeout=TIMEOUT)
+    trainer = make_trainer(strategy, max_steps=STEPS)
+    trainer.fit(module)
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("comm/")}
+    return {"final": snapshot(module), "metrics": metrics, "steps": trainer.global_step}
+
+
+class _Module(ToyModule):
+    def __init__(self, *, optimizer: str = "sgd", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.optimizer_name = optimizer
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer_name == "adamw":
+            return torch.optim.AdamW(self.parameters(), lr=0.01, weight_decay=0.01)
+        return super().configure_optimizers()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
+def test_four_simulated_workers_equal_four_processes_and_two_by_two(optimizer: str) -> None:
+    processes = run(_fit, 4, 1, optimizer)
+    simulated = run(_fit, 1, 4, optimizer)[0]
+    mixed = run(_fit, 2, 2, optimizer)
+    reference = processes[0]["final"]
+    assert max_diff(reference, processes[3]["final"]) == 0.0
+    for got in (simulated, *mixed):
+        assert max_diff(got["final"], reference) <= 1e-5  # parameters and BatchNorm buffers
+        assert got["steps"] == STEPS
+        # communication counted as K processes would send it
+        assert got["metrics"] == processes[0]["metrics"]
+    assert processes[0]["metrics"]["comm/rounds"] == STEPS // H
+    init = _Module(bn=True)
+    assert max_diff(reference, snapshot(init)) > 1e-3  # it trained
+
+
+def test_replicas_swap_tensors_optimizer_state_and_rng() -> None:
+    torch.manual_seed(0)
+    net = ToyModule(bn=True, momentum=0.9).model
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    replicas = WorkerReplicas(net, [opt], 3)
+    draws = []
+    for worker in range(3):
+        replicas.activate(worker)
+        draws.append(torch.rand(()).item())  # every worker starts from the same RNG state
+        x = torch.randn(4, 8, generator=torch.Generator().manual_seed(worker))  # each worker its own data
+        net(x).sum().backward()
+        opt.step()
+    replicas.deactivate()
+    assert draws[0] == draws[1] == draws[2]
+    states = [snapshot(r) for r in replicas.replicas]
+    assert max_diff(states[0], states[1]) > 0  # different data, different workers
+    # the module is worker 2 now; switching back shows worker 0's tensors and momentum
+    replicas.activate(0)
+    assert all(torch.equal(p, q) for p, q in zip(net.parameters(), replicas.replicas[0].parameters()))
+    momentum0 = [opt.state[p]["momentum_buffer"].clone() for p in net.parameters() if p.requires_grad]
+    replicas.activate(1)
+    momentum1 = [opt.state[p]["momentum_buffer"].clone() for p in net.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(momentum0, momentum1))
+    # each worker's RNG stream goes on where it left off
+    replicas.activate(0)
+    after0 = torch.rand(()).item()
+    replicas.activate(1)
+    after1 = torch.rand(()).item()
+    assert after0 == after1 != draws[0]
+    # the whole simulated state round-trips
+    saved = replicas.state_dict()
+    other = WorkerReplicas(net, [opt], 3)
+    other.load_state_dict(saved)
+    assert all(max_diff(snapshot(a), snapshot(b)) == 0.0 for a, b in zip(replicas.replicas, other.replicas))
+    with pytest.raises(ValueError, match=r"holds 3 simulated workers per device, this run 2"):
+        WorkerReplicas(net, [opt], 2).load_state_dict(saved)
+
+
+@pytest.mark.parametrize("value", [0, -2, 1.5, "4", True])
+def test_workers_per_device_must_be_a_positive_integer(value: object) -> None:
+    with pytest.raises(ValueError, match=rf"workers_per_device \({value!r}\) must be an integer >= 1"):
+        LocalSGDStrategy(workers_per_device=value)  # type: ignore[arg-type]
+
+
+def test_simulation_refuses_what_it_cannot_simulate() -> None:
+    trainer = make_trainer(LocalSGDStrategy(workers_per_device=2), max_steps=2, accumulate_grad_batches=2)
+    with pytest.raises(ValueError, match=r"does not support accumulate_grad_batches \(2\)"):
+        trainer.fit(ToyModule())
+    trainer = make_trainer(LocalSGDStrategy(workers_per_device=2), max_steps=2, use_distributed_sampler=False)
+    with pytest.raises(ValueError, match=r"needs Trainer\(use_distributed_sampler=True\)"):
+        trainer.fit(ToyModule())
