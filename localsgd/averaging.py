@@ -48,13 +48,16 @@ def check_choice(name: str, value: object, allowed: tuple[_Choice, ...]) -> _Cho
 class FlatBucket:
     """Tensors of one (device, dtype) whose ``.data`` are views into one flat tensor."""
 
-    def __init__(self, tensors: Sequence[Tensor]) -> None:
+    def __init__(self, tensors: Sequence[Tensor], flat: Tensor | None = None) -> None:
         assert tensors, "a bucket holds at least one tensor"
         self.tensors = list(tensors)
         # parameters come first: the outer optimizer steps this prefix, never the buffers after it
         self.param_numel = sum(t.numel() for t in self.tensors if isinstance(t, nn.Parameter))
         first = self.tensors[0]
-        self.flat = torch.empty(sum(t.numel() for t in self.tensors), dtype=first.dtype, device=first.device)
+        numel = sum(t.numel() for t in self.tensors)
+        self.flat = torch.empty(numel, dtype=first.dtype, device=first.device) if flat is None else flat
+        assert self.flat.shape == (numel,) and self.flat.is_contiguous()
+        self.offsets: list[int] = []
         self._ptrs: list[int] = []
         offset = 0
         for t in self.tensors:
@@ -64,6 +67,7 @@ class FlatBucket:
             # keeps the Parameter object (and every optimizer reference to it)
             t.data = view
             self._ptrs.append(view.data_ptr())
+            self.offsets.append(offset)
             offset += n
 
     def intact(self) -> bool:
@@ -146,7 +150,19 @@ class Averager:
             shapes0 = {k: [t.shape for t in v] for k, v in per_worker[0].items()}
             if {k: [t.shape for t in v] for k, v in groups.items()} != shapes0:
                 raise ValueError(f"modules[{i}] does not have the same tensors as modules[0]")
-        self._buckets = [[FlatBucket(groups[k]) for k in keys] for groups in per_worker]
+        # The local workers' flat tensors of one group are the rows of one storage, so that
+        # the simulator's batched path can see each tensor of all workers as one stacked view.
+        self._storage: list[Tensor] = []
+        for k in keys:
+            first = per_worker[0][k]
+            numel = sum(t.numel() for t in first)
+            self._storage.append(
+                torch.empty(len(per_worker), numel, dtype=first[0].dtype, device=first[0].device)
+            )
+        self._buckets = [
+            [FlatBucket(groups[k], flat=storage[w]) for k, storage in zip(keys, self._storage)]
+            for w, groups in enumerate(per_worker)
+        ]
         self._backup = []
         if self.outer is not None and self.outer.anchors:
             if [a.shape for a in self.outer.anchors] != [b.params.shape for b in self._buckets[0]]:
@@ -161,6 +177,16 @@ class Averager:
         if not all(b.intact() for worker in self._buckets for b in worker):
             log.debug("a parameter or buffer was re-pointed since the last round; rebuilding buckets")
             self._build()
+
+    def stacked_views(self) -> dict[int, Tensor]:
+        """For each tensor in the buckets, by ``id`` of local worker 0's tensor: a view of shape
+        ``(num_local_workers, *shape)`` over all local workers' copies."""
+        self._ensure_intact()
+        views: dict[int, Tensor] = {}
+        for bucket, storage in zip(self._buckets[0], self._storage):
+            for t, offset in zip(bucket.tensors, bucket.offsets):
+                views[id(t)] = storage[:, offset : offset + t.numel()].view(storage.shape[0], *t.shape)
+        return views
 
     @property
     def num_bytes(self) -> int:

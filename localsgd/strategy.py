@@ -36,7 +36,7 @@ from localsgd.comm import Communicator, ProcessGroupCommunicator, node_communica
 from localsgd.outer import OuterOptimizer
 from localsgd.scaling import intrinsic_lr
 from localsgd.schedules import SyncSchedule, as_schedule
-from localsgd.simulate import WorkerLoader, WorkerReplicas
+from localsgd.simulate import BatchedWorkers, WorkerLoader, WorkerReplicas
 
 log = logging.getLogger(__name__)
 
@@ -127,6 +127,11 @@ class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
             (the one rank ``process_rank * workers_per_device + i`` of a K-process run would
             get), parameters, BatchNorm statistics, optimizer state and RNG stream. The
             LightningModule is unchanged; ``comm/*`` count what K processes would send.
+        simulation: how a process runs its simulated workers: ``"sequential"`` (one after
+            another, the fastest on CPU; exactly K processes' math), ``"batched"`` (one
+            ``vmap``-ed forward/backward and one optimizer step over stacked tensors, for GPUs
+            where per-worker batches are too small to fill the device; elementwise optimizers
+            only), or ``"auto"`` (batched on CUDA, sequential otherwise).
         process_group_backend: ``"nccl"``, ``"gloo"``, ...; by default NCCL on GPUs, gloo on CPU.
         timeout: timeout of every collective.
         start_method: how Lightning starts the worker processes when it launches them itself.
@@ -144,6 +149,7 @@ class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
         optimizer_state: OptimizerStatePolicy = "local",
         outer_optimizer: OuterOptimizer | None = None,
         workers_per_device: int = 1,
+        simulation: Literal["auto", "sequential", "batched"] = "auto",
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         start_method: StartMethod = "popen",
@@ -160,6 +166,7 @@ class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
         ):
             raise ValueError(f"workers_per_device ({workers_per_device!r}) must be an integer >= 1")
         self.workers_per_device = workers_per_device
+        self.simulation = check_choice("simulation", simulation, ("auto", "sequential", "batched"))
         self.schedule: SyncSchedule = as_schedule(sync_every, "sync_every")
         if outer_optimizer is not None and not isinstance(outer_optimizer, OuterOptimizer):
             raise ValueError(
@@ -189,6 +196,9 @@ class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
         self.averager: Averager | None = None
         self.replicas: WorkerReplicas | None = None
         """The simulated workers of this process (``workers_per_device`` > 1)."""
+        self.batched: BatchedWorkers | None = None
+        """The batched simulation path, when it is the one in use."""
+        self._batched_step = False
         self.num_steps = 0
         """Optimizer steps taken so far in this fit (rank-consistent: every rank counts every call)."""
         self._dirty = False
@@ -230,8 +240,17 @@ class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
         )
         # Replicas start identical, whatever each rank's initialization drew.
         self.averager.broadcast(src=0)
+        self.batched = None
         if self.replicas is not None:
             self.replicas.point_at(0)
+            path = self.simulation
+            if path == "auto":
+                path = "batched" if self.root_device.type == "cuda" else "sequential"
+            if path == "batched":
+                self._check_batched(trainer, optimizers)
+                self.batched = BatchedWorkers(
+                    self.lightning_module, optimizers[0], self.replicas, self.averager.stacked_views()
+                )
         self.node_comm = None
         self.num_steps = 0
         self._dirty = False
@@ -259,6 +278,16 @@ class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
             raise ValueError(
                 f"{rule} needs Trainer(use_distributed_sampler=True): it deals each simulated worker the "
                 "DistributedSampler shard that its rank would get in a run of that many processes"
+            )
+
+    def _check_batched(self, trainer: pl.Trainer, optimizers: list[Optimizer]) -> None:
+        if len(optimizers) != 1:
+            raise ValueError(f"simulation='batched' needs exactly one optimizer, got {len(optimizers)}")
+        if trainer.gradient_clip_val:
+            raise ValueError(
+                f"simulation='batched' does not clip gradients (gradient_clip_val="
+                f"{trainer.gradient_clip_val}): Lightning would clip the stacked workers' gradients "
+                "together. HINT: simulation='sequential'"
             )
 
     def process_dataloader(self, dataloader: object) -> object:
@@ -309,10 +338,20 @@ class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
     # ------------------------------------------------------------------ the sync
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         self._dirty = True  # a forward pass in train mode moves BatchNorm statistics
+        if self.batched is not None and self._batched_step:
+            batch, batch_idx = (args[0], args[1]) if len(args) > 1 else (args[0], kwargs.get("batch_idx", 0))
+            return self.batched.forward_backward(batch, batch_idx)
         if self.replicas is not None and self.replicas.active is not None:
             batch = args[0] if args else kwargs.pop("batch")
             args = (batch[self.replicas.active], *args[1:])
         return super().training_step(*args, **kwargs)
+
+    def backward(
+        self, closure_loss: torch.Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any
+    ) -> Any:
+        if self._batched_step:
+            return closure_loss  # the batched path computed every worker's gradients already
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     def optimizer_step(
         self,
@@ -323,6 +362,15 @@ class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
     ) -> Any:
         if self.replicas is None:
             output = super().optimizer_step(optimizer, closure, model, **kwargs)
+        elif self.batched is not None:
+            # the closure runs the batched forward/backward; the module's own parameters have
+            # no gradients, so the user's optimizer step is a no-op, and the stacked one steps
+            self._batched_step = True
+            try:
+                output = super().optimizer_step(optimizer, closure, model, **kwargs)
+            finally:
+                self._batched_step = False
+            self.batched.step()
         else:
             # every simulated worker runs the closure (its training_step, backward) and the step
             for worker in range(self.replicas.num_workers):

@@ -63,7 +63,9 @@ class ToyModule(pl.LightningModule):
         return F.cross_entropy(self.model(x), y)
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
-        return self.loss(batch)
+        loss = self.loss(batch)
+        self.log("train/loss", loss, batch_size=len(batch[0]))
+        return loss
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         if batch_idx == 0:

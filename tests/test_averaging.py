@@ -56,7 +56,7 @@ def test_parameters_frozen_ones_included_and_buffers_averaged() -> None:
     expected = mean_state(before)
     for n in nets:
         state = snapshot(n)
-        for key in ("net.0.weight", "net.0.bias", "net.3.weight", "net.1.running_mean", "net.1.running_var"):
+        for key in ("net.0.weight", "net.3.weight", "net.3.bias", "net.1.running_mean", "net.1.running_var"):
             torch.testing.assert_close(state[key].double(), expected[key], rtol=0, atol=1e-6)
         assert torch.allclose(n.scale, torch.full((4,), 1.0))
     # integer buffers are counters, never averaged
