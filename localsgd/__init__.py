@@ -5,6 +5,7 @@ with Lightning, so ``Trainer(strategy="localsgd")`` works.
 """
 
 from localsgd.averaging import Averager
+from localsgd.baseline import SGDBaselineStrategy
 from localsgd.comm import Communicator, InProcessCommunicator, ProcessGroupCommunicator
 from localsgd.outer import DiLoCo, OuterOptimizer, SlowMo
 from localsgd.scaling import (
@@ -16,7 +17,7 @@ from localsgd.scaling import (
     sqrt_scaling_rule,
 )
 from localsgd.schedules import QSR, Constant, FunctionSchedule, Hierarchical, PostLocal, SyncSchedule
-from localsgd.strategy import LocalSGDStrategy, SGDBaselineStrategy
+from localsgd.strategy import LocalSGDStrategy
 
 __all__ = [
     "QSR",

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 _Choice = TypeVar("_Choice", bound=str)
 BufferPolicy = Literal["average", "local"]
+NonfinitePolicy = Literal["raise", "skip_worker"]
 OptimizerStatePolicy = Literal["local", "average", "reset"]
 
 
@@ -220,18 +221,71 @@ class Averager:
         comm: Communicator | None = None,
         optimizer_state: OptimizerStatePolicy | None = None,
         outer: bool = True,
-    ) -> None:
+        divergence: bool = False,
+        step: int | None = None,
+        nonfinite: NonfinitePolicy | None = None,
+    ) -> float | None:
         """One round: average the models over ``comm`` (default: all workers), take the outer
         optimizer's step if ``outer``, then apply the optimizer-state policy (``optimizer_state``
-        overrides the averager's for this round)."""
+        overrides the averager's for this round).
+
+        With ``divergence``, returns the workers' mean squared distance to their average just
+        before it, ``mean_k ||theta_k - mean(theta)||^2`` over the parameters (it costs a copy
+        of the model and one small extra all-reduce); otherwise ``None``.
+
+        With ``step`` or ``nonfinite``, one small all-reduce first makes the workers agree that
+        they are all at optimizer step ``step`` (else a RuntimeError on every rank, instead of
+        a hang or a silently wrong average) and which of them hold NaN/Inf in their flat
+        tensors: ``"raise"`` raises on every rank naming them; ``"skip_worker"`` leaves them
+        out of this average, resets them to it and zeroes their optimizer state.
+        """
         self._ensure_intact()
         comm = comm or self.comm
         policy = optimizer_state or self.optimizer_state
+        bad: list[int] = []
+        if step is not None or nonfinite is not None:
+            bad, _ = self.agree(step, comm=comm, nonfinite=nonfinite)
+        if bad and nonfinite == "raise":
+            raise FloatingPointError(
+                f"non-finite parameters or buffers (NaN/Inf) on worker(s) {bad} of {comm.num_workers} at "
+                f"optimizer step {step}: refusing to average them into the others. HINT: lower the "
+                "learning rate or clip gradients, or LocalSGDStrategy(nonfinite='skip_worker')"
+            )
+        num_good = comm.num_workers - len(bad)
+        if num_good == 0:
+            raise FloatingPointError(f"every worker holds NaN/Inf parameters at optimizer step {step}")
+        local_bad = [i for i in range(len(self._buckets)) if comm.first_local_worker + i in bad]
+        for i in local_bad:  # contribute nothing; receive the healthy workers' average
+            for b in self._buckets[i]:
+                b.flat.zero_()
+            for t in _state_tensors(self.optimizers[i], include_step=False):
+                t.zero_()
+        divergence = divergence and not bad
+        if divergence:
+            before = self._save_backup()
         with comm.round(tag):
             for i in range(len(self._buckets[0])):
-                comm.all_reduce_([w[i].flat for w in self._buckets], op="mean")
+                flats = [w[i].flat for w in self._buckets]
+                if bad:
+                    comm.all_reduce_(flats, op="sum")
+                    for f in flats:
+                        f.div_(num_good)
+                else:
+                    comm.all_reduce_(flats, op="mean")
             if policy == "average":
-                self._average_optimizer_state(comm)
+                self._average_optimizer_state(comm, num_good)
+        result = None
+        if divergence:
+            # distances of small differences: exact enough in the model's own dtype
+            sq = []
+            for w, backup in zip(self._buckets, before):
+                total = torch.zeros((), dtype=torch.float64)
+                for b, copy in zip(w, backup):
+                    diff = copy[: b.param_numel].sub_(b.params)
+                    total += torch.dot(diff, diff).double().cpu()
+                sq.append(total.reshape(1).to(self._device))
+            comm.all_reduce_(sq, op="mean", counted=False)
+            result = float(sq[0])
         if outer and self.outer is not None:
             anchors = self.outer.step([b.params for b in self._buckets[0]])
             for worker in self._buckets:
@@ -241,16 +295,22 @@ class Averager:
             for opts in self.optimizers:
                 for t in _state_tensors(opts, include_step=True):
                     t.zero_()
+        return result
 
-    @contextlib.contextmanager
-    def averaged(self, tag: str = "eval") -> Iterator[None]:
-        """Temporarily hold the averaged model; each worker's own model comes back on exit."""
-        self._ensure_intact()
+    def _save_backup(self) -> list[list[Tensor]]:
+        """Copy every local worker's flat tensors into persistent buffers (allocated once)."""
         if not self._backup:
             self._backup = [[torch.empty_like(b.flat) for b in w] for w in self._buckets]
         for w, backup in zip(self._buckets, self._backup):
             for b, copy in zip(w, backup):
                 copy.copy_(b.flat)
+        return self._backup
+
+    @contextlib.contextmanager
+    def averaged(self, tag: str = "eval") -> Iterator[None]:
+        """Temporarily hold the averaged model; each worker's own model comes back on exit."""
+        self._ensure_intact()
+        self._save_backup()
         try:
             self.average(tag, optimizer_state="local", outer=False)
             yield
@@ -259,7 +319,50 @@ class Averager:
                 for b, copy in zip(w, backup):
                     b.flat.copy_(copy)
 
-    def _average_optimizer_state(self, comm: Communicator) -> None:
+    @property
+    def _device(self) -> torch.device:
+        """Where control messages live (NCCL only reduces tensors on the GPU)."""
+        return self._buckets[0][0].flat.device if self._buckets[0] else torch.device("cpu")
+
+    def agree(
+        self,
+        step: int | None,
+        *,
+        comm: Communicator | None = None,
+        nonfinite: str | None = None,
+        value: float = 0.0,
+    ) -> tuple[list[int], float]:
+        """One small control all-reduce: the workers check that they are all at optimizer step
+        ``step`` (a RuntimeError on every rank otherwise), learn which of them hold NaN/Inf
+        (if ``nonfinite``), and reduce ``value`` with max. Returns (workers with NaN/Inf, max value).
+
+        Every control message has this one layout, so that two ranks that reach different
+        control points (one at a sync, one at the end of its epoch) still meet in a collective
+        of one size, see the step mismatch and both fail, instead of both waiting for a timeout.
+        """
+        comm = comm or self.comm
+        n = comm.num_workers
+        messages = []
+        for i, worker in enumerate(self._buckets):
+            t = torch.zeros(n + 3, dtype=torch.float64, device=self._device)
+            if nonfinite is not None and not all(_finite(b.flat) for b in worker):
+                t[comm.first_local_worker + i] = 1.0
+            if step is not None:
+                t[n], t[n + 1] = step, -step
+            t[n + 2] = value
+            messages.append(t)
+        comm.all_reduce_(messages, op="max", counted=False)
+        f = messages[0].cpu()
+        if step is not None and (int(f[n]) != step or int(-f[n + 1]) != step):
+            raise RuntimeError(
+                f"workers are out of step: this one is at optimizer step {step}, others between "
+                f"{int(-f[n + 1])} and {int(f[n])}. Every worker must take the same number of optimizer "
+                "steps (HINT: uneven dataloaders or a custom sampler that gives ranks different numbers "
+                "of batches; let Lightning's DistributedSampler shard the data)"
+            )
+        return [w for w in range(n) if f[w] > 0], float(f[n + 2])
+
+    def _average_optimizer_state(self, comm: Communicator, num_good: int | None = None) -> None:
         per_worker = [_state_tensors(opts, include_step=False) for opts in self.optimizers]
         signature = tuple((t.shape, t.dtype, t.device) for t in per_worker[0])
         for i, ts in enumerate(per_worker[1:], start=1):
@@ -269,7 +372,7 @@ class Averager:
         # gradient on one rank has no momentum there): check before the collective,
         # so a mismatch is an error on every rank rather than a hang or garbage.
         count = sum(t.numel() for t in per_worker[0])
-        checks = [torch.tensor([count, -count], dtype=torch.float64) for _ in per_worker]
+        checks = [torch.tensor([count, -count], dtype=torch.float64, device=self._device) for _ in per_worker]
         comm.all_reduce_(checks, op="max", counted=False)
         if int(checks[0][0]) != count or int(-checks[0][1]) != count:
             raise RuntimeError(
@@ -294,12 +397,22 @@ class Averager:
             flats = buckets[g]
             for flat, ts in zip(flats, group_ts):
                 torch.cat([t.reshape(-1) for t in ts], out=flat)
-            comm.all_reduce_(flats, op="mean")
+            if num_good is None or num_good == comm.num_workers:
+                comm.all_reduce_(flats, op="mean")
+            else:
+                comm.all_reduce_(flats, op="sum")
+                for flat in flats:
+                    flat.div_(num_good)
             for flat, ts in zip(flats, group_ts):
                 offset = 0
                 for t in ts:
                     t.copy_(flat[offset : offset + t.numel()].view_as(t))
                     offset += t.numel()
+
+
+def _finite(flat: Tensor) -> bool:
+    # one read pass and no model-sized temporary; a sum that overflows is checked element-wise
+    return bool(torch.isfinite(flat.sum())) or bool(torch.isfinite(flat).all())
 
 
 def _state_tensors(optimizers: Sequence[Optimizer], *, include_step: bool) -> list[Tensor]:

@@ -360,3 +360,60 @@ class BatchedWorkers:
                         isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == self._num_workers
                     )
                     worker_state[key] = value[w] if batched else value
+
+
+# ---------------------------------------------------------------------- Lightning glue
+def check_simulation(trainer: Any, module: Any, workers_per_device: int) -> None:
+    """What the simulator cannot simulate fails here, before training."""
+    rule = f"workers_per_device ({workers_per_device}) > 1"
+    if not module.automatic_optimization:
+        raise ValueError(f"{rule} needs automatic optimization: each simulated worker takes the step itself")
+    if trainer.accumulate_grad_batches != 1:
+        raise ValueError(
+            f"{rule} does not support accumulate_grad_batches ({trainer.accumulate_grad_batches}); "
+            "HINT: raise the local batch instead"
+        )
+    if not trainer._accelerator_connector.use_distributed_sampler:
+        raise ValueError(
+            f"{rule} needs Trainer(use_distributed_sampler=True): it deals each simulated worker the "
+            "DistributedSampler shard that its rank would get in a run of that many processes"
+        )
+
+
+def check_batched(trainer: Any, optimizers: Sequence[Optimizer]) -> None:
+    if len(optimizers) != 1:
+        raise ValueError(f"simulation='batched' needs exactly one optimizer, got {len(optimizers)}")
+    if trainer.gradient_clip_val:
+        raise ValueError(
+            f"simulation='batched' does not clip gradients (gradient_clip_val={trainer.gradient_clip_val}): "
+            "Lightning would clip the stacked workers' gradients together. HINT: simulation='sequential'"
+        )
+
+
+def deal_shards(dataloader: Any, *, num_processes: int, rank: int, workers_per_process: int) -> WorkerLoader:
+    """One loader per simulated worker of process ``rank``, each over the DistributedSampler shard
+    that rank ``rank * workers_per_process + i`` of a ``num_processes * workers_per_process``-process
+    run would get (same seed, shuffle and drop_last as Lightning's sampler)."""
+    from lightning.pytorch.utilities.data import _update_dataloader
+    from torch.utils.data import DataLoader, DistributedSampler
+
+    sampler = getattr(dataloader, "sampler", None)
+    if not isinstance(dataloader, DataLoader) or not isinstance(sampler, DistributedSampler):
+        raise ValueError(
+            f"workers_per_device ({workers_per_process}) > 1 needs a training DataLoader that Lightning "
+            f"shards with a DistributedSampler; got {type(dataloader).__name__} with sampler "
+            f"{type(sampler).__name__}"
+        )
+    k = workers_per_process
+    shards = [
+        DistributedSampler(
+            sampler.dataset,
+            num_replicas=num_processes * k,
+            rank=rank * k + i,
+            shuffle=sampler.shuffle,
+            seed=sampler.seed,
+            drop_last=sampler.drop_last,
+        )
+        for i in range(k)
+    ]
+    return WorkerLoader([_update_dataloader(dataloader, shard) for shard in shards])

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any, Literal, get_args
 
@@ -31,12 +31,12 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
-from localsgd.averaging import Averager, BufferPolicy, OptimizerStatePolicy, check_choice
+from localsgd.averaging import Averager, BufferPolicy, NonfinitePolicy, OptimizerStatePolicy, check_choice
 from localsgd.comm import Communicator, ProcessGroupCommunicator, node_communicator
 from localsgd.outer import OuterOptimizer
 from localsgd.scaling import intrinsic_lr
 from localsgd.schedules import SyncSchedule, as_schedule
-from localsgd.simulate import BatchedWorkers, WorkerLoader, WorkerReplicas
+from localsgd.simulate import BatchedWorkers, WorkerReplicas, check_batched, check_simulation, deal_shards
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +132,13 @@ class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
             ``vmap``-ed forward/backward and one optimizer step over stacked tensors, for GPUs
             where per-worker batches are too small to fill the device; elementwise optimizers
             only), or ``"auto"`` (batched on CUDA, sequential otherwise).
+        log_divergence: at each sync across all workers, log ``localsgd/divergence``, the
+            workers' mean squared distance to their average just before it (costs a copy of
+            the model and one scalar all-reduce per sync).
+        nonfinite: before each sync the workers agree (one small all-reduce) whether any holds
+            NaN/Inf parameters or buffers, and that all are at the same step: ``"raise"`` fails
+            on every rank naming the workers and the step; ``"skip_worker"`` leaves them out
+            of that average and restarts them from it, optimizer state zeroed.
         process_group_backend: ``"nccl"``, ``"gloo"``, ...; by default NCCL on GPUs, gloo on CPU.
         timeout: timeout of every collective.
         start_method: how Lightning starts the worker processes when it launches them itself.
@@ -150,6 +157,8 @@ class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
         outer_optimizer: OuterOptimizer | None = None,
         workers_per_device: int = 1,
         simulation: Literal["auto", "sequential", "batched"] = "auto",
+        log_divergence: bool = False,
+        nonfinite: NonfinitePolicy = "raise",
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         start_method: StartMethod = "popen",
@@ -167,6 +176,10 @@ class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
             raise ValueError(f"workers_per_device ({workers_per_device!r}) must be an integer >= 1")
         self.workers_per_device = workers_per_device
         self.simulation = check_choice("simulation", simulation, ("auto", "sequential", "batched"))
+        if not isinstance(log_divergence, bool):
+            raise ValueError(f"log_divergence ({log_divergence!r}) must be True or False")
+        self.log_divergence = log_divergence
+        self.nonfinite_policy = check_choice("nonfinite", nonfinite, ("raise", "skip_worker"))
         self.schedule: SyncSchedule = as_schedule(sync_every, "sync_every")
         if outer_optimizer is not None and not isinstance(outer_optimizer, OuterOptimizer):
             raise ValueError(
@@ -223,7 +236,7 @@ class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
         k = self.workers_per_device
         self.comm = ProcessGroupCommunicator(workers_per_process=k)
         if k > 1:
-            self._check_simulation(trainer)
+            check_simulation(trainer, self.lightning_module, k)
             self.replicas = WorkerReplicas(self.lightning_module, optimizers, k)
             modules: list[torch.nn.Module] = list(self.replicas.replicas)
             worker_optimizers: list[list[Any]] = [list(v) for v in self.replicas.optimizer_views]
@@ -247,7 +260,7 @@ class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
             if path == "auto":
                 path = "batched" if self.root_device.type == "cuda" else "sequential"
             if path == "batched":
-                self._check_batched(trainer, optimizers)
+                check_batched(trainer, optimizers)
                 self.batched = BatchedWorkers(
                     self.lightning_module, optimizers[0], self.replicas, self.averager.stacked_views()
                 )
@@ -262,66 +275,44 @@ class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
             f"outer_optimizer={self.outer_optimizer!r}, {self.averager.num_bytes} bytes per worker per sync"
         )
 
-    def _check_simulation(self, trainer: pl.Trainer) -> None:
-        assert self.lightning_module is not None
-        rule = f"workers_per_device ({self.workers_per_device}) > 1"
-        if not self.lightning_module.automatic_optimization:
-            raise ValueError(
-                f"{rule} needs automatic optimization: each simulated worker takes the step itself"
-            )
-        if trainer.accumulate_grad_batches != 1:
-            raise ValueError(
-                f"{rule} does not support accumulate_grad_batches ({trainer.accumulate_grad_batches}); "
-                "HINT: raise the local batch instead"
-            )
-        if not trainer._accelerator_connector.use_distributed_sampler:
-            raise ValueError(
-                f"{rule} needs Trainer(use_distributed_sampler=True): it deals each simulated worker the "
-                "DistributedSampler shard that its rank would get in a run of that many processes"
-            )
-
-    def _check_batched(self, trainer: pl.Trainer, optimizers: list[Optimizer]) -> None:
-        if len(optimizers) != 1:
-            raise ValueError(f"simulation='batched' needs exactly one optimizer, got {len(optimizers)}")
-        if trainer.gradient_clip_val:
-            raise ValueError(
-                f"simulation='batched' does not clip gradients (gradient_clip_val="
-                f"{trainer.gradient_clip_val}): Lightning would clip the stacked workers' gradients "
-                "together. HINT: simulation='sequential'"
-            )
-
     def process_dataloader(self, dataloader: object) -> object:
-        """Under simulation, the training loader yields one batch per simulated worker."""
+        """Checks that every rank has as many training batches; under simulation, deals each
+        simulated worker its own shard."""
         dataloader = super().process_dataloader(dataloader)
         module = self.lightning_module
-        if self.workers_per_device == 1 or module is None or not module.trainer.training:
+        if module is None or not module.trainer.training or self.comm is None:
             return dataloader
-        from lightning.pytorch.utilities.data import _update_dataloader
-        from torch.utils.data import DataLoader, DistributedSampler
-
-        sampler = getattr(dataloader, "sampler", None)
-        if not isinstance(dataloader, DataLoader) or not isinstance(sampler, DistributedSampler):
-            raise ValueError(
-                f"workers_per_device ({self.workers_per_device}) > 1 needs a training DataLoader that "
-                f"Lightning shards with a DistributedSampler; got {type(dataloader).__name__} with sampler "
-                f"{type(sampler).__name__}"
-            )
-        k = self.workers_per_device
-        loaders = [
-            _update_dataloader(
+        if self.workers_per_device > 1:
+            dataloader = deal_shards(
                 dataloader,
-                DistributedSampler(
-                    sampler.dataset,
-                    num_replicas=self.world_size * k,
-                    rank=self.global_rank * k + i,
-                    shuffle=sampler.shuffle,
-                    seed=sampler.seed,
-                    drop_last=sampler.drop_last,
-                ),
+                num_processes=self.world_size,
+                rank=self.global_rank,
+                workers_per_process=self.workers_per_device,
             )
-            for i in range(k)
+        self._check_batches_per_epoch(dataloader)
+        return dataloader
+
+    def _check_batches_per_epoch(self, dataloader: object) -> None:
+        # Pitfall 2 / desync: ranks with different numbers of batches would stop taking
+        # steps at different times, and the one still stepping would wait for a sync forever.
+        assert self.comm is not None
+        try:
+            count = len(dataloader)  # type: ignore[arg-type]
+        except TypeError:
+            return  # no length: the step check before each sync catches the drift instead
+        counts = [
+            torch.tensor([count, -count], dtype=torch.float64, device=self.root_device)
+            for _ in range(self.comm.num_local_workers)
         ]
-        return WorkerLoader(loaders)
+        self.comm.all_reduce_(counts, op="max", counted=False)
+        most, fewest = int(counts[0][0]), int(-counts[0][1])
+        if most != fewest:
+            raise ValueError(
+                f"the training dataloader has {count} batches on rank {self.global_rank}, and between "
+                f"{fewest} and {most} across ranks: every worker must take the same number of optimizer "
+                "steps per epoch. HINT: let Lightning shard the data (use_distributed_sampler=True), or "
+                "give every rank a sampler with the same length (drop_last)"
+            )
 
     def on_train_start(self) -> None:
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
@@ -390,12 +381,48 @@ class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
         decision = self.schedule.should_sync(self.num_steps, float(optimizer.param_groups[0]["lr"]))
         if decision:
             policy = self._schedule_policy()
+            checks: dict[str, Any] = {"step": self.num_steps, "nonfinite": self.nonfinite_policy}
             if decision == "inner":
-                self.averager.average("inner", comm=self._node_comm(), optimizer_state=policy, outer=False)
+                with self._reported("inner sync"):
+                    self.averager.average(
+                        "inner", comm=self._node_comm(), optimizer_state=policy, outer=False, **checks
+                    )
             else:
-                self.averager.average("sync", optimizer_state=policy)
+                with self._reported("sync"):
+                    divergence = self.averager.average(
+                        "sync", optimizer_state=policy, divergence=self.log_divergence, **checks
+                    )
                 self._dirty = False
+                if divergence is not None:
+                    self._log_step(optimizer, {"localsgd/divergence": divergence})
         self._log_step(optimizer, self._comm_metrics())
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        """Lightning's cross-rank decisions (stop training? at each epoch end) travel in the same
+        control message as the sync checks, with the step count, so a rank that ran out of
+        batches early meets the others' next sync with an error on both sides, not a hang."""
+        if self.averager is None:
+            return super().reduce_boolean_decision(decision, all=all)
+        value = float(not decision) if all else float(decision)
+        with self._reported("decision"):
+            _, reduced = self.averager.agree(self.num_steps, value=value)
+        return reduced == 0.0 if all else reduced == 1.0
+
+    @contextlib.contextmanager
+    def _reported(self, what: str) -> Iterator[None]:
+        """Say which sync failed: a timed-out or broken collective names the step and the operation."""
+        try:
+            yield
+        except (FloatingPointError, ValueError):
+            raise
+        except RuntimeError as err:
+            assert self.comm is not None and self.averager is not None
+            raise RuntimeError(
+                f"LocalSGD {what} at optimizer step {self.num_steps} failed (all-reduce of "
+                f"{self.averager.num_bytes} bytes per worker over {self.comm.num_workers} workers, "
+                f"timeout {self._timeout}): {err}. HINT: another rank stopped taking steps (it died, or "
+                "ran out of batches first: uneven data across ranks) or is much slower"
+            ) from err
 
     def _schedule_policy(self) -> OptimizerStatePolicy | None:
         policy = self.schedule.optimizer_state_policy(self.num_steps)
@@ -446,7 +473,10 @@ class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
         super().on_train_end()
         if self.averager is not None and self._dirty:
             # the fit's result is the average, also when the last round was cut short
-            self.averager.average("final", optimizer_state="local")
+            with self._reported("final average"):
+                self.averager.average(
+                    "final", optimizer_state="local", step=self.num_steps, nonfinite=self.nonfinite_policy
+                )
             self._dirty = False
         if self.comm is not None:
             metrics = self._comm_metrics()
@@ -496,90 +526,5 @@ class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
         )
 
 
-class SGDBaselineStrategy(_StrategyCommon, DDPStrategy):
-    """Synchronous mini-batch SGD (a gradient all-reduce every step, as DDP), with the same data
-    sharding, seeding and ``comm/*`` metrics as :class:`LocalSGDStrategy`.
-
-    ``comm/rounds`` counts optimizer steps (one gradient all-reduce each) and ``comm/bytes`` the
-    gradient payload of the trainable parameters per worker.
-
-    Args:
-        find_unused_parameters: as for DistributedDataParallel.
-        process_group_backend, timeout, start_method, cluster_environment, checkpoint_io,
-            precision_plugin, accelerator, parallel_devices: as for Lightning's DDPStrategy.
-    """
-
-    strategy_name = "sgd_baseline"
-
-    def __init__(
-        self,
-        *,
-        find_unused_parameters: bool = False,
-        process_group_backend: str | None = None,
-        timeout: timedelta | None = default_pg_timeout,
-        start_method: StartMethod = "popen",
-        cluster_environment: ClusterEnvironment | None = None,
-        checkpoint_io: CheckpointIO | None = None,
-        precision_plugin: Precision | None = None,
-        accelerator: pl.accelerators.Accelerator | None = None,
-        parallel_devices: list[torch.device] | None = None,
-    ) -> None:
-        if not isinstance(find_unused_parameters, bool):
-            raise ValueError(f"find_unused_parameters ({find_unused_parameters!r}) must be True or False")
-        check_choice("start_method", start_method, ("popen", "spawn", "fork", "forkserver"))
-        super().__init__(
-            accelerator=accelerator,
-            parallel_devices=parallel_devices,
-            cluster_environment=cluster_environment,
-            checkpoint_io=checkpoint_io,
-            precision_plugin=precision_plugin,
-            process_group_backend=process_group_backend,
-            timeout=timeout,
-            start_method=start_method,
-            find_unused_parameters=find_unused_parameters,
-        )
-        self.num_steps = 0
-        self._grad_bytes = 0
-
-    def setup(self, trainer: pl.Trainer) -> None:
-        super().setup(trainer)
-        if trainer.state.fn != TrainerFn.FITTING:
-            return
-        assert self.lightning_module is not None
-        self._grad_bytes = sum(
-            p.numel() * p.element_size() for p in self.lightning_module.parameters() if p.requires_grad
-        )
-        self.num_steps = 0
-        self._seed_workers_apart(trainer, self.global_rank)
-
-    def optimizer_step(
-        self,
-        optimizer: Optimizer,
-        closure: Callable[[], Any],
-        model: pl.LightningModule | torch.nn.Module | None = None,
-        **kwargs: Any,
-    ) -> Any:
-        output = super().optimizer_step(optimizer, closure, model, **kwargs)
-        self.num_steps += 1
-        metrics = {"comm/rounds": self.num_steps, "comm/bytes": self.num_steps * self._grad_bytes}
-        self._log_step(optimizer, {**metrics, "localsgd/sync_every": 1, "localsgd/round": self.num_steps})
-        return output
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"num_steps": self.num_steps, "world_size": self.world_size}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.num_steps = int(state["num_steps"])
-
-    @classmethod
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
-        strategy_registry.register(
-            cls.strategy_name,
-            cls,
-            description="Synchronous mini-batch SGD (DDP) with the same data, seeds and metrics as localsgd",
-        )
-
-
-for _cls in (LocalSGDStrategy, SGDBaselineStrategy):
-    if _cls.strategy_name not in StrategyRegistry:
-        _cls.register_strategies(StrategyRegistry)
+if LocalSGDStrategy.strategy_name not in StrategyRegistry:
+    LocalSGDStrategy.register_strategies(StrategyRegistry)

@@ -211,3 +211,46 @@ def test_averager_bad_policies(kwargs: dict, match: str) -> None:
 def test_averager_needs_one_model_per_worker() -> None:
     with pytest.raises(ValueError, match=r"modules \(2\) must hold one model per local worker \(3\)"):
         Averager(workers()[:2], InProcessCommunicator(K))
+
+
+def test_divergence_is_the_mean_squared_distance_to_the_average_and_zero_after_a_sync() -> None:
+    nets = workers()
+    params = [torch.cat([p.detach().reshape(-1) for p in n.parameters()]).double() for n in nets]
+    mean = torch.stack(params).mean(0)
+    expected = float(torch.stack([(p - mean).pow(2).sum() for p in params]).mean())
+    avg = Averager(nets, InProcessCommunicator(K))
+    got = avg.average(divergence=True)
+    assert got == pytest.approx(expected, rel=1e-5)
+    assert avg.average(divergence=True) == 0.0  # right after a sync every worker is the average
+    assert avg.average() is None
+    assert avg.comm.bytes() == 3 * avg.num_bytes  # the divergence scalar is not model traffic
+
+
+def test_nonfinite_raise_names_the_worker_and_step() -> None:
+    nets = workers()
+    with torch.no_grad():
+        nets[1].net[0].weight[0, 0] = float("nan")
+    avg = Averager(nets, InProcessCommunicator(K))
+    with pytest.raises(FloatingPointError, match=r"NaN/Inf\) on worker\(s\) \[1\] of 3 at optimizer step 7"):
+        avg.average(step=7, nonfinite="raise")
+    assert avg.comm.rounds() == 0  # nothing was averaged
+
+
+def test_nonfinite_skip_worker_averages_the_healthy_ones_and_resets_the_sick_one() -> None:
+    nets, opts = _stepped(torch.optim.SGD, momentum=0.9)
+    with torch.no_grad():
+        nets[2].net[3].bias[0] = float("inf")
+    healthy = mean_state([snapshot(n) for n in nets[:2]])
+    avg = Averager(nets, InProcessCommunicator(K), optimizers=[[o] for o in opts])
+    avg.average(step=3, nonfinite="skip_worker")
+    for n in nets:
+        state = snapshot(n)
+        assert all(torch.isfinite(v).all() for v in state.values())
+        assert max_diff(state, healthy) <= 1e-6
+    assert all(not m.any() for m in _state(opts, "momentum_buffer")[2])  # the sick worker restarts
+    assert all(m.any() for m in _state(opts, "momentum_buffer")[0])
+    nets[0].net[0].weight.data.fill_(float("nan"))
+    nets[1].net[0].weight.data.fill_(float("nan"))
+    nets[2].net[0].weight.data.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="every worker holds NaN/Inf"):
+        avg.average(step=4, nonfinite="skip_worker")
