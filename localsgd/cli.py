@@ -1,5 +1,10 @@
 """The ``localsgd`` command.
 
+``localsgd fit|validate|test|predict --config configs/X.yaml`` is Lightning's LightningCLI:
+trainer, strategy, model and data come from YAML by ``class_path`` / ``init_args`` and every
+value can be overridden on the command line (``--trainer.strategy.init_args.sync_every=16``);
+``localsgd fit --config X.yaml --print_config`` shows the complete configuration.
+
 ``localsgd quickstart`` trains the same small CNN on scikit-learn's bundled digits
 (no download) with the SGD baseline and with Local SGD, on several CPU processes,
 and prints the two results side by side.
@@ -8,15 +13,91 @@ and prints the two results side by side.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import sys
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
 import lightning.pytorch as pl
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from localsgd.baseline import SGDBaselineStrategy
 from localsgd.data import DigitsDataModule
 from localsgd.models import Classifier, small_cnn
-from localsgd.strategy import LocalSGDStrategy, SGDBaselineStrategy
+from localsgd.strategy import LocalSGDStrategy
+
+# Strategy arguments the Trainer fills in itself: hidden from YAML and flags, so that a
+# strategy's flags are its own (sync_every, buffers, ...) and not DDP plumbing.
+_TRAINER_FILLS = (
+    "accelerator",
+    "parallel_devices",
+    "cluster_environment",
+    "checkpoint_io",
+    "precision_plugin",
+)
+
+
+class LocalSGDCLI(LightningCLI):
+    """LightningCLI with the strategy's plumbing arguments hidden (see ``_TRAINER_FILLS``)."""
+
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # LightningCLI's own version, plus `skip`; the model and data parts are unchanged.
+        parser.add_class_arguments(
+            self.trainer_class,
+            "trainer",
+            fail_untyped=False,
+            instantiate=False,
+            sub_configs=True,
+            skip={f"strategy.init_args.{name}" for name in _TRAINER_FILLS},
+        )
+        parser.set_defaults({f"trainer.{k}": v for k, v in self.trainer_defaults.items() if k != "callbacks"})
+        parser.add_lightning_class_args(self._model_class, "model", subclass_mode=self.subclass_mode_model)
+        parser.add_lightning_class_args(
+            self._datamodule_class, "data", subclass_mode=self.subclass_mode_data, required=False
+        )
+
+
+def lightning_cli(args: Sequence[str] | None = None, **kwargs: Any) -> LocalSGDCLI:
+    """Parse ``args`` (``sys.argv[1:]`` when None) and run the subcommand they name.
+
+    Any LightningModule and LightningDataModule can be named by ``class_path``. The seed defaults
+    to 0, so that two runs of one config draw the same data order and initialization.
+    ``kwargs`` go to :class:`~lightning.pytorch.cli.LightningCLI` (``trainer_defaults``, ``run``, ...).
+    """
+    kwargs.setdefault("seed_everything_default", 0)
+    # a requeued or restarted run writes its config again into the same folder
+    kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+    kwargs.setdefault(
+        "parser_kwargs",
+        {
+            "prog": "localsgd",
+            "description": "Lightning's fit/validate/test/predict driven by YAML "
+            "(`localsgd quickstart --help` for the built-in comparison).",
+        },
+    )
+    return LocalSGDCLI(
+        pl.LightningModule,
+        pl.LightningDataModule,
+        subclass_mode_model=True,
+        subclass_mode_data=True,
+        args=None if args is None else list(args),
+        **kwargs,
+    )
+
+
+def check_args(args: Sequence[str]) -> None:
+    """Parse ``localsgd`` arguments (``["fit", "--config", ...]``) without instantiating or running
+    anything. On a bad key or value the parser prints the error, naming it, and exits (code 2)."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        try:
+            lightning_cli([*args, "--print_config"])
+        except SystemExit as done:
+            if done.code not in (0, None):
+                raise
 
 
 def _positive_int(text: str) -> int:
@@ -98,27 +179,37 @@ def _print_table(rows: Sequence[dict[str, Any]], workers: int, batch_size: int) 
     print(f"(wall time {sum(r['seconds'] for r in rows):.0f} s, process start-up included)")
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="localsgd", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-    qs = sub.add_parser("quickstart", help="SGD baseline vs Local SGD on the bundled digits")
-    qs.add_argument("--workers", type=_positive_int, default=2, help="worker processes (default 2)")
-    qs.add_argument("--sync-every", type=_positive_int, default=8, help="H, steps between averagings")
-    qs.add_argument("--epochs", type=_positive_int, default=10)
-    qs.add_argument("--batch-size", type=_positive_int, default=16, help="local batch per worker")
-    qs.add_argument("--lr", type=_positive_float, default=0.05)
-    qs.add_argument("--seed", type=int, default=0)
+def quickstart_main(argv: Sequence[str]) -> None:
+    """``localsgd quickstart [--workers N] [--sync-every H] ...``"""
+    parser = argparse.ArgumentParser(
+        prog="localsgd quickstart", description="SGD baseline vs Local SGD on the bundled digits"
+    )
+    parser.add_argument("--workers", type=_positive_int, default=2, help="worker processes (default 2)")
+    parser.add_argument("--sync-every", type=_positive_int, default=8, help="H, steps between averagings")
+    parser.add_argument("--epochs", type=_positive_int, default=10)
+    parser.add_argument("--batch-size", type=_positive_int, default=16, help="local batch per worker")
+    parser.add_argument("--lr", type=_positive_float, default=0.05)
+    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    if args.command == "quickstart":
-        rows = quickstart(
-            workers=args.workers,
-            sync_every=args.sync_every,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            seed=args.seed,
-        )
-        _print_table(rows, args.workers, args.batch_size)
+    rows = quickstart(
+        workers=args.workers,
+        sync_every=args.sync_every,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+    )
+    _print_table(rows, args.workers, args.batch_size)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``localsgd quickstart ...`` or ``localsgd {fit,validate,test,predict} ...`` (LightningCLI)."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args[:1] == ["quickstart"]:
+        quickstart_main(args[1:])
+    else:
+        # None lets LightningCLI read sys.argv itself (it warns when given both)
+        lightning_cli(argv)
 
 
 if __name__ == "__main__":

@@ -1,12 +1,24 @@
-"""The README's main command, end to end, at a reduced size."""
+"""The `localsgd` command: `quickstart` end to end at a reduced size, and `fit` (LightningCLI) configs."""
 
 from __future__ import annotations
 
+import csv
 import os
 import subprocess
 import sys
+import warnings
+from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
+import yaml
+
+from localsgd import LocalSGDStrategy
+from localsgd.cli import check_args, lightning_cli
+from localsgd.models import MLP
+from localsgd.outer import DiLoCo
+from localsgd.schedules import PostLocal
 
 # Single-process fits earlier in this pytest process leave their rendezvous variables behind.
 _CLEAN_ENV = {
@@ -44,3 +56,189 @@ def test_quickstart_rejects_bad_arguments() -> None:
     )
     assert out.returncode == 2
     assert "--sync-every: must be an integer >= 1, got '0'" in out.stderr
+
+
+# ---------------------------------------------------------------- `localsgd fit` (LightningCLI)
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+_HIDDEN = ("accelerator", "parallel_devices", "cluster_environment", "checkpoint_io", "precision_plugin")
+
+
+def cli_exit_code(*args: str) -> int | str | None:
+    """``localsgd ARGS`` in this process, for arguments that must end in SystemExit."""
+    with warnings.catch_warnings(), pytest.raises(SystemExit) as done:
+        # pytest's own arguments are in sys.argv; LightningCLI warns about that and ignores them
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        lightning_cli(list(args))
+    return done.value.code
+
+
+def print_config(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
+    """``localsgd fit ARGS --print_config``, in this process, as a dict."""
+    code = cli_exit_code("fit", *args, "--print_config")
+    out = capsys.readouterr()
+    assert code in (0, None), out.err[-2000:]
+    return yaml.safe_load(out.out)
+
+
+def test_configs_exist() -> None:
+    assert {p.name for p in CONFIGS} >= {"quickstart.yaml", "quickstart_sgd.yaml"}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_every_config_parses(config: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = print_config(capsys, "--config", str(config))
+    strategy = cfg["trainer"]["strategy"]
+    assert strategy["class_path"].startswith("localsgd.")
+    # the strategy's own arguments only: what the Trainer fills in is not configurable
+    assert not set(strategy.get("init_args") or {}) & set(_HIDDEN)
+    assert cfg["model"]["class_path"] and cfg["data"]["class_path"]
+    # every file says where its numbers come from
+    assert " x " in config.read_text() and "=" in config.read_text()
+
+
+def test_quickstart_config_shows_everything_and_takes_overrides(capsys: pytest.CaptureFixture[str]) -> None:
+    cfg = print_config(
+        capsys,
+        "--config",
+        str(ROOT / "configs/quickstart.yaml"),
+        "--trainer.strategy.init_args.sync_every=16",
+        "--model.init_args.net.init_args.width=8",
+    )
+    strategy = cfg["trainer"]["strategy"]
+    assert strategy["class_path"] == "localsgd.LocalSGDStrategy"
+    assert strategy["init_args"]["sync_every"] == 16
+    assert strategy["init_args"]["buffers"] == "average"
+    assert strategy["init_args"]["optimizer_state"] == "local"
+    assert {"process_group_backend", "timeout", "start_method"} <= set(strategy["init_args"])
+    net = cfg["model"]["init_args"]["net"]
+    assert net == {
+        "class_path": "localsgd.models.SmallCNN",
+        "init_args": {"in_channels": 1, "num_classes": 10, "width": 8, "norm": "batch"},
+    }
+    # defaults the YAML leaves out are shown too
+    assert cfg["trainer"]["accumulate_grad_batches"] == 1
+    assert cfg["data"]["init_args"]["test_fraction"] == 0.25
+    assert cfg["seed_everything"] == 0
+
+
+def test_strategy_plumbing_is_not_a_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    config = str(ROOT / "configs/quickstart.yaml")
+    assert cli_exit_code("fit", "--config", config, "--trainer.strategy.init_args.accelerator=cpu") == 2
+    assert "'accelerator' is not accepted" in capsys.readouterr().err
+
+
+def _bad_config(tmp_path: Path, old: str, new: str) -> Path:
+    text = (ROOT / "configs/quickstart.yaml").read_text()
+    assert old in text
+    path = tmp_path / "bad.yaml"
+    path.write_text(text.replace(old, new))
+    return path
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "message"),
+    [
+        ("sync_every: 8", "sync_evry: 8", "'sync_evry' is not accepted"),
+        ("buffers: average", "buffers: avrage", "Got value: avrage"),
+        ("lr: 0.05", "lrate: 0.05", "'lrate' is not accepted"),
+        ("max_epochs: 10", "max_epoch: 10", "max_epoch"),
+        ("batch_size: 16", "batch_size: sixteen", "batch_size"),
+    ],
+)
+def test_misspelled_key_or_bad_value_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], old: str, new: str, message: str
+) -> None:
+    assert cli_exit_code("fit", "--config", str(_bad_config(tmp_path, old, new))) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_value_rejected_by_the_strategy_is_named(tmp_path: Path) -> None:
+    # parses (an int), then LocalSGDStrategy's own check rejects it when the CLI instantiates it,
+    # before anything runs
+    config = _bad_config(tmp_path, "sync_every: 8", "sync_every: 0")
+    safety = ["--trainer.devices=1", "--trainer.max_steps=1", "--trainer.logger=false"]
+    message = r"sync_every \(0\) must be an integer >= 1"
+    with warnings.catch_warnings(), pytest.raises(ValueError, match=message):
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        lightning_cli(["fit", "--config", str(config), *safety])
+
+
+def test_check_args_names_the_bad_override(capsys: pytest.CaptureFixture[str]) -> None:
+    check_args(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--trainer.max_steps=5"])
+    with pytest.raises(SystemExit) as done:
+        check_args(["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--trainer.max_stepz=5"])
+    assert done.value.code == 2
+    assert "--trainer.max_stepz" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_fit_runs_a_config_on_two_cpu_processes(tmp_path: Path) -> None:
+    # Lightning starts the second process itself (it re-runs this command line)
+    out = subprocess.run(
+        [sys.executable, "-m", "localsgd.cli", "fit", "--config", str(ROOT / "configs/quickstart_sgd.yaml")]
+        + ["--trainer.max_steps=12", "--trainer.check_val_every_n_epoch=100"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**_CLEAN_ENV, "OMP_NUM_THREADS": "1"},
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    (run,) = (tmp_path / "runs/quickstart/sgd").iterdir()
+    checkpoint = torch.load(run / "checkpoints/last.ckpt", weights_only=False, map_location="cpu")
+    assert checkpoint["global_step"] == 12
+    assert checkpoint["localsgd"] == {"num_steps": 12, "world_size": 2}
+    rows = [r for r in csv.DictReader((run / "metrics.csv").open()) if r.get("comm/rounds")]
+    assert rows  # logged every 10 steps
+    for row in rows:  # the baseline all-reduces once per step
+        assert float(row["comm/rounds"]) == int(row["step"]) + 1
+    assert (run / "config.yaml").is_file()
+
+
+SCHEDULE_AND_OUTER = """
+trainer:
+  accelerator: cpu
+  devices: 1
+  max_steps: 4
+  logger: false
+  enable_checkpointing: false
+  enable_progress_bar: false
+  enable_model_summary: false
+  limit_val_batches: 0
+  strategy:
+    class_path: localsgd.LocalSGDStrategy
+    init_args:
+      sync_every:
+        class_path: localsgd.schedules.PostLocal
+        init_args: {every: 2, switch_step: 2}
+      outer_optimizer:
+        class_path: localsgd.outer.DiLoCo
+        init_args: {lr: 0.5}
+model:
+  class_path: localsgd.models.Classifier
+  init_args:
+    net:
+      class_path: localsgd.models.MLP
+      init_args: {in_features: 64, hidden: 16, num_classes: 10}
+    num_classes: 10
+data:
+  class_path: localsgd.data.DigitsDataModule
+  init_args: {batch_size: 8}
+"""
+
+
+def test_schedule_outer_optimizer_model_and_data_come_from_yaml(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(SCHEDULE_AND_OUTER)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        # one process: fits right here; the config is saved under default_root_dir
+        cli = lightning_cli(["fit", "--config", str(config), f"--trainer.default_root_dir={tmp_path}"])
+    strategy = cli.trainer.strategy
+    assert isinstance(strategy, LocalSGDStrategy)
+    assert isinstance(strategy.schedule, PostLocal) and strategy.schedule.every == 2
+    assert isinstance(strategy.outer_optimizer, DiLoCo) and strategy.outer_optimizer.lr == 0.5
+    assert isinstance(cli.model.net, MLP)
+    assert cli.trainer.global_step == 4
+    assert (tmp_path / "config.yaml").is_file()
