@@ -27,3 +27,23 @@ def test_averaging_bench_quick(tmp_path: Path) -> None:
     methods = {r["method"] for r in result["rows"]}
     assert {"localsgd", "raw all_reduce", "torch average_parameters", "per-tensor all_reduce"} <= methods
     assert {r["model"] for r in result["rows"]} == {"resnet56", "resnet56-wide"}
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("script", "extra", "key"),
+    [
+        ("simulate.py", [], "simulator_over_plain_loop"),
+        ("gpu_simulate.py", ["--device", "cpu"], "batched_over_sequential"),
+    ],
+)
+def test_simulation_benches_quick(tmp_path: Path, script: str, extra: list[str], key: str) -> None:
+    out = tmp_path / "result.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / script), "--quick", "--out", str(out), *extra],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(out.read_text())[key] > 0

@@ -9,8 +9,10 @@ import pytest
 import torch
 from common import TIMEOUT, ToyModule, make_trainer, max_diff, snapshot
 from distributed import run
+from torch.utils.data import DataLoader, TensorDataset
 
 from localsgd import LocalSGDStrategy
+from localsgd.models import ResNet
 from localsgd.simulate import WorkerReplicas
 
 H, STEPS = 3, 9  # three rounds
@@ -19,11 +21,19 @@ H, STEPS = 3, 9  # three rounds
 def _fit(rank: int, workers_per_device: int, optimizer: str) -> dict[str, Any]:
     pl.seed_everything(0, verbose=False)
     module = _Module(bn=True, lr=0.05, momentum=0.9, weight_decay=1e-3, optimizer=optimizer)
-    strategy = LocalSGDStrategy(sync_every=H, workers_per_device=workers_per_device, timeout=TIMEOUT)
+    strategy = LocalSGDStrategy(
+        sync_every=H, workers_per_device=workers_per_device, log_divergence=True, timeout=TIMEOUT
+    )
     trainer = make_trainer(strategy, max_steps=STEPS)
     trainer.fit(module)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("comm/")}
-    return {"final": snapshot(module), "metrics": metrics, "steps": trainer.global_step}
+    divergence = float(trainer.callback_metrics["localsgd/divergence"])
+    return {
+        "final": snapshot(module),
+        "metrics": metrics,
+        "steps": trainer.global_step,
+        "divergence": divergence,
+    }
 
 
 class _Module(ToyModule):
@@ -50,6 +60,9 @@ def test_four_simulated_workers_equal_four_processes_and_two_by_two(optimizer: s
         assert got["steps"] == STEPS
         # communication counted as K processes would send it
         assert got["metrics"] == processes[0]["metrics"]
+        # how far the workers drifted in the last round, as measured before its sync
+        assert got["divergence"] == pytest.approx(processes[0]["divergence"], rel=1e-4)
+    assert processes[0]["divergence"] > 0
     assert processes[0]["metrics"]["comm/rounds"] == STEPS // H
     init = _Module(bn=True)
     assert max_diff(reference, snapshot(init)) > 1e-3  # it trained
@@ -132,3 +145,52 @@ def test_batched_path_equals_sequential_path(optimizer: str) -> None:
                 if isinstance(seq_p[key], torch.Tensor):
                     assert (seq_p[key] - bat_p[key]).abs().max() <= 1e-5, key
     assert r["batched"]["loss"] > 0  # what training_step logs still reaches the loggers
+
+
+MODELS = [(norm, opt) for norm in ("batch", "group") for opt in ("sgd", "sgdm", "adamw")]
+
+
+class _ResNetModule(pl.LightningModule):
+    def __init__(self, norm: str, optimizer: str) -> None:
+        super().__init__()
+        self.net = ResNet(depth=8, width=4, norm=norm)
+        self.optimizer_name = optimizer
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return torch.nn.functional.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        if self.optimizer_name == "adamw":
+            return torch.optim.AdamW(self.parameters(), lr=0.01, weight_decay=0.01)
+        momentum = 0.9 if self.optimizer_name == "sgdm" else 0.0
+        return torch.optim.SGD(self.parameters(), lr=0.05, momentum=momentum, weight_decay=1e-3)
+
+    def train_dataloader(self) -> DataLoader:
+        g = torch.Generator().manual_seed(0)
+        data = TensorDataset(torch.randn(64, 3, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g))
+        return DataLoader(data, batch_size=4, shuffle=True)
+
+
+def _resnets(rank: int, workers_per_device: int, paths: tuple[str, ...]) -> dict[Any, Any]:
+    out = {}
+    for norm, opt in MODELS:
+        for path in paths:
+            pl.seed_everything(0, verbose=False)
+            module = _ResNetModule(norm, opt)
+            strategy = LocalSGDStrategy(
+                sync_every=2, workers_per_device=workers_per_device, simulation=path, timeout=TIMEOUT
+            )
+            make_trainer(strategy, max_steps=4).fit(module)
+            out[norm, opt, path] = snapshot(module)
+    return out
+
+
+@pytest.mark.distributed
+def test_project_resnets_with_batchnorm_and_groupnorm_simulate_exactly() -> None:
+    processes = run(_resnets, 2, 1, ("sequential",))[0]
+    simulated = run(_resnets, 1, 2, ("sequential", "batched"))[0]
+    for norm, opt in MODELS:
+        reference = processes[norm, opt, "sequential"]
+        for path in ("sequential", "batched"):
+            assert max_diff(simulated[norm, opt, path], reference) <= 1e-5, (norm, opt, path)
