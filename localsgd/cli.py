@@ -23,10 +23,12 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from torch.optim import Optimizer
 
 from localsgd.baseline import SGDBaselineStrategy
 from localsgd.data import DigitsDataModule
 from localsgd.models import Classifier, small_cnn
+from localsgd.scaling import WarmupDecayLR
 from localsgd.strategy import LocalSGDStrategy
 
 # Strategy arguments the Trainer fills in itself: hidden from YAML and flags, so that a
@@ -58,6 +60,16 @@ class LocalSGDCLI(LightningCLI):
         parser.add_lightning_class_args(
             self._datamodule_class, "data", subclass_mode=self.subclass_mode_data, required=False
         )
+
+    @staticmethod
+    def configure_optimizers(
+        lightning_module: pl.LightningModule, optimizer: Optimizer, lr_scheduler: Any = None
+    ) -> Any:
+        # WarmupDecayLR counts optimizer steps (the papers' schedules do); LightningCLI would
+        # step it once per epoch.
+        if isinstance(lr_scheduler, WarmupDecayLR):
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
+        return LightningCLI.configure_optimizers(lightning_module, optimizer, lr_scheduler)
 
 
 def lightning_cli(args: Sequence[str] | None = None, **kwargs: Any) -> LocalSGDCLI:

@@ -242,3 +242,28 @@ def test_schedule_outer_optimizer_model_and_data_come_from_yaml(tmp_path: Path) 
     assert isinstance(cli.model.net, MLP)
     assert cli.trainer.global_step == 4
     assert (tmp_path / "config.yaml").is_file()
+
+
+def test_warmup_decay_lr_from_yaml_counts_optimizer_steps(tmp_path: Path) -> None:
+    config = tmp_path / "config.yaml"
+    config.write_text(SCHEDULE_AND_OUTER)
+    args = [
+        "fit",
+        "--config",
+        str(config),
+        f"--trainer.default_root_dir={tmp_path}",
+        "--trainer.max_steps=6",
+        "--optimizer=torch.optim.SGD",
+        "--optimizer.lr=0.1",
+        "--lr_scheduler=localsgd.WarmupDecayLR",
+        "--lr_scheduler.warmup_steps=4",
+        "--lr_scheduler.total_steps=8",
+        "--lr_scheduler.decay=linear",
+    ]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+        cli = lightning_cli(args)
+    assert cli.trainer.global_step == 6
+    lr = cli.trainer.optimizers[0].param_groups[0]["lr"]
+    # 4 warmup steps, then linear decay to 0 at step 8: after 6 steps the lr is half the peak
+    assert lr == pytest.approx(0.1 * (8 - 6) / (8 - 4))
