@@ -1,7 +1,7 @@
 """The synchronous SGD baseline: DDP with the Local SGD strategy's data, seeds and metrics.
 
 Kept apart from :mod:`localsgd.strategy` so that each file has one job; both share
-:class:`~localsgd.strategy._StrategyCommon`, so a comparison differs only in how the
+:class:`~localsgd.strategy.StrategyCommon`, so a comparison differs only in how the
 workers communicate.
 """
 
@@ -15,17 +15,16 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.strategies.registry import _StrategyRegistry
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from torch.optim import Optimizer
 
 from localsgd.averaging import check_choice
-from localsgd.strategy import StartMethod, _StrategyCommon
+from localsgd.common import StartMethod, StrategyCommon, register
 
 
-class SGDBaselineStrategy(_StrategyCommon, DDPStrategy):
+class SGDBaselineStrategy(StrategyCommon, DDPStrategy):
     """Synchronous mini-batch SGD (a gradient all-reduce every step, as DDP), with the same data
     sharding, seeding and ``comm/*`` metrics as :class:`LocalSGDStrategy`.
 
@@ -39,6 +38,7 @@ class SGDBaselineStrategy(_StrategyCommon, DDPStrategy):
     """
 
     strategy_name = "sgd_baseline"
+    description = "Synchronous mini-batch SGD (DDP) with the same data, seeds and metrics as localsgd"
 
     def __init__(
         self,
@@ -100,14 +100,5 @@ class SGDBaselineStrategy(_StrategyCommon, DDPStrategy):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.num_steps = int(state["num_steps"])
 
-    @classmethod
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
-        strategy_registry.register(
-            cls.strategy_name,
-            cls,
-            description="Synchronous mini-batch SGD (DDP) with the same data, seeds and metrics as localsgd",
-        )
 
-
-if SGDBaselineStrategy.strategy_name not in StrategyRegistry:
-    SGDBaselineStrategy.register_strategies(StrategyRegistry)
+register(SGDBaselineStrategy)

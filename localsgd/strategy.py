@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any, Literal, get_args
@@ -21,90 +20,23 @@ import lightning.pytorch as pl
 import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
-from lightning.fabric.strategies.registry import _StrategyRegistry
-from lightning.fabric.utilities.seed import seed_everything
-from lightning.fabric.utilities.types import _PATH
-from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim import Optimizer
 
 from localsgd.averaging import Averager, BufferPolicy, NonfinitePolicy, OptimizerStatePolicy, check_choice
 from localsgd.comm import Communicator, ProcessGroupCommunicator, node_communicator
+from localsgd.common import StartMethod, StrategyCommon, raw_optimizer, register
 from localsgd.outer import OuterOptimizer
-from localsgd.scaling import intrinsic_lr
 from localsgd.schedules import SyncSchedule, as_schedule
 from localsgd.simulate import BatchedWorkers, WorkerReplicas, check_batched, check_simulation, deal_shards
 
 log = logging.getLogger(__name__)
 
-StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
-_CHECKPOINT_KEY = "localsgd"
 
-
-def _raw(optimizer: Optimizer) -> Optimizer:
-    return optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
-
-
-class _StrategyCommon:
-    """What both strategies share: metrics, seeding and checkpointed state, so their runs compare."""
-
-    lightning_module: pl.LightningModule | None
-    _pending_state: dict[str, Any] | None = None
-
-    def _log_step(self, optimizer: Optimizer, metrics: dict[str, float]) -> None:
-        """Log ``metrics`` and the step's learning rate through the Trainer's loggers."""
-        module = self.lightning_module
-        if module is None or module._trainer is None:
-            return
-        group = optimizer.param_groups[0]
-        lr, weight_decay = float(group["lr"]), float(group.get("weight_decay", 0.0))
-        metrics = {**metrics, "lr": lr, "intrinsic_lr": intrinsic_lr(lr, weight_decay)}
-        # float64: byte counts pass float32's 2**24 exact-integer range within minutes
-        values = {k: torch.tensor(float(v), dtype=torch.float64) for k, v in metrics.items()}
-        module.log_dict(values, on_step=True, on_epoch=False, sync_dist=False, batch_size=1)
-
-    # The sync state travels in the checkpoint under "localsgd"; it is restored once the
-    # strategy is set up (Lightning loads the checkpoint file before that).
-    def state_dict(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        raise NotImplementedError
-
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None
-    ) -> None:
-        checkpoint[_CHECKPOINT_KEY] = self.state_dict()
-        super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
-
-    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)  # type: ignore[misc]
-        self._pending_state = checkpoint.get(_CHECKPOINT_KEY)
-        return checkpoint
-
-    def on_train_start(self) -> None:
-        super().on_train_start()  # type: ignore[misc]
-        state, self._pending_state = self._pending_state, None
-        if state is not None:
-            self.load_state_dict(state)
-
-    def _seed_workers_apart(self, trainer: pl.Trainer, global_rank: int) -> None:
-        """Pitfall 10: identical streams on every rank would make averaging a no-op."""
-        if trainer._accelerator_connector.use_distributed_sampler:
-            return
-        base = int(os.environ.get("PL_GLOBAL_SEED", "0"))
-        seed_everything(base + global_rank, verbose=False)
-        rank_zero_warn(
-            "use_distributed_sampler=False: Lightning will not shard the training data, so each worker "
-            f"now draws from its own random stream seeded with seed + rank ({base} + rank). Make sure "
-            "your dataloader gives each worker different samples."
-        )
-
-
-class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
+class LocalSGDStrategy(StrategyCommon, DDPStrategy):
     """Local SGD: each worker takes optimizer steps on its own data; every ``sync_every`` steps
     the workers average their parameters (one all-reduce per device and dtype).
 
@@ -147,6 +79,7 @@ class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
     """
 
     strategy_name = "localsgd"
+    description = "Local SGD: local optimizer steps, parameter averaging every H steps"
 
     def __init__(
         self,
@@ -232,7 +165,7 @@ class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
         if trainer.state.fn != TrainerFn.FITTING:
             return
         assert self.lightning_module is not None
-        optimizers = [_raw(o) for o in self.optimizers]
+        optimizers = [raw_optimizer(o) for o in self.optimizers]
         k = self.workers_per_device
         self.comm = ProcessGroupCommunicator(workers_per_process=k)
         if k > 1:
@@ -517,14 +450,5 @@ class LocalSGDStrategy(_StrategyCommon, DDPStrategy):
             self.outer_optimizer.load_state_dict(state["outer"])
         self._dirty = False
 
-    @classmethod
-    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
-        strategy_registry.register(
-            cls.strategy_name,
-            cls,
-            description="Local SGD: local optimizer steps, parameter averaging every H steps",
-        )
 
-
-if LocalSGDStrategy.strategy_name not in StrategyRegistry:
-    LocalSGDStrategy.register_strategies(StrategyRegistry)
+register(LocalSGDStrategy)

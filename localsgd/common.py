@@ -1,0 +1,96 @@
+"""What both Lightning strategies share: per-step metrics, seeding, checkpointed sync state
+and registration, so that a Local SGD run and its SGD baseline differ only in how the
+workers communicate."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from lightning.fabric.strategies.registry import _StrategyRegistry
+from lightning.fabric.utilities.seed import seed_everything
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.core.optimizer import LightningOptimizer
+from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch.optim import Optimizer
+
+from localsgd.scaling import intrinsic_lr
+
+StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
+_CHECKPOINT_KEY = "localsgd"
+
+
+def register(cls: type[DDPStrategy]) -> None:
+    """Make ``Trainer(strategy=cls.strategy_name)`` build ``cls`` (once per process)."""
+    if cls.strategy_name not in StrategyRegistry:  # type: ignore[attr-defined]
+        cls.register_strategies(StrategyRegistry)
+
+
+def raw_optimizer(optimizer: Optimizer) -> Optimizer:
+    return optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
+
+
+class StrategyCommon:
+    """What both strategies share: metrics, seeding and checkpointed state, so their runs compare."""
+
+    lightning_module: pl.LightningModule | None
+    strategy_name: str
+    description: str
+    """What ``Trainer(strategy=strategy_name)`` builds, as Lightning lists it."""
+    _pending_state: dict[str, Any] | None = None
+
+    def _log_step(self, optimizer: Optimizer, metrics: dict[str, float]) -> None:
+        """Log ``metrics`` and the step's learning rate through the Trainer's loggers."""
+        module = self.lightning_module
+        if module is None or module._trainer is None:
+            return
+        group = optimizer.param_groups[0]
+        lr, weight_decay = float(group["lr"]), float(group.get("weight_decay", 0.0))
+        metrics = {**metrics, "lr": lr, "intrinsic_lr": intrinsic_lr(lr, weight_decay)}
+        # float64: byte counts pass float32's 2**24 exact-integer range within minutes
+        values = {k: torch.tensor(float(v), dtype=torch.float64) for k, v in metrics.items()}
+        module.log_dict(values, on_step=True, on_epoch=False, sync_dist=False, batch_size=1)
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        strategy_registry.register(cls.strategy_name, cls, description=cls.description)
+
+    # The sync state travels in the checkpoint under "localsgd"; it is restored once the
+    # strategy is set up (Lightning loads the checkpoint file before that).
+    def state_dict(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        raise NotImplementedError
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None
+    ) -> None:
+        checkpoint[_CHECKPOINT_KEY] = self.state_dict()
+        super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
+
+    def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)  # type: ignore[misc]
+        self._pending_state = checkpoint.get(_CHECKPOINT_KEY)
+        return checkpoint
+
+    def on_train_start(self) -> None:
+        super().on_train_start()  # type: ignore[misc]
+        state, self._pending_state = self._pending_state, None
+        if state is not None:
+            self.load_state_dict(state)
+
+    def _seed_workers_apart(self, trainer: pl.Trainer, global_rank: int) -> None:
+        """Pitfall 10: identical streams on every rank would make averaging a no-op."""
+        if trainer._accelerator_connector.use_distributed_sampler:
+            return
+        base = int(os.environ.get("PL_GLOBAL_SEED", "0"))
+        seed_everything(base + global_rank, verbose=False)
+        rank_zero_warn(
+            "use_distributed_sampler=False: Lightning will not shard the training data, so each worker "
+            f"now draws from its own random stream seeded with seed + rank ({base} + rank). Make sure "
+            "your dataloader gives each worker different samples."
+        )
