@@ -5,12 +5,15 @@ No distributed code here: the strategy decides how workers talk.
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics.classification import MulticlassAccuracy
 
 from localsgd.averaging import check_choice
@@ -82,15 +85,53 @@ def small_cnn(
     return SmallCNN(in_channels=in_channels, num_classes=num_classes, width=width, norm=norm)
 
 
+# Layers whose parameters (scales and shifts) the papers' setups exempt from weight decay
+_NORM_LAYERS = (
+    nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm,
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d,
+    nn.GroupNorm, nn.LayerNorm, nn.RMSNorm,
+)  # fmt: skip
+
+LRScheduleFactory = Callable[[Optimizer], LRScheduler]
+"""Builds an LR scheduler for an optimizer: ``functools.partial(WarmupDecayLR, total_steps=...)``, or
+from YAML a ``class_path`` with ``init_args`` (the optimizer is given when it exists)."""
+
+
+def weight_decay_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """``module``'s parameters as optimizer param groups: ``weight_decay`` on every parameter but
+    biases (parameters named ``bias``) and the parameters of normalization layers (BatchNorm,
+    GroupNorm, LayerNorm, ...), which get none. Empty groups are left out."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for m in module.modules():
+        for name, p in m.named_parameters(recurse=False):
+            if id(p) not in seen:  # a shared parameter joins one group only
+                seen.add(id(p))
+                (no_decay if isinstance(m, _NORM_LAYERS) or name == "bias" else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
 class Classifier(pl.LightningModule):
     """Cross-entropy classification of ``net``'s logits, trained with SGD (momentum, weight decay).
 
     Args:
         net: the network; its output is ``(batch, num_classes)`` logits.
         num_classes: number of classes (for the accuracy metric).
-        lr: learning rate.
+        lr: learning rate (the base one when ``lr_schedule`` is given).
         momentum: SGD momentum (0 for plain SGD).
         weight_decay: L2 weight decay, applied by the optimizer.
+        decay_norms_and_biases: ``True``: weight decay on every parameter (one param group).
+            ``False``: only on conv / linear weights (every parameter but biases and
+            normalization layers' parameters), as in the Local SGD papers' CIFAR setups: two
+            param groups, the decayed one first (see :func:`weight_decay_groups`).
+        lr_schedule: ``None`` for a constant ``lr``; else a function of the optimizer that builds
+            an LR scheduler, stepped after every optimizer step (Lightning's ``interval: step``).
+            From YAML: ``class_path: localsgd.WarmupDecayLR`` with its ``init_args``
+            (``warmup_steps``, ``total_steps``, ``decay``, ...), which then count optimizer
+            steps, not epochs. Not saved with the hyperparameters (``load_from_checkpoint``
+            builds the model without it; resuming a fit restores the scheduler's state).
     """
 
     def __init__(
@@ -101,6 +142,8 @@ class Classifier(pl.LightningModule):
         lr: float = 0.1,
         momentum: float = 0.0,
         weight_decay: float = 0.0,
+        decay_norms_and_biases: bool = True,
+        lr_schedule: LRScheduleFactory | None = None,
     ) -> None:
         super().__init__()
         if not lr > 0:
@@ -109,8 +152,20 @@ class Classifier(pl.LightningModule):
             raise ValueError(f"momentum ({momentum!r}) must be in [0, 1)")
         if not weight_decay >= 0:
             raise ValueError(f"weight_decay ({weight_decay!r}) must be >= 0")
-        self.save_hyperparameters(ignore=["net"])
+        if not isinstance(decay_norms_and_biases, bool):
+            raise ValueError(
+                f"decay_norms_and_biases ({decay_norms_and_biases!r}) must be True (weight decay on "
+                "every parameter) or False (not on biases and normalization layers)"
+            )
+        if lr_schedule is not None and not callable(lr_schedule):
+            raise ValueError(
+                f"lr_schedule ({lr_schedule!r}) must be None or a function optimizer -> LR scheduler. "
+                "HINT: functools.partial(localsgd.WarmupDecayLR, total_steps=...), or in YAML "
+                "class_path: localsgd.WarmupDecayLR with init_args"
+            )
+        self.save_hyperparameters(ignore=["net", "lr_schedule"])
         self.net = net
+        self.lr_schedule = lr_schedule
         self.val_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.test_acc = MulticlassAccuracy(num_classes=num_classes, average="micro")
 
@@ -142,11 +197,22 @@ class Classifier(pl.LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._evaluate(batch, "test", self.test_acc)
 
-    def configure_optimizers(self) -> torch.optim.Optimizer:
+    def configure_optimizers(self) -> Any:
         hp = self.hparams
-        return torch.optim.SGD(
-            self.parameters(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay
+        # LightningCLI's hparams are its config; one saved before this argument existed lacks it
+        decay_all = hp.get("decay_norms_and_biases", True)
+        params = self.parameters() if decay_all else weight_decay_groups(self, hp["weight_decay"])
+        optimizer = torch.optim.SGD(
+            params, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"]
         )
+        if self.lr_schedule is None:
+            return optimizer
+        scheduler = self.lr_schedule(optimizer)
+        if not isinstance(scheduler, LRScheduler):
+            raise ValueError(
+                f"lr_schedule built {type(scheduler).__name__}, not a torch.optim.lr_scheduler.LRScheduler"
+            )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
 
 def _norm(kind: str, channels: int) -> nn.Module:

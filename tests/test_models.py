@@ -3,14 +3,27 @@ the regression module, and the classifier's loss method."""
 
 from __future__ import annotations
 
+import functools
 import warnings
+from typing import Any, Literal
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from localsgd.models import VGG16, Classifier, DiagonalLinearNet, Regressor, mlp, vgg16
+from localsgd.models import (
+    VGG16,
+    Classifier,
+    DiagonalLinearNet,
+    Regressor,
+    ResNet,
+    SmallCNN,
+    mlp,
+    vgg16,
+    weight_decay_groups,
+)
+from localsgd.scaling import WarmupDecayLR
 
 
 def test_vgg16_has_13_convs_5_pools_and_no_normalization() -> None:
@@ -74,3 +87,92 @@ def test_loss_methods_are_the_training_losses() -> None:
     torch.testing.assert_close(regressor.loss((x, target)), F.mse_loss(regressor(x).squeeze(1), target))
     with pytest.raises(ValueError, match=r"lr \(0\) must be > 0"):
         Regressor(nn.Linear(8, 1), lr=0)
+
+
+def _ids(params: object) -> list[int]:
+    return sorted(id(p) for p in params)  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize("norm", ["batch", "group"])
+def test_classifier_decays_conv_and_linear_weights_only_when_asked(norm: Literal["batch", "group"]) -> None:
+    net = ResNet(depth=8, norm=norm)  # 7 convs (no biases), 7 norm layers, 1 linear
+    model = Classifier(
+        net, num_classes=10, lr=0.32, momentum=0.0, weight_decay=5e-4, decay_norms_and_biases=False
+    )
+    optimizer = model.configure_optimizers()
+    assert isinstance(optimizer, torch.optim.SGD)
+    decay, no_decay = optimizer.param_groups
+    weights: list[Any] = [m.weight for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    norm_layers = [m for m in net.modules() if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm))]
+    assert len(weights) == 8 and len(norm_layers) == 7
+    exempt: list[Any] = [p for m in norm_layers for p in (m.weight, m.bias)] + [net[-1].bias]
+    assert _ids(decay["params"]) == _ids(weights)
+    assert _ids(no_decay["params"]) == _ids(exempt)
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert (decay["weight_decay"], no_decay["weight_decay"]) == (5e-4, 0.0)
+    for group in (decay, no_decay):  # the paper's plain SGD: lr 0.32, no momentum
+        assert (group["lr"], group["momentum"]) == (0.32, 0.0)
+    # with zero gradients, one step shrinks the decayed weights by lr x wd and nothing else
+    before = {id(p): p.detach().clone() for p in model.parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    for p in weights:
+        torch.testing.assert_close(p.detach(), before[id(p)] * (1 - 0.32 * 5e-4))
+    for p in exempt:
+        assert torch.equal(p.detach(), before[id(p)])
+
+
+def test_biases_of_convs_and_linears_are_exempt_too() -> None:
+    net = SmallCNN(in_channels=3, num_classes=5, norm="none")  # convs with biases, no norm layers
+    groups = weight_decay_groups(net, 0.1)
+    layers = [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert _ids(groups[0]["params"]) == _ids(m.weight for m in layers)
+    assert _ids(groups[1]["params"]) == _ids(m.bias for m in layers)
+    shared = nn.Linear(3, 3)
+    twice = nn.Sequential(shared, nn.LayerNorm(3), shared)  # a shared layer joins once
+    decay, no_decay = weight_decay_groups(twice, 0.1)
+    assert _ids(decay["params"]) == _ids([shared.weight])
+    assert _ids(no_decay["params"]) == _ids([shared.bias, twice[1].weight, twice[1].bias])
+    no_norms = weight_decay_groups(nn.Linear(3, 3, bias=False), 0.1)
+    assert len(no_norms) == 1  # an empty group is left out
+
+
+def test_classifier_default_decays_everything_in_one_group_as_before() -> None:
+    model = Classifier(ResNet(depth=8), num_classes=10, lr=0.05, momentum=0.9, weight_decay=1e-4)
+    optimizer = model.configure_optimizers()
+    reference = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    assert isinstance(optimizer, torch.optim.SGD)
+    assert optimizer.state_dict()["param_groups"] == reference.state_dict()["param_groups"]
+    assert [p is q for p, q in zip(optimizer.param_groups[0]["params"], model.parameters())] == [True] * len(
+        list(model.parameters())
+    )
+
+
+def test_classifier_rejects_bad_weight_decay_choices_and_schedules() -> None:
+    net = mlp(8, 5, 3)
+    with pytest.raises(ValueError, match=r"decay_norms_and_biases \('no'\) must be True .* or False"):
+        Classifier(net, num_classes=3, decay_norms_and_biases="no")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"decay_norms_and_biases \(0\) must be True"):
+        Classifier(net, num_classes=3, decay_norms_and_biases=0)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"lr_schedule \(3\) must be None or a function optimizer -> LR"):
+        Classifier(net, num_classes=3, lr_schedule=3)  # type: ignore[arg-type]
+    model = Classifier(net, num_classes=3, lr_schedule=lambda opt: opt)  # type: ignore[arg-type,return-value]
+    with pytest.raises(ValueError, match=r"lr_schedule built SGD, not a torch\.optim\.lr_scheduler"):
+        model.configure_optimizers()
+
+
+def test_classifier_lr_schedule_steps_with_every_optimizer_step() -> None:
+    schedule = functools.partial(WarmupDecayLR, warmup_steps=2, total_steps=6, decay="step", milestones=[4])
+    model = Classifier(mlp(8, 5, 3), num_classes=3, lr=3.2, lr_schedule=schedule)
+    config = model.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert config["lr_scheduler"]["interval"] == "step"
+    assert isinstance(scheduler, WarmupDecayLR) and scheduler.optimizer is optimizer
+    lrs = []
+    for _ in range(6):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert lrs == pytest.approx([1.6, 3.2, 3.2, 3.2, 0.32, 0.32])
+    assert "lr_schedule" not in model.hparams  # a function: not a hyperparameter to save
