@@ -17,6 +17,7 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
 
+from localsgd.resume import is_local
 from localsgd.scaling import intrinsic_lr
 
 StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
@@ -70,10 +71,25 @@ class StrategyCommon:
         self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None
     ) -> None:
         checkpoint[_CHECKPOINT_KEY] = self.state_dict()
-        super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
+        if not is_local(filepath):
+            super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
+            return
+        # atomic: a crash mid-write leaves the previous file, never a truncated one
+        tmp = f"{filepath}.{os.getpid()}.tmp"
+        super().save_checkpoint(checkpoint, tmp, storage_options)  # type: ignore[misc]
+        if os.path.exists(tmp):  # rank 0 writes the main file
+            os.replace(tmp, filepath)
 
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)  # type: ignore[misc]
+        try:
+            checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)  # type: ignore[misc]
+        except FileNotFoundError:
+            raise
+        except Exception as err:
+            raise ValueError(
+                f"checkpoint {checkpoint_path} cannot be read (truncated, or not a checkpoint): "
+                f"{type(err).__name__}: {err}"
+            ) from err
         self._pending_state = checkpoint.get(_CHECKPOINT_KEY)
         return checkpoint
 

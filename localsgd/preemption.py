@@ -132,8 +132,10 @@ class PreemptionCheckpoint(pl.Callback):
         if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
             return
         self.dirpath.mkdir(parents=True, exist_ok=True)
-        partial = self.path.with_suffix(".partial")
-        trainer.save_checkpoint(partial)  # all ranks: averaging for the checkpoint is a collective
+        # all ranks: averaging for the checkpoint is a collective, and each rank writes its own
+        # state beside it; localsgd's strategies write every file atomically (temporary + rename),
+        # so a job killed while saving leaves the previous checkpoint
+        trainer.save_checkpoint(self.path)
         if threading.current_thread() is threading.main_thread():
             # This process is leaving. SLURM answers a requeue with SIGTERM, and Lightning's SIGTERM
             # handler runs a collective with ranks that may be gone; Lightning puts back the
@@ -141,7 +143,6 @@ class PreemptionCheckpoint(pl.Callback):
             signal.signal(signal.SIGTERM, _leaving)
         requeued = False
         if trainer.is_global_zero:
-            os.replace(partial, self.path)  # a job killed while saving leaves the previous checkpoint
             rank_zero_info(f"PreemptionCheckpoint: saved {self.path} at global step {trainer.global_step}")
             if self.requeue:
                 requeued = self._requeue()

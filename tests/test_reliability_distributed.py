@@ -14,7 +14,7 @@ from common import Recorder, ToyModule, make_trainer, max_diff, snapshot, toy_da
 from distributed import run
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
-from localsgd import LocalSGDStrategy
+from localsgd import QSR, DiLoCo, LocalSGDStrategy
 
 pytestmark = pytest.mark.distributed
 
@@ -131,3 +131,81 @@ def test_ranks_out_of_step_fail_clearly_within_the_collective_timeout() -> None:
         assert r["seconds"] < 3 * FAST.total_seconds()
     assert "at optimizer step 9" in results[0]["error"]  # rank 0 was at its sync after step 9
     assert "at optimizer step 7" in results[1]["error"]  # rank 1 stopped after step 7
+
+
+class _StopAt(pl.Callback):
+    """Ends a run planned for 30 steps after step ``step``, as a preemption would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+def _variant(name: str) -> dict[str, Any]:
+    if name == "qsr":
+        return {"sync_every": QSR(2, 0.18)}  # H = floor((0.18 / 0.1)^2) = 3, the last round clamped
+    if name == "diloco":
+        return {"sync_every": 4, "outer_optimizer": DiLoCo()}
+    if name == "simulated":  # 2 processes x 2 workers: each worker's own state comes back
+        return {"sync_every": 4, "workers_per_device": 2}
+    return {"sync_every": 4}
+
+
+def _resume(rank: int, ckpt_dir: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name in ("constant", "qsr", "diloco", "simulated"):
+        runs = {}
+        for run_name, ckpt in (("full", None), ("first", None), ("resumed", "s13")):
+            pl.seed_everything(0, verbose=False)
+            module = ToyModule(lr=0.1, momentum=0.9, weight_decay=1e-3)
+            callbacks: list[pl.Callback] = []
+            if run_name == "first":  # preempted after a checkpoint mid-epoch (16 steps each) and mid-round
+                callbacks.append(
+                    pl.callbacks.ModelCheckpoint(
+                        dirpath=f"{ckpt_dir}/{name}", every_n_train_steps=13, filename="s13"
+                    )
+                )
+                callbacks.append(_StopAt(13))
+            trainer = make_trainer(
+                LocalSGDStrategy(**_variant(name), timeout=FAST),
+                max_steps=30,
+                callbacks=callbacks,
+                enable_checkpointing=bool(callbacks),
+            )
+            trainer.fit(module, ckpt_path=f"{ckpt_dir}/{name}/s13.ckpt" if ckpt else None)
+            runs[run_name] = snapshot(module)
+            if run_name == "resumed":
+                runs["rounds"] = float(trainer.callback_metrics["comm/rounds"])
+        out[name] = runs
+    return out
+
+
+def test_resume_mid_round_and_mid_epoch_is_bitwise_exact(tmp_path: Any) -> None:
+    results = run(_resume, 2, str(tmp_path))
+    for r in results:
+        for name in ("constant", "qsr", "diloco", "simulated"):
+            assert max_diff(r[name]["resumed"], r[name]["full"]) == 0.0, name
+            assert max_diff(r[name]["first"], r[name]["full"]) > 1e-4  # the stop was real
+    assert (tmp_path / "constant" / "s13.ckpt.ranks" / "rank1.pt").is_file()
+
+
+def test_truncated_or_mismatched_checkpoints_fail_clearly(tmp_path: Any) -> None:
+    broken = tmp_path / "broken.ckpt"
+    broken.write_bytes(b"PK\x03\x04 not really a checkpoint")
+    trainer = make_trainer(LocalSGDStrategy(sync_every=2), max_steps=2)
+    with pytest.raises(ValueError, match=r"broken.ckpt cannot be read \(truncated, or not a checkpoint\)"):
+        trainer.fit(ToyModule(), ckpt_path=str(broken))
+    good = tmp_path / "good.ckpt"
+    trainer = make_trainer(LocalSGDStrategy(sync_every=2), max_steps=3)
+    trainer.fit(ToyModule())
+    trainer.save_checkpoint(good)
+    trainer = make_trainer(LocalSGDStrategy(sync_every=QSR(2, 0.1)), max_steps=4)
+    with pytest.raises(ValueError, match=r"written with sync schedule Constant, this run uses QSR"):
+        trainer.fit(ToyModule(), ckpt_path=str(good))
+    (tmp_path / "good.ckpt.ranks" / "rank0.pt").unlink()
+    trainer = make_trainer(LocalSGDStrategy(sync_every=2), max_steps=4)
+    with pytest.raises(ValueError, match=r"needs rank 0's state file .*rank0.pt, which is missing"):
+        trainer.fit(ToyModule(), ckpt_path=str(good))
