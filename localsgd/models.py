@@ -113,6 +113,15 @@ def weight_decay_groups(module: nn.Module, weight_decay: float) -> list[dict[str
     return [g for g in groups if g["params"]]
 
 
+def _check_sgd(lr: float, momentum: float, weight_decay: float) -> None:
+    if not lr > 0:
+        raise ValueError(f"lr ({lr!r}) must be > 0")
+    if not 0 <= momentum < 1:
+        raise ValueError(f"momentum ({momentum!r}) must be in [0, 1)")
+    if not weight_decay >= 0:
+        raise ValueError(f"weight_decay ({weight_decay!r}) must be >= 0")
+
+
 class Classifier(pl.LightningModule):
     """Cross-entropy classification of ``net``'s logits, trained with SGD (momentum, weight decay).
 
@@ -146,12 +155,7 @@ class Classifier(pl.LightningModule):
         lr_schedule: LRScheduleFactory | None = None,
     ) -> None:
         super().__init__()
-        if not lr > 0:
-            raise ValueError(f"lr ({lr!r}) must be > 0")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum ({momentum!r}) must be in [0, 1)")
-        if not weight_decay >= 0:
-            raise ValueError(f"weight_decay ({weight_decay!r}) must be >= 0")
+        _check_sgd(lr, momentum, weight_decay)
         if not isinstance(decay_norms_and_biases, bool):
             raise ValueError(
                 f"decay_norms_and_biases ({decay_norms_and_biases!r}) must be True (weight decay on "
@@ -372,12 +376,7 @@ class Regressor(pl.LightningModule):
         self, net: nn.Module, *, lr: float = 0.01, momentum: float = 0.0, weight_decay: float = 0.0
     ) -> None:
         super().__init__()
-        if not lr > 0:
-            raise ValueError(f"lr ({lr!r}) must be > 0")
-        if not 0 <= momentum < 1:
-            raise ValueError(f"momentum ({momentum!r}) must be in [0, 1)")
-        if not weight_decay >= 0:
-            raise ValueError(f"weight_decay ({weight_decay!r}) must be >= 0")
+        _check_sgd(lr, momentum, weight_decay)
         self.save_hyperparameters(ignore=["net"])
         self.net = net
 

@@ -213,8 +213,8 @@ class WarmupDecayLR(LambdaLR):
     """Linear warmup, then cosine / linear / step / constant decay; see :func:`warmup_decay_factor`.
 
     Counts ``scheduler.step()`` calls. In Lightning, step it per optimizer step: return
-    ``{"scheduler": s, "interval": "step"}`` from ``configure_optimizers``. LightningCLI's plain
-    ``lr_scheduler:`` key steps it once per *epoch*; there, ``*_steps`` and ``milestones`` count epochs.
+    ``{"scheduler": s, "interval": "step"}`` from ``configure_optimizers``. The ``localsgd`` CLI does
+    this for its ``lr_scheduler:`` key (plain LightningCLI would step it once per epoch).
     The arguments are kept in ``state_dict``, so loading a checkpoint restores the schedule it was saved with.
     """
 
