@@ -11,10 +11,26 @@
 #   static rendezvous (you give each node its rank; node 0 is MASTER_ADDR):
 #     NNODES=4 NPROC_PER_NODE=8 NODE_RANK=<0..3> MASTER_ADDR=node0 MASTER_PORT=29500 launch/torchrun.sh ...
 #
-# MAX_RESTARTS (default 0): after a worker fails, torchrun restarts every worker on every node, up
-# to this many times. A restart runs the same command again, so it trains from step 0 unless the
-# run resumes: add `--ckpt_path=last` and a ModelCheckpoint with `save_last: true` and a fixed
-# `dirpath` (Lightning then resumes from dirpath/last.ckpt when it exists).
+# MAX_RESTARTS (default 0): after a worker fails (an exception, or killed: SIGKILL, OOM), torchrun
+# stops the others and restarts every worker on every node, up to this many times. For a restart to
+# go on where the run stopped rather than at step 0:
+#   - pass `--ckpt_path=last` and give the config a ModelCheckpoint with `save_last: true`, a fixed
+#     `dirpath` (the default one lies under the logger's version_N, which each attempt increments)
+#     and `every_n_train_steps: N`: a restart redoes at most N steps. Resuming is exact (bitwise) also
+#     mid-round: each rank's own model, optimizer state and RNG lie in `<checkpoint>.ranks/`.
+#   - on several nodes, put `dirpath` on storage every node sees: each rank writes its own file there.
+#   - use one node or c10d rendezvous (RDZV_ENDPOINT): static rendezvous (NODE_RANK) cannot restart,
+#     and this script refuses MAX_RESTARTS > 0 with it (see TORCH_DISABLE_SHARE_RDZV_TCP_STORE below).
+# When a worker dies, the others fail at their next sync ("LocalSGD sync at optimizer step S
+# failed ..."), or when it hangs instead, after the strategy's `timeout` (30 min by default; set
+# --trainer.strategy.init_args.timeout=0:05:00), and torchrun then restarts them all.
+#
+# TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 is set here (set it yourself if you call torchrun directly):
+# c10d rendezvous hands the workers the agent's own key-value store (torch >= 2.4), and the agent
+# keeps that one store across restarts (seen on torch 2.13), so the restarted workers read the dead
+# ones' gloo/NCCL addresses from it and fail with "Connection refused" (gloo connectFullMesh) instead
+# of starting. With it set, rank 0 of each attempt hosts a fresh store on a new port. Static
+# rendezvous always shares its store.
 #
 # Workers = NNODES x NPROC_PER_NODE; --trainer.num_nodes and --trainer.devices are set to match.
 # PYTHON: the interpreter with localsgd installed (default: python3).
@@ -33,18 +49,32 @@ if [ -z "${NPROC_PER_NODE:-}" ]; then
     NPROC_PER_NODE=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
     [ "$NPROC_PER_NODE" -ge 1 ] || NPROC_PER_NODE=1
 fi
+MAX_RESTARTS=${MAX_RESTARTS:-0}
 for name in NNODES NPROC_PER_NODE; do
     if ! [[ ${!name} =~ ^[1-9][0-9]*$ ]]; then
         echo "$0: $name (${!name}) must be an integer >= 1" >&2
         exit 2
     fi
 done
+if ! [[ $MAX_RESTARTS =~ ^[0-9]+$ ]]; then
+    echo "$0: MAX_RESTARTS ($MAX_RESTARTS) must be an integer >= 0" >&2
+    exit 2
+fi
 
-RUN=(--nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" --max-restarts="${MAX_RESTARTS:-0}")
+# a fresh store for each attempt (see the header); overridable, but restarts need it
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
+
+RUN=(--nnodes="$NNODES" --nproc-per-node="$NPROC_PER_NODE" --max-restarts="$MAX_RESTARTS")
 if [ "$NNODES" -eq 1 ] && [ -z "${RDZV_ENDPOINT:-}${NODE_RANK:-}" ]; then
     RUN+=(--standalone)  # a local rendezvous on a free port
 elif [ -n "${NODE_RANK:-}" ]; then
     : "${MASTER_ADDR:?static rendezvous: set MASTER_ADDR to the address of node 0}"
+    if [ "$MAX_RESTARTS" -gt 0 ]; then
+        echo "$0: MAX_RESTARTS ($MAX_RESTARTS) needs c10d rendezvous: static rendezvous (NODE_RANK) keeps one" \
+            "store for all attempts, so restarted workers would find the dead ones' addresses in it." \
+            "HINT: unset NODE_RANK and set RDZV_ENDPOINT=$MASTER_ADDR:${MASTER_PORT:-29500}" >&2
+        exit 2
+    fi
     RUN+=(--node-rank="$NODE_RANK" --master-addr="$MASTER_ADDR" --master-port="${MASTER_PORT:-29500}")
 else
     : "${RDZV_ENDPOINT:?several nodes: set RDZV_ENDPOINT=host:port (or NODE_RANK and MASTER_ADDR)}"

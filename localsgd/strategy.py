@@ -480,7 +480,7 @@ class LocalSGDStrategy(StrategyCommon, DDPStrategy):
     def _local_state(self) -> dict[str, Any]:
         """This rank's own part: its workers' models (not the average), optimizer state, RNG."""
         assert self.lightning_module is not None
-        state: dict[str, Any] = {"dirty": self._dirty, "rng": resume.rng_state()}
+        state: dict[str, Any] = {"dirty": self._dirty, "rng": resume.rng_state(), "num_steps": self.num_steps}
         if self.replicas is not None:
             state["replicas"] = self.replicas.state_dict()
             if self.batched is not None:
@@ -515,7 +515,16 @@ class LocalSGDStrategy(StrategyCommon, DDPStrategy):
                 f"checkpoint {checkpoint_path} needs rank {self.global_rank}'s state file {path}, which is "
                 "missing. HINT: copy the whole checkpoint, its .ranks folder included"
             )
-        self._pending_local = resume.load(path, f"rank {self.global_rank}'s state file")
+        local = resume.load(path, f"rank {self.global_rank}'s state file")
+        # each file is written atomically, the set is not: a rank killed while they are written
+        # leaves files of two steps, and resuming from both would mix two points of the run
+        if local.get("num_steps", saved["num_steps"]) != saved["num_steps"]:
+            raise ValueError(
+                f"rank {self.global_rank}'s state file {path} is from optimizer step {local['num_steps']}, "
+                f"the checkpoint {checkpoint_path} from step {saved['num_steps']} (a rank died while they "
+                "were written). HINT: resume from an earlier checkpoint"
+            )
+        self._pending_local = local
         return checkpoint
 
     def _load_local_state(self, local: dict[str, Any]) -> None:

@@ -92,6 +92,25 @@ def test_torchrun_script_rejects_a_bad_process_count(tmp_path: Path) -> None:
     assert out.returncode == 2 and "missing.yaml' is not a file" in out.stderr
 
 
+def test_torchrun_script_rejects_restarts_it_cannot_make() -> None:
+    def launch(**env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["bash", str(ROOT / "launch/torchrun.sh"), str(QUICKSTART)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            env={**CLEAN_ENV, "NPROC_PER_NODE": "2", **env},
+        )
+
+    out = launch(MAX_RESTARTS="-1")
+    assert out.returncode == 2 and "MAX_RESTARTS (-1) must be an integer >= 0" in out.stderr
+    # static rendezvous hands every attempt the same store: a restart would read dead addresses
+    out = launch(MAX_RESTARTS="1", NODE_RANK="0", MASTER_ADDR="node0", MASTER_PORT="29400")
+    assert out.returncode == 2
+    assert "MAX_RESTARTS (1) needs c10d rendezvous" in out.stderr
+    assert "HINT: unset NODE_RANK and set RDZV_ENDPOINT=node0:29400" in out.stderr
+
+
 # ---------------------------------------------------------------- preemption checkpoint
 @pytest.fixture
 def restore_sigusr2() -> Iterator[None]:
