@@ -55,6 +55,16 @@ class StrategyCommon:
         values = {k: torch.tensor(float(v), dtype=torch.float64) for k, v in metrics.items()}
         module.log_dict(values, on_step=True, on_epoch=False, sync_dist=False, batch_size=1)
 
+    def _log_now(self, metrics: dict[str, float]) -> None:
+        """Write ``metrics`` to the loggers in this step's row, once (global rank 0)."""
+        module = self.lightning_module
+        trainer = None if module is None else module._trainer
+        if trainer is None or not trainer.is_global_zero:
+            return
+        row = trainer.fit_loop.epoch_loop._batches_that_stepped  # the row of this step's metrics
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=row)
+
     @classmethod
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
         strategy_registry.register(cls.strategy_name, cls, description=cls.description)

@@ -113,6 +113,8 @@ class LocalSGDStrategy(StrategyCommon, DDPStrategy):
         if not isinstance(log_divergence, bool):
             raise ValueError(f"log_divergence ({log_divergence!r}) must be True or False")
         self.log_divergence = log_divergence
+        self.divergence: float | None = None
+        """The last ``localsgd/divergence`` measured (with ``log_divergence=True``)."""
         self.nonfinite_policy = check_choice("nonfinite", nonfinite, ("raise", "skip_worker"))
         self.schedule: SyncSchedule = as_schedule(sync_every, "sync_every")
         if outer_optimizer is not None and not isinstance(outer_optimizer, OuterOptimizer):
@@ -338,7 +340,10 @@ class LocalSGDStrategy(StrategyCommon, DDPStrategy):
                     )
                 self._dirty = False
                 if divergence is not None:
-                    self._log_step(optimizer, {"localsgd/divergence": divergence})
+                    self.divergence = divergence
+                    # straight to the loggers: a value logged through the module would be
+                    # repeated in every later row of the epoch, as if measured there
+                    self._log_now({"localsgd/divergence": divergence})
         self._log_step(optimizer, self._comm_metrics())
 
     def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
