@@ -215,10 +215,15 @@ def quickstart_main(argv: Sequence[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``localsgd quickstart ...`` or ``localsgd {fit,validate,test,predict} ...`` (LightningCLI)."""
+    """``localsgd quickstart ...``, ``localsgd compare --config X.yaml`` (:mod:`localsgd.compare`),
+    or ``localsgd {fit,validate,test,predict} ...`` (LightningCLI)."""
     args = sys.argv[1:] if argv is None else list(argv)
     if args[:1] == ["quickstart"]:
         quickstart_main(args[1:])
+    elif args[:1] == ["compare"]:
+        from localsgd.compare import main as compare_main
+
+        compare_main(args[1:])
     else:
         # None lets LightningCLI read sys.argv itself (it warns when given both)
         lightning_cli(argv)

@@ -77,6 +77,12 @@ class DigitsDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self.val_dataloader()
 
+    def clean_train_set(self) -> Dataset:
+        """The training images with their true labels (label noise is drawn per batch, later)."""
+        if self.train_set is None:
+            raise ValueError("DigitsDataModule has no data yet. HINT: call setup() first")
+        return self.train_set
+
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         trainer, noise = self.trainer, self.label_noise
         if noise is None or trainer is None or not trainer.training:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -243,7 +243,9 @@ class SharpnessCallback(pl.Callback):
         power_iters: the most power iterations for the top eigenvalue.
         power_tol: relative residual at which the power iteration stops (see :func:`top_eigenvalue`).
         compute_eigenvalue: ``False`` skips the top eigenvalue (the costlier metric).
-        dataset: samples to measure on; ``None`` takes training batches (see above).
+        dataset: samples to measure on; ``"train"``: the datamodule's training set without
+            augmentation or label noise (its ``clean_train_set()``), the training loss's data;
+            ``None`` takes training batches (see above).
         batch_size: batch size when sampling from ``dataset``.
         loss_fn: ``loss_fn(module, batch) -> scalar``; ``None`` uses ``module.loss(batch)``.
         seed: seeds the probes and the starting vectors (with the step count, so a resumed
@@ -260,7 +262,7 @@ class SharpnessCallback(pl.Callback):
         power_iters: int = 20,
         power_tol: float = 1e-3,
         compute_eigenvalue: bool = True,
-        dataset: Dataset | None = None,
+        dataset: Dataset | Literal["train"] | None = None,
         batch_size: int = 256,
         loss_fn: LossFn | None = None,
         seed: int = 0,
@@ -276,6 +278,8 @@ class SharpnessCallback(pl.Callback):
         if not isinstance(compute_eigenvalue, bool):
             raise ValueError(f"compute_eigenvalue ({compute_eigenvalue!r}) must be True or False")
         self.compute_eigenvalue = compute_eigenvalue
+        if isinstance(dataset, str) and dataset != "train":
+            raise ValueError(f"dataset ({dataset!r}) must be a Dataset, 'train' or None")
         self.dataset = dataset
         self.batch_size = check_positive_int("batch_size", batch_size)
         self.loss_fn = loss_fn
@@ -347,10 +351,19 @@ class SharpnessCallback(pl.Callback):
         return metrics
 
     def _take_batches(self, trainer: pl.Trainer, module: pl.LightningModule) -> list[Any]:
-        if self.dataset is not None:
-            n = min(len(self.dataset), self.num_batches * self.batch_size)  # type: ignore[arg-type]
-            order = torch.randperm(len(self.dataset), generator=torch.Generator().manual_seed(self.seed))  # type: ignore[arg-type]
-            loader = DataLoader(Subset(self.dataset, order[:n].tolist()), batch_size=self.batch_size)
+        dataset = self.dataset
+        if dataset == "train":
+            clean = getattr(trainer.datamodule, "clean_train_set", None)
+            if not callable(clean):
+                raise ValueError(
+                    "SharpnessCallback(dataset='train') needs a datamodule with a clean_train_set() "
+                    f"method; {type(trainer.datamodule).__name__} has none. HINT: pass the Dataset itself"
+                )
+            dataset = clean()
+        if dataset is not None:
+            n = min(len(dataset), self.num_batches * self.batch_size)  # type: ignore[arg-type]
+            order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(self.seed))  # type: ignore[arg-type]
+            loader = DataLoader(Subset(dataset, order[:n].tolist()), batch_size=self.batch_size)
             return [move_data_to_device(b, module.device) for b in loader]
         simulated = getattr(trainer.strategy, "replicas", None) is not None
         batches = []

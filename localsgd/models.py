@@ -114,7 +114,7 @@ def weight_decay_groups(module: nn.Module, weight_decay: float) -> list[dict[str
 
 
 def _check_sgd(lr: float, momentum: float, weight_decay: float) -> None:
-    if not lr > 0:
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
         raise ValueError(f"lr ({lr!r}) must be > 0")
     if not 0 <= momentum < 1:
         raise ValueError(f"momentum ({momentum!r}) must be in [0, 1)")
@@ -123,14 +123,19 @@ def _check_sgd(lr: float, momentum: float, weight_decay: float) -> None:
 
 
 class Classifier(pl.LightningModule):
-    """Cross-entropy classification of ``net``'s logits, trained with SGD (momentum, weight decay).
+    """Cross-entropy classification of ``net``'s logits, trained with SGD (momentum, weight decay)
+    or Adam.
 
     Args:
         net: the network; its output is ``(batch, num_classes)`` logits.
         num_classes: number of classes (for the accuracy metric).
         lr: learning rate (the base one when ``lr_schedule`` is given).
-        momentum: SGD momentum (0 for plain SGD).
-        weight_decay: L2 weight decay, applied by the optimizer.
+        momentum: SGD momentum (0 for plain SGD); must be 0 with Adam (use ``betas``).
+        weight_decay: L2 weight decay, applied by the optimizer (Adam: added to the gradient,
+            as ``torch.optim.Adam`` does; AdamW: decoupled).
+        optimizer: ``"sgd"``, ``"adam"`` or ``"adamw"``.
+        betas: Adam's moment decay rates (beta1, beta2), each in [0, 1).
+        eps: Adam's epsilon (> 0).
         decay_norms_and_biases: ``True``: weight decay on every parameter (one param group).
             ``False``: only on conv / linear weights (every parameter but biases and
             normalization layers' parameters), as in the Local SGD papers' CIFAR setups: two
@@ -153,9 +158,21 @@ class Classifier(pl.LightningModule):
         weight_decay: float = 0.0,
         decay_norms_and_biases: bool = True,
         lr_schedule: LRScheduleFactory | None = None,
+        optimizer: Literal["sgd", "adam", "adamw"] = "sgd",
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
     ) -> None:
         super().__init__()
         _check_sgd(lr, momentum, weight_decay)
+        check_choice("optimizer", optimizer, ("sgd", "adam", "adamw"))
+        if optimizer != "sgd" and momentum != 0:
+            raise ValueError(
+                f"momentum ({momentum!r}) must be 0 with optimizer={optimizer!r}: set betas instead"
+            )
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas):
+            raise ValueError(f"betas ({betas!r}) must be two numbers in [0, 1)")
+        if not eps > 0:
+            raise ValueError(f"eps ({eps!r}) must be > 0")
         if not isinstance(decay_norms_and_biases, bool):
             raise ValueError(
                 f"decay_norms_and_biases ({decay_norms_and_biases!r}) must be True (weight decay on "
@@ -206,9 +223,16 @@ class Classifier(pl.LightningModule):
         # LightningCLI's hparams are its config; one saved before this argument existed lacks it
         decay_all = hp.get("decay_norms_and_biases", True)
         params = self.parameters() if decay_all else weight_decay_groups(self, hp["weight_decay"])
-        optimizer = torch.optim.SGD(
-            params, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"]
-        )
+        kind = hp.get("optimizer", "sgd")
+        if kind == "sgd":
+            optimizer: Optimizer = torch.optim.SGD(
+                params, lr=hp["lr"], momentum=hp["momentum"], weight_decay=hp["weight_decay"]
+            )
+        else:
+            adam = torch.optim.Adam if kind == "adam" else torch.optim.AdamW
+            optimizer = adam(
+                params, lr=hp["lr"], betas=tuple(hp["betas"]), eps=hp["eps"], weight_decay=hp["weight_decay"]
+            )
         if self.lr_schedule is None:
             return optimizer
         scheduler = self.lr_schedule(optimizer)

@@ -1,0 +1,205 @@
+"""`localsgd compare`: a tiny comparison end to end, skipping finished runs, and bad configs."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from localsgd.compare import build, load_config, read_metrics, run_all, slug
+
+_TINY: dict[str, Any] = {
+    "title": "tiny",
+    "seeds": [0, 1],
+    "workers": 2,
+    "max_steps": 8,
+    "eval_every": 4,
+    "jobs": 2,
+    "model": {
+        "class_path": "localsgd.models.Classifier",
+        "init_args": {
+            "net": {
+                "class_path": "localsgd.models.MLP",
+                "init_args": {"in_features": 64, "hidden": 16, "num_classes": 10},
+            },
+            "num_classes": 10,
+            "lr": 0.1,
+        },
+    },
+    "data": {
+        "class_path": "localsgd.data.DigitsDataModule",
+        "init_args": {"batch_size": 8, "label_noise": 0.1},
+    },
+    "sharpness": {
+        "dataset": "train",
+        "num_batches": 1,
+        "batch_size": 64,
+        "num_probes": 2,
+        "compute_eigenvalue": False,
+    },
+    "methods": {
+        "SGD": {"strategy": {"sync_every": 1, "optimizer_state": "average"}},
+        "Local SGD (H=4)": {"strategy": {"sync_every": 4}},
+    },
+}
+
+
+def _write(tmp_path: Path, config: dict[str, Any], name: str = "tiny.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump({"out": str(tmp_path / "out"), **config}, sort_keys=False))
+    return path
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "WORLD_SIZE", "RANK")
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "localsgd.cli", "compare", *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=env,
+    )
+
+
+@pytest.mark.integration
+def test_compare_writes_csvs_plot_and_report_then_skips_finished_runs(tmp_path: Path) -> None:
+    config = _write(tmp_path, _TINY)
+    first = _cli("--config", str(config), "--no-progress")
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = tmp_path / "out"
+    for method in ("sgd", "local-sgd-h-4"):
+        for seed in (0, 1):
+            metrics = read_metrics(out / "runs" / method / f"seed{seed}")
+            # evaluations and sharpness at steps 4 and 8, communication after every step
+            assert [s for s, _ in metrics["val/acc"]] == [4, 8]
+            assert [s for s, _ in metrics["sharpness/hessian_trace"]] == [4, 8]
+            rounds = dict(metrics["comm/rounds"])
+            assert rounds[8] == (8 if method == "sgd" else 2)
+            # divergence is logged at every sync (before it): steps 4 and 8 for H = 4
+            assert [s for s, _ in metrics["localsgd/divergence"]] == (
+                [*range(1, 9)] if method == "sgd" else [4, 8]
+            )
+            assert all(v > 0 for _, v in metrics["localsgd/divergence"])
+    # the seeds differ (init and data order), the methods share each seed's start
+    a, b = (read_metrics(out / "runs" / "sgd" / f"seed{s}")["train/loss"][0][1] for s in (0, 1))
+    assert a != b
+    assert (
+        read_metrics(out / "runs" / "local-sgd-h-4" / "seed0")["train/loss"][0]
+        == (read_metrics(out / "runs" / "sgd" / "seed0")["train/loss"][0])
+    )
+    with open(out / "summary.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["method"], r["seed"]) for r in rows] == [
+        ("SGD", "0"),
+        ("SGD", "1"),
+        ("Local SGD (H=4)", "0"),
+        ("Local SGD (H=4)", "1"),
+    ]
+    report = (out / "report.md").read_text()
+    assert "| SGD | " in report and "| Local SGD (H=4) | " in report and "![report](report.png)" in report
+    assert "Hessian trace" in report and "test acc" in report
+    png = (out / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    assert "| SGD |" in first.stdout  # the table is printed too
+
+    # again: nothing trains, the report is redrawn
+    results = {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/result.json")}
+    config_obj = load_config(config)
+    again = run_all(config_obj, progress=False)
+    assert len(again) == 4
+    assert {p: p.stat().st_mtime_ns for p in out.glob("runs/*/*/result.json")} == results
+
+    # a changed method trains again; the other one is kept
+    changed = json.loads(json.dumps(_TINY))
+    changed["methods"]["Local SGD (H=4)"]["strategy"]["sync_every"] = 2
+    config_obj = load_config(_write(tmp_path, changed, "changed.yaml"))
+    run_all(config_obj, progress=False)
+    for seed in (0, 1):
+        sgd = out / "runs" / "sgd" / f"seed{seed}" / "result.json"
+        assert sgd.stat().st_mtime_ns == results[sgd]
+        local = out / "runs" / "local-sgd-h-4" / f"seed{seed}" / "result.json"
+        assert local.stat().st_mtime_ns != results[local]
+        assert json.loads(local.read_text())["final"]["comm/rounds"] == 4
+
+
+def _bad(tmp_path: Path, **changes: Any) -> Path:
+    config = json.loads(json.dumps(_TINY))
+    for key, value in changes.items():
+        target = config
+        *parents, last = key.split(".")
+        for parent in parents:
+            target = target[parent]
+        target[last] = value
+    return _write(tmp_path, config)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"epochs": 3}, r"unknown key\(s\) \['epochs'\]"),
+        ({"eval_every": 3}, r"eval_every \(3\) must divide max_steps \(8"),
+        ({"seeds": [0, 0]}, r"seeds \(\[0, 0\]\) must be a non-empty list of distinct integers"),
+        ({"workers": 0}, r"workers \(0\) must be an integer >= 1"),
+        ({"x_axis": "epoch"}, r"x_axis \('epoch'\) must be 'step' or 'samples'"),
+        ({"methods": {}}, r"methods is empty"),
+        ({"methods.SGD": {"sync_every": 1}}, r"methods.SGD has unknown key\(s\) \['sync_every'\]"),
+        ({"methods.SGD": {"strategy": {"workers_per_device": 2}}}, r"methods.SGD.strategy cannot set"),
+        ({"methods.sgd": {}}, r"methods 'SGD' and 'sgd' would share the folder 'sgd'"),
+        ({"model": {"init_args": {}}}, r"model must have a class_path"),
+    ],
+)
+def test_bad_configs_name_the_field(tmp_path: Path, changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_config(_bad(tmp_path, **changes))
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"methods.SGD.strategy.sync_every": 0}, r"(?s)method 'SGD' \(seed 0\): .*sync_every"),
+        ({"methods.SGD.strategy.buffers": "mean"}, r"(?s)method 'SGD' \(seed 0\): .*buffers"),
+        ({"methods.SGD.model": {"lr": -1.0}}, r"(?s)method 'SGD' \(seed 0\): .*lr \(-1.0\) must be > 0"),
+        ({"methods.SGD.data": {"batch_sise": 8}}, r"(?s)method 'SGD' \(seed 0\): .*batch_sise"),
+    ],
+)
+def test_a_bad_method_fails_before_anything_trains(
+    tmp_path: Path, changes: dict[str, Any], message: str
+) -> None:
+    config = load_config(_bad(tmp_path, **changes))
+    with pytest.raises(ValueError, match=message):
+        run_all(config, progress=False)
+    assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_cli_reports_a_bad_config_in_one_line(tmp_path: Path) -> None:
+    done = _cli("--config", str(tmp_path / "missing.yaml"))
+    assert done.returncode == 2
+    assert "localsgd compare: error: config" in done.stderr and "is not a file" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_slug_keeps_names_apart() -> None:
+    assert slug("Local SGD (H=8)") == "local-sgd-h-8"
+    assert slug("QSR (H_base=4)") == "qsr-h-base-4"
+
+
+_CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("compare_*.yaml"))
+
+
+@pytest.mark.parametrize("path", _CONFIGS, ids=lambda p: p.stem)
+def test_every_shipped_comparison_builds(path: Path) -> None:
+    config = load_config(path)
+    for run in config.runs():
+        parts = build(run)
+        assert parts["strategy"].workers_per_device == run.workers
+        assert run.max_steps % run.eval_every == 0
+    assert len(_CONFIGS) >= 5
