@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from localsgd.models import (
+    MLP,
     VGG16,
     Classifier,
     DiagonalLinearNet,
@@ -176,3 +177,42 @@ def test_classifier_lr_schedule_steps_with_every_optimizer_step() -> None:
         scheduler.step()
     assert lrs == pytest.approx([1.6, 3.2, 3.2, 3.2, 0.32, 0.32])
     assert "lr_schedule" not in model.hparams  # a function: not a hyperparameter to save
+
+
+@pytest.mark.parametrize("kind", ["adam", "adamw"])
+def test_classifier_builds_adam_with_its_betas_and_eps(kind: str) -> None:
+    model = Classifier(
+        MLP(in_features=4, hidden=8, num_classes=3),
+        num_classes=3,
+        lr=2e-4,
+        optimizer=kind,
+        betas=(0.92, 0.992),
+        eps=3e-9,
+        weight_decay=0.01,
+    )
+    optimizer = model.configure_optimizers()
+    assert type(optimizer) is (torch.optim.Adam if kind == "adam" else torch.optim.AdamW)
+    group = optimizer.param_groups[0]
+    assert (group["lr"], group["betas"], group["eps"], group["weight_decay"]) == (
+        2e-4,
+        (0.92, 0.992),
+        3e-9,
+        0.01,
+    )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"optimizer": "lamb"}, r"optimizer \('lamb'\) must be one of"),
+        ({"optimizer": "adam", "momentum": 0.9}, r"momentum \(0.9\) must be 0 with optimizer='adam'"),
+        (
+            {"optimizer": "adam", "betas": (0.9, 1.0)},
+            r"betas \(\(0.9, 1.0\)\) must be two numbers in \[0, 1\)",
+        ),
+        ({"optimizer": "adam", "eps": 0.0}, r"eps \(0.0\) must be > 0"),
+    ],
+)
+def test_classifier_optimizer_arguments_are_checked(kwargs: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        Classifier(MLP(in_features=4, hidden=8, num_classes=3), num_classes=3, **kwargs)
