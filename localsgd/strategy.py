@@ -480,7 +480,10 @@ class LocalSGDStrategy(StrategyCommon, DDPStrategy):
     def remove_checkpoint(self, filepath: Any) -> None:
         super().remove_checkpoint(filepath)
         if resume.is_local(filepath):
-            resume.rank_file(filepath, self.global_rank).unlink(missing_ok=True)
+            path = resume.rank_file(filepath, self.global_rank)
+            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # the last rank to get here removes the folder
+                path.parent.rmdir()
 
     def _local_state(self) -> dict[str, Any]:
         """This rank's own part: its workers' models (not the average), optimizer state, RNG."""

@@ -108,3 +108,16 @@ def test_one_step_per_optimizer_step_not_per_group_or_micro_batch(tmp_path) -> N
     rows = list(csv.DictReader(open(next(tmp_path.rglob("metrics.csv")))))
     rounds = [float(r["comm/rounds"]) for r in rows if r.get("comm/rounds")]
     assert rounds == [0, 0, 1, 1, 1, 2]
+
+
+def test_removed_checkpoints_take_their_rank_files_along(tmp_path) -> None:
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    keep = ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=1, monitor="step", mode="max")
+    strategy = LocalSGDStrategy(sync_every=3, workers_per_device=2)
+    make_trainer(strategy, max_steps=6, callbacks=[keep], enable_checkpointing=True).fit(ToyModule())
+    checkpoints = sorted(p.name for p in tmp_path.glob("*.ckpt"))
+    assert checkpoints == ["epoch=0-step=6.ckpt"]
+    # steps 2 and 4 were removed with their rank files and folders; step 6 keeps its own
+    assert sorted(p.name for p in tmp_path.glob("*.ranks")) == ["epoch=0-step=6.ckpt.ranks"]
+    assert (tmp_path / "epoch=0-step=6.ckpt.ranks" / "rank0.pt").is_file()
