@@ -31,6 +31,7 @@ import contextlib
 import copy
 import csv
 import hashlib
+import io
 import json
 import math
 import multiprocessing
@@ -560,6 +561,7 @@ def summarize(config: CompareConfig, results: Sequence[dict[str, Any]]) -> list[
                 row[key] = _mean_std(values)
         finals = [r["final"] for _, r in pairs]
         row["steps"] = pairs[0][1]["steps"]
+        row["workers"] = pairs[0][0].workers
         row["rounds"] = finals[0].get("comm/rounds", float("nan"))
         row["mb"] = finals[0].get("comm/bytes", float("nan")) / 1e6
         row["seconds"] = sum(r["seconds"] for _, r in pairs) / len(pairs)
@@ -594,9 +596,10 @@ def write_markdown(config: CompareConfig, rows: Sequence[dict[str, Any]], comman
         "",
         f"`{command}`",
         "",
-        f"{config.workers} workers (simulated in one process) x local batch "
-        f"{_local_batch(config.data)}; {config.max_steps} optimizer steps; seeds {config.seeds}; "
-        f"metrics at the last step, mean ± std over seeds (test = the held-out split).",
+        f"{config.workers} worker(s) (simulated in one process) x local batch "
+        f"{_local_batch(config.data)}, {config.max_steps} optimizer steps, unless a method sets "
+        f"its own; seeds {config.seeds}; metrics at the last step, mean ± std over seeds "
+        "(test = the held-out split).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -609,7 +612,10 @@ def write_markdown(config: CompareConfig, rows: Sequence[dict[str, Any]], comman
                 cells.append(f"{fmt.format(mean)} ± {fmt.format(std)}")
             else:
                 cells.append("")
-        cells += [f"{row['rounds']:.0f}", f"{row['mb']:.2f}", f"{row['seconds']:.0f}"]
+        if row["workers"] == 1:  # one worker talks to nobody
+            cells += ["none (1 worker)", "0", f"{row['seconds']:.0f}"]
+        else:
+            cells += [f"{row['rounds']:.0f}", f"{row['mb']:.2f}", f"{row['seconds']:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "![report](report.png)", ""]
     path = config.out / "report.md"
@@ -670,18 +676,31 @@ def plot(config: CompareConfig, path: Path | None = None) -> Path:
                 )
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("samples (all workers)" if config.x_axis == "samples" else "optimizer step")
-        if key == "localsgd/divergence":
+        drawn = [y for line in ax.get_lines() for y in line.get_ydata()]
+        if key == "localsgd/divergence" or (key == "sharpness/hessian_trace" and drawn and min(drawn) > 0):
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
-    for ax in list(axes.flat)[len(curves) :]:
+    spare = list(axes.flat)[len(curves) :]
+    for ax in spare:
         ax.axis("off")
     handles, labels = axes.flat[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 4), fontsize=8, frameon=False)
     fig.suptitle(config.title, fontsize=11)
-    fig.tight_layout(rect=(0, 0.06 + 0.02 * (len(labels) > 4), 1, 1))
+    if spare:  # the legend in the empty panel
+        spare[0].legend(handles, labels, loc="center", fontsize=9, frameon=False)
+        fig.tight_layout()
+    else:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.04 + 0.03 * math.ceil(len(labels) / 3), 1, 1))
     path = path or config.out / "report.png"
-    fig.savefig(path, dpi=90)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=80)
     plt.close(fig)
+    # a 256-colour palette: a third of the size, small enough to commit beside the results
+    from PIL import Image
+
+    Image.open(buffer).convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE).save(
+        path, optimize=True
+    )
     return path
 
 
@@ -749,7 +768,7 @@ def main(argv: Sequence[str]) -> None:
             results = run_all(config, progress=not args.no_progress)
     except ValueError as error:
         parser.exit(2, f"localsgd compare: error: {error}\n")
-    command = "localsgd compare " + " ".join(argv)
+    command = f"localsgd compare --config {args.config}"  # the run folder and flags aside
     paths = report(config, results, command)
     print_table(paths["markdown"])
     print(f"\nwrote {paths['markdown']}, {paths['plot']}, {paths['summary']} and runs/ under {config.out}")
