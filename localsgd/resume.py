@@ -6,10 +6,13 @@ and RNG streams, and the data position inside the epoch. Each rank writes its pa
 ``<checkpoint>.ranks/rank<R>.pt`` next to the main file (all ranks save at the same step;
 Lightning calls ``save_checkpoint`` on every rank), each file through a temporary name and
 an atomic rename, so a crash mid-write never leaves a truncated file under the real name.
+:class:`ExactResume` is the part of :class:`~localsgd.LocalSGDStrategy` that writes, checks and
+restores them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from collections.abc import Iterator
@@ -18,6 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from torch.optim import Optimizer
 
 
 def rank_file(checkpoint_path: str | os.PathLike[str], rank: int) -> Path:
@@ -93,3 +98,115 @@ class SkipFirst:
         for _ in range(skip):
             next(it, None)
         yield from it
+
+
+def _raw(optimizer: Optimizer) -> Optimizer:
+    return getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the real one
+
+
+class ExactResume:
+    """What :class:`~localsgd.LocalSGDStrategy` adds to Lightning's checkpoints: each rank's own
+    state in ``<checkpoint>.ranks/rank<R>.pt`` (written with every checkpoint, removed with it),
+    checked and restored on resume, and the RNG streams put back once the epoch's iterator exists.
+    The strategy's ``state_dict`` (step count, schedule, counters) goes in the main file."""
+
+    # the strategy's, used here
+    averager: Any
+    replicas: Any
+    batched: Any
+    schedule: Any
+    lightning_module: Any
+    optimizers: list[Optimizer]
+    global_rank: int
+    world_size: int
+    workers_per_device: int
+    num_steps: int
+    _dirty: bool
+    _pending_local: dict[str, Any] | None
+    _pending_rng: dict[str, Any] | None
+
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+    ) -> None:
+        if self.averager is not None and is_local(filepath):
+            atomic_save(self._local_state(), rank_file(filepath, self.global_rank))
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    def remove_checkpoint(self, filepath: Any) -> None:
+        super().remove_checkpoint(filepath)
+        if is_local(filepath):
+            path = rank_file(filepath, self.global_rank)
+            path.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # the last rank to get here removes the folder
+                path.parent.rmdir()
+
+    def _local_state(self) -> dict[str, Any]:
+        """This rank's own part: its workers' models (not the average), optimizer state, RNG."""
+        assert self.lightning_module is not None
+        state: dict[str, Any] = {"dirty": self._dirty, "rng": rng_state(), "num_steps": self.num_steps}
+        if self.replicas is not None:
+            state["replicas"] = self.replicas.state_dict()
+            if self.batched is not None:
+                state["batched_optimizer"] = self.batched.stacked_optimizer.state_dict()
+        else:
+            state["module"] = {k: v.clone() for k, v in self.lightning_module.state_dict().items()}
+            state["optimizers"] = [_raw(o).state_dict() for o in self.optimizers]
+        return state
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        saved = checkpoint.get("localsgd") or {}
+        schedule = type(self.schedule).__name__
+        if saved.get("schedule_type", schedule) != schedule:
+            raise ValueError(
+                f"checkpoint {checkpoint_path} was written with sync schedule {saved['schedule_type']}, this "
+                f"run uses {schedule}: its schedule state does not fit. HINT: resume with the same sync_every"
+            )
+        if not saved.get("rank_files") or not is_local(checkpoint_path):
+            return checkpoint
+        layout = (saved["world_size"], saved.get("workers_per_device", 1))
+        if layout != (self.world_size, self.workers_per_device):
+            rank_zero_warn(
+                f"checkpoint {checkpoint_path} comes from {layout[0]} processes x {layout[1]} workers, this "
+                f"run has {self.world_size} x {self.workers_per_device}: every worker restarts from the "
+                "averaged model in it (the workers' own models and optimizer states are not carried over)"
+            )
+            return checkpoint
+        path = rank_file(checkpoint_path, self.global_rank)
+        if not path.exists():
+            raise ValueError(
+                f"checkpoint {checkpoint_path} needs rank {self.global_rank}'s state file {path}, which is "
+                "missing. HINT: copy the whole checkpoint, its .ranks folder included"
+            )
+        local = load(path, f"rank {self.global_rank}'s state file")
+        # each file is written atomically, the set is not: a rank killed while they are written
+        # leaves files of two steps, and resuming from both would mix two points of the run
+        if local.get("num_steps", saved["num_steps"]) != saved["num_steps"]:
+            raise ValueError(
+                f"rank {self.global_rank}'s state file {path} is from optimizer step {local['num_steps']}, "
+                f"the checkpoint {checkpoint_path} from step {saved['num_steps']} (a rank died while they "
+                "were written). HINT: resume from an earlier checkpoint"
+            )
+        self._pending_local = local
+        return checkpoint
+
+    def _load_local_state(self, local: dict[str, Any]) -> None:
+        assert self.lightning_module is not None
+        if self.replicas is not None:
+            self.replicas.load_state_dict(local["replicas"])
+            if self.batched is not None:
+                self.batched.stacked_optimizer.load_state_dict(local["batched_optimizer"])
+                self.batched._share_state()
+        else:
+            self.lightning_module.load_state_dict(local["module"])  # copies into the flat buckets
+            for opt, saved in zip(self.optimizers, local["optimizers"]):
+                _raw(opt).load_state_dict(saved)
+        self._dirty = bool(local["dirty"])
+        self._pending_rng = local["rng"]
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        # after the epoch's iterator exists: creating it draws from the RNG in the uninterrupted run too
+        rng, self._pending_rng = self._pending_rng, None
+        if rng is not None:
+            set_rng_state(rng)
+        super().on_train_batch_start(batch, batch_idx)

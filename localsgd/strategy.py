@@ -23,21 +23,21 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim import Optimizer
 
-from localsgd import resume
 from localsgd.averaging import Averager, BufferPolicy, NonfinitePolicy, OptimizerStatePolicy, check_choice
 from localsgd.comm import Communicator, ProcessGroupCommunicator, node_communicator
 from localsgd.common import StartMethod, StrategyCommon, raw_optimizer, register
 from localsgd.outer import OuterOptimizer
+from localsgd.resume import ExactResume, SkipFirst
 from localsgd.schedules import SyncSchedule, as_schedule
 from localsgd.simulate import BatchedWorkers, WorkerReplicas, check_batched, check_simulation, deal_shards
 
 log = logging.getLogger(__name__)
 
 
-class LocalSGDStrategy(StrategyCommon, DDPStrategy):
+class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
     """Local SGD: each worker takes optimizer steps on its own data; every ``sync_every`` steps
     the workers average their parameters (one all-reduce per device and dtype).
 
@@ -232,7 +232,7 @@ class LocalSGDStrategy(StrategyCommon, DDPStrategy):
             # resuming mid-epoch: skip what this epoch already trained on (same sampler, same order)
             done = module.trainer.fit_loop.epoch_loop.batch_progress.current.processed
             if done:
-                dataloader = resume.SkipFirst(dataloader, done)
+                dataloader = SkipFirst(dataloader, done)
         return dataloader
 
     def _check_batches_per_epoch(self, dataloader: object) -> None:
@@ -468,93 +468,6 @@ class LocalSGDStrategy(StrategyCommon, DDPStrategy):
         if self.outer_optimizer is not None and state.get("outer"):
             self.outer_optimizer.load_state_dict(state["outer"])
         self._dirty = False  # the averaged model; a rank's own state (if any) says otherwise
-
-    # ------------------------------------------------------------------ exact resume
-    def save_checkpoint(
-        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
-    ) -> None:
-        if self.averager is not None and resume.is_local(filepath):
-            resume.atomic_save(self._local_state(), resume.rank_file(filepath, self.global_rank))
-        super().save_checkpoint(checkpoint, filepath, storage_options)
-
-    def remove_checkpoint(self, filepath: Any) -> None:
-        super().remove_checkpoint(filepath)
-        if resume.is_local(filepath):
-            path = resume.rank_file(filepath, self.global_rank)
-            path.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):  # the last rank to get here removes the folder
-                path.parent.rmdir()
-
-    def _local_state(self) -> dict[str, Any]:
-        """This rank's own part: its workers' models (not the average), optimizer state, RNG."""
-        assert self.lightning_module is not None
-        state: dict[str, Any] = {"dirty": self._dirty, "rng": resume.rng_state(), "num_steps": self.num_steps}
-        if self.replicas is not None:
-            state["replicas"] = self.replicas.state_dict()
-            if self.batched is not None:
-                state["batched_optimizer"] = self.batched.stacked_optimizer.state_dict()
-        else:
-            state["module"] = {k: v.clone() for k, v in self.lightning_module.state_dict().items()}
-            state["optimizers"] = [raw_optimizer(o).state_dict() for o in self.optimizers]
-        return state
-
-    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
-        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        saved = checkpoint.get("localsgd") or {}
-        schedule = type(self.schedule).__name__
-        if saved.get("schedule_type", schedule) != schedule:
-            raise ValueError(
-                f"checkpoint {checkpoint_path} was written with sync schedule {saved['schedule_type']}, this "
-                f"run uses {schedule}: its schedule state does not fit. HINT: resume with the same sync_every"
-            )
-        if not saved.get("rank_files") or not resume.is_local(checkpoint_path):
-            return checkpoint
-        layout = (saved["world_size"], saved.get("workers_per_device", 1))
-        if layout != (self.world_size, self.workers_per_device):
-            rank_zero_warn(
-                f"checkpoint {checkpoint_path} comes from {layout[0]} processes x {layout[1]} workers, this "
-                f"run has {self.world_size} x {self.workers_per_device}: every worker restarts from the "
-                "averaged model in it (the workers' own models and optimizer states are not carried over)"
-            )
-            return checkpoint
-        path = resume.rank_file(checkpoint_path, self.global_rank)
-        if not path.exists():
-            raise ValueError(
-                f"checkpoint {checkpoint_path} needs rank {self.global_rank}'s state file {path}, which is "
-                "missing. HINT: copy the whole checkpoint, its .ranks folder included"
-            )
-        local = resume.load(path, f"rank {self.global_rank}'s state file")
-        # each file is written atomically, the set is not: a rank killed while they are written
-        # leaves files of two steps, and resuming from both would mix two points of the run
-        if local.get("num_steps", saved["num_steps"]) != saved["num_steps"]:
-            raise ValueError(
-                f"rank {self.global_rank}'s state file {path} is from optimizer step {local['num_steps']}, "
-                f"the checkpoint {checkpoint_path} from step {saved['num_steps']} (a rank died while they "
-                "were written). HINT: resume from an earlier checkpoint"
-            )
-        self._pending_local = local
-        return checkpoint
-
-    def _load_local_state(self, local: dict[str, Any]) -> None:
-        assert self.lightning_module is not None
-        if self.replicas is not None:
-            self.replicas.load_state_dict(local["replicas"])
-            if self.batched is not None:
-                self.batched.stacked_optimizer.load_state_dict(local["batched_optimizer"])
-                self.batched._share_state()
-        else:
-            self.lightning_module.load_state_dict(local["module"])  # copies into the flat buckets
-            for opt, saved in zip(self.optimizers, local["optimizers"]):
-                raw_optimizer(opt).load_state_dict(saved)
-        self._dirty = bool(local["dirty"])
-        self._pending_rng = local["rng"]
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # after the epoch's iterator exists: creating it draws from the RNG in the uninterrupted run too
-        rng, self._pending_rng = self._pending_rng, None
-        if rng is not None:
-            resume.set_rng_state(rng)
-        super().on_train_batch_start(batch, batch_idx)
 
 
 register(LocalSGDStrategy)

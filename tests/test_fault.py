@@ -150,9 +150,10 @@ def test_a_worker_killed_mid_round_restarts_from_the_checkpoint_and_ends_as_an_u
     log = killed.stdout + killed.stderr
     assert killed.returncode == 0, log[-5000:]
 
-    # attempt 0: rank 1 died of SIGKILL; rank 0 failed at the next sync, naming the step
+    # attempt 0: rank 1 died of SIGKILL. Rank 0, waiting in the step-24 sync, usually reports
+    # "LocalSGD sync at optimizer step 24 failed", but torchrun's SIGTERM can beat it to the print
+    # on a loaded machine, so that is not asserted; that it did not finish is (attempts below)
     assert re.search(r"exitcode: -9\) local_rank: 1 ", log), log[-5000:]
-    assert f"LocalSGD sync at optimizer step {KILL_AT // SYNC_EVERY * SYNC_EVERY + SYNC_EVERY} failed" in log
     # attempt 1 restarted both ranks from the checkpoint at step 18 (not step 0) and finished
     assert f"Restoring states from the checkpoint path at {tmp_path / 'killed/checkpoints/last.ckpt'}" in log
     # (on a fresh store each: with the agent's, the restart reads the dead workers' addresses from
