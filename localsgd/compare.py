@@ -14,6 +14,10 @@ The run folder (``out``) holds::
     summary.csv                      one row per run: final metrics, communication, wall time
     report.md, report.png            per method: mean +- std over seeds; curves with seed bands
 
+``init_from: <checkpoint>`` (for the whole config or one method) starts every run from that
+Lightning checkpoint's model weights, with a fresh optimizer, lr schedule and sync state: the
+papers' "from a common SGD checkpoint" comparisons.
+
 A run counts as finished when its ``result.json`` exists and was written for the same run
 settings; running the command again skips finished runs and only redraws the report (a
 changed method, or a run that was interrupted, is trained again from the start).
@@ -48,7 +52,7 @@ from typing import Any
 import yaml
 
 # What a method may change, and the top-level keys; anything else is a typo.
-_METHOD_KEYS = {"strategy", "model", "data", "max_steps", "eval_every", "workers"}
+_METHOD_KEYS = {"strategy", "model", "data", "max_steps", "eval_every", "workers", "init_from"}
 _TOP_KEYS = {
     "out",
     "seeds",
@@ -64,6 +68,7 @@ _TOP_KEYS = {
     "strategy",
     "sharpness",
     "methods",
+    "init_from",
 }
 # LocalSGDStrategy arguments the runner sets itself (or the Trainer fills in)
 _STRATEGY_FIXED = {
@@ -93,10 +98,12 @@ class RunSpec:
     data: dict[str, Any]
     strategy: dict[str, Any]
     sharpness: dict[str, Any] | None
+    init_from: str | None = None
+    """A Lightning checkpoint whose model weights (``state_dict``) the run starts from."""
 
     def settings(self) -> dict[str, Any]:
         """What makes two runs the same run (the folder aside)."""
-        keys = ("method", "seed", "workers", "max_steps", "eval_every", "accelerator")
+        keys = ("method", "seed", "workers", "max_steps", "eval_every", "accelerator", "init_from")
         out = {k: getattr(self, k) for k in keys}
         return {
             **out,
@@ -130,6 +137,7 @@ class CompareConfig:
     data: dict[str, Any] = field(default_factory=dict)
     strategy: dict[str, Any] = field(default_factory=dict)
     sharpness: dict[str, Any] | None = None
+    init_from: str | None = None
     source: dict[str, Any] = field(default_factory=dict)
     """The YAML as read, copied into the run folder."""
 
@@ -154,6 +162,7 @@ class CompareConfig:
                         data=data,
                         strategy=strategy,
                         sharpness=self.sharpness,
+                        init_from=method.get("init_from", self.init_from),
                     )
                 )
         return specs
@@ -163,6 +172,12 @@ class CompareConfig:
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} ({value!r}) must be an integer >= 1")
+    return value
+
+
+def _path_or_none(name: str, value: Any) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ValueError(f"{name} ({value!r}) must be the path of a checkpoint, or null")
     return value
 
 
@@ -232,6 +247,8 @@ def load_config(path: str | Path, *, out: str | Path | None = None, jobs: int | 
             )
         for key in ("strategy", "model", "data"):
             _mapping(f"methods.{name}.{key}", method.get(key, {}))
+        if "init_from" in method:
+            _path_or_none(f"methods.{name}.init_from", method["init_from"])
         for key in ("max_steps", "eval_every", "workers"):
             if key in method:
                 _positive_int(f"methods.{name}.{key}", method[key])
@@ -273,6 +290,7 @@ def load_config(path: str | Path, *, out: str | Path | None = None, jobs: int | 
         data=_class_spec("data", raw["data"]),
         strategy=strategy,
         sharpness=sharpness,
+        init_from=_path_or_none("init_from", raw.get("init_from")),
         source=raw,
     )
     for run in config.runs():
@@ -384,6 +402,10 @@ def train(run: RunSpec, *, queue: Any = None, index: int = 0, threads: int | Non
         enable_model_summary=False,
         deterministic=False,
     )
+    if run.init_from is not None:
+        # the weights only (a warm start): optimizer, lr schedule, step count and sync state are new
+        checkpoint = torch.load(run.init_from, map_location="cpu", weights_only=False)
+        parts["model"].load_state_dict(checkpoint["state_dict"])
     start = time.perf_counter()
     trainer.fit(parts["model"], parts["data"])
     seconds = time.perf_counter() - start
@@ -439,6 +461,11 @@ def run_all(config: CompareConfig, *, progress: bool = True) -> list[dict[str, A
     runs = config.runs()
     for run in runs:  # every method builds before anything trains: a typo fails in seconds
         build(run)
+        if run.init_from is not None and not Path(run.init_from).is_file():
+            raise ValueError(
+                f"method {run.method!r}: init_from ({run.init_from!r}) is not a file. HINT: train the "
+                "common starting point first (see the config's comments), or fix the path"
+            )
     todo = [r for r in runs if not finished(r)]
     config.out.mkdir(parents=True, exist_ok=True)
     (config.out / "config.yaml").write_text(yaml.safe_dump(config.source, sort_keys=False))

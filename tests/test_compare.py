@@ -155,6 +155,8 @@ def _bad(tmp_path: Path, **changes: Any) -> Path:
         ({"methods.SGD": {"strategy": {"workers_per_device": 2}}}, r"methods.SGD.strategy cannot set"),
         ({"methods.sgd": {}}, r"methods 'SGD' and 'sgd' would share the folder 'sgd'"),
         ({"model": {"init_args": {}}}, r"model must have a class_path"),
+        ({"init_from": 3}, r"init_from \(3\) must be the path of a checkpoint, or null"),
+        ({"methods.SGD.init_from": ""}, r"methods.SGD.init_from \(''\) must be the path of a checkpoint"),
     ],
 )
 def test_bad_configs_name_the_field(tmp_path: Path, changes: dict[str, Any], message: str) -> None:
@@ -203,3 +205,34 @@ def test_every_shipped_comparison_builds(path: Path) -> None:
         assert parts["strategy"].workers_per_device == run.workers
         assert run.max_steps % run.eval_every == 0
     assert len(_CONFIGS) >= 5
+
+
+@pytest.mark.integration
+def test_init_from_starts_every_run_from_the_checkpoints_weights(tmp_path: Path) -> None:
+    import torch
+    import torch.nn.functional as F
+
+    from localsgd.data import DigitsDataModule
+    from localsgd.models import MLP, Classifier
+
+    torch.manual_seed(123)  # weights no seed of the comparison would draw
+    start = Classifier(MLP(in_features=64, hidden=16, num_classes=10), num_classes=10)
+    torch.save({"state_dict": start.state_dict()}, tmp_path / "start.ckpt")
+    data = DigitsDataModule(batch_size=8)
+    data.setup()
+    x, y = data.test_set.tensors
+    with torch.no_grad():
+        expected = float(F.cross_entropy(start(x), y))
+
+    config = json.loads(json.dumps(_TINY))
+    config.update(
+        seeds=[0], max_steps=2, eval_every=2, jobs=1, sharpness=None, init_from=str(tmp_path / "start.ckpt")
+    )
+    config["model"]["init_args"]["lr"] = 1e-9  # two steps that do not move the weights
+    config["methods"] = {"Local SGD (H=2)": {"strategy": {"sync_every": 2}}}
+    results = run_all(load_config(_write(tmp_path, config)), progress=False)
+    assert results[0]["final"]["val/loss"] == pytest.approx(expected, abs=1e-5)
+
+    config["init_from"] = str(tmp_path / "missing.ckpt")
+    with pytest.raises(ValueError, match=r"init_from \('.*missing.ckpt'\) is not a file"):
+        run_all(load_config(_write(tmp_path, config)), progress=False)
