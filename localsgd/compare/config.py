@@ -1,0 +1,263 @@
+"""A comparison's YAML: reading it, checking it, and the runs it stands for."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+# What a method may change, and the top-level keys; anything else is a typo.
+_METHOD_KEYS = {"strategy", "model", "data", "max_steps", "eval_every", "workers", "init_from"}
+_TOP_KEYS = {
+    "out",
+    "seeds",
+    "workers",
+    "max_steps",
+    "eval_every",
+    "jobs",
+    "accelerator",
+    "x_axis",
+    "title",
+    "model",
+    "data",
+    "strategy",
+    "sharpness",
+    "methods",
+    "init_from",
+}
+# LocalSGDStrategy arguments the runner sets itself (or the Trainer fills in)
+_STRATEGY_FIXED = {
+    "workers_per_device",
+    "start_method",
+    "accelerator",
+    "parallel_devices",
+    "cluster_environment",
+    "checkpoint_io",
+    "precision_plugin",
+}
+_SHARPNESS_FIXED = {"loss_fn"}  # dataset: "train" or null
+
+
+@dataclass(kw_only=True)
+class RunSpec:
+    """One training run: a method at a seed, with everything it needs to be built."""
+
+    method: str
+    seed: int
+    folder: Path
+    workers: int
+    max_steps: int
+    eval_every: int
+    accelerator: str
+    model: dict[str, Any]
+    data: dict[str, Any]
+    strategy: dict[str, Any]
+    sharpness: dict[str, Any] | None
+    init_from: str | None = None
+    """A Lightning checkpoint whose model weights (``state_dict``) the run starts from."""
+
+    def settings(self) -> dict[str, Any]:
+        """What makes two runs the same run (the folder aside)."""
+        keys = ("method", "seed", "workers", "max_steps", "eval_every", "accelerator", "init_from")
+        out = {k: getattr(self, k) for k in keys}
+        return {
+            **out,
+            "model": self.model,
+            "data": self.data,
+            "strategy": self.strategy,
+            "sharpness": self.sharpness,
+        }
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(self.settings(), sort_keys=True, default=str).encode()).hexdigest()[
+            :16
+        ]
+
+
+@dataclass(kw_only=True)
+class CompareConfig:
+    """A comparison, as read from YAML (see configs/compare_quickstart.yaml for every field)."""
+
+    out: Path
+    seeds: list[int]
+    methods: dict[str, dict[str, Any]]
+    workers: int
+    max_steps: int
+    eval_every: int
+    jobs: int = 1
+    accelerator: str = "cpu"
+    x_axis: str = "step"
+    title: str = ""
+    model: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    strategy: dict[str, Any] = field(default_factory=dict)
+    sharpness: dict[str, Any] | None = None
+    init_from: str | None = None
+    source: dict[str, Any] = field(default_factory=dict)
+    """The YAML as read, copied into the run folder."""
+
+    def runs(self) -> list[RunSpec]:
+        """Every (method, seed) run, method-major in the config's order."""
+        specs = []
+        for name, method in self.methods.items():
+            model = _merge_init_args(self.model, method.get("model", {}), f"methods.{name}.model")
+            data = _merge_init_args(self.data, method.get("data", {}), f"methods.{name}.data")
+            strategy = {"log_divergence": True, **self.strategy, **method.get("strategy", {})}
+            for seed in self.seeds:
+                specs.append(
+                    RunSpec(
+                        method=name,
+                        seed=seed,
+                        folder=self.out / "runs" / slug(name) / f"seed{seed}",
+                        workers=method.get("workers", self.workers),
+                        max_steps=method.get("max_steps", self.max_steps),
+                        eval_every=method.get("eval_every", self.eval_every),
+                        accelerator=self.accelerator,
+                        model=model,
+                        data=data,
+                        strategy=strategy,
+                        sharpness=self.sharpness,
+                        init_from=method.get("init_from", self.init_from),
+                    )
+                )
+        return specs
+
+
+# ------------------------------------------------------------------------------ reading the config
+def _positive_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} ({value!r}) must be an integer >= 1")
+    return value
+
+
+def _path_or_none(name: str, value: Any) -> str | None:
+    if value is not None and (not isinstance(value, str) or not value):
+        raise ValueError(f"{name} ({value!r}) must be the path of a checkpoint, or null")
+    return value
+
+
+def _mapping(name: str, value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ValueError(
+            f"{name} must be a mapping (key: value lines), got {type(value).__name__}: {value!r}"
+        )
+    return value
+
+
+def _class_spec(name: str, value: Any) -> dict[str, Any]:
+    spec = _mapping(name, value)
+    if "class_path" not in spec or set(spec) - {"class_path", "init_args"}:
+        raise ValueError(f"{name} must have a class_path and, optionally, init_args; got keys {sorted(spec)}")
+    return spec
+
+
+def _merge_init_args(base: dict[str, Any], overrides: dict[str, Any], name: str) -> dict[str, Any]:
+    """``base`` (class_path + init_args) with ``overrides`` merged into its init_args; an override
+    that is itself a class_path spec replaces the whole entry."""
+    if "class_path" in overrides:
+        return copy.deepcopy(_class_spec(name, overrides))
+    merged = copy.deepcopy(base)
+    merged.setdefault("init_args", {}).update(copy.deepcopy(overrides))
+    return merged
+
+
+def slug(name: str) -> str:
+    """A method name as a folder name: ``"Local SGD (H=8)"`` -> ``"local-sgd-h-8"``."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "method"
+
+
+def load_config(path: str | Path, *, out: str | Path | None = None, jobs: int | None = None) -> CompareConfig:
+    """Read and check a comparison config; ``out`` and ``jobs`` override the file's values."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config ({str(path)!r}) is not a file")
+    with open(path) as f:
+        raw = yaml.safe_load(f)
+    raw = _mapping(f"the config {path}", raw)
+    unknown = set(raw) - _TOP_KEYS
+    if unknown:
+        raise ValueError(f"unknown key(s) {sorted(unknown)} in {path}; the keys are {sorted(_TOP_KEYS)}")
+    for key in ("model", "data", "methods", "max_steps", "eval_every", "workers"):
+        if key not in raw:
+            raise ValueError(f"{key} is missing from {path}")
+    seeds = raw.get("seeds", [0])
+    if (
+        not isinstance(seeds, list)
+        or not seeds
+        or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds)
+        or len(set(seeds)) != len(seeds)
+    ):
+        raise ValueError(f"seeds ({seeds!r}) must be a non-empty list of distinct integers")
+    methods = _mapping("methods", raw["methods"])
+    if not methods:
+        raise ValueError("methods is empty: list at least one method")
+    slugs: dict[str, str] = {}
+    for name, method in methods.items():
+        method = _mapping(f"methods.{name}", method if method is not None else {})
+        methods[name] = method
+        bad = set(method) - _METHOD_KEYS
+        if bad:
+            raise ValueError(
+                f"methods.{name} has unknown key(s) {sorted(bad)}; a method may set {sorted(_METHOD_KEYS)}"
+            )
+        for key in ("strategy", "model", "data"):
+            _mapping(f"methods.{name}.{key}", method.get(key, {}))
+        if "init_from" in method:
+            _path_or_none(f"methods.{name}.init_from", method["init_from"])
+        for key in ("max_steps", "eval_every", "workers"):
+            if key in method:
+                _positive_int(f"methods.{name}.{key}", method[key])
+        fixed = _STRATEGY_FIXED & set(method.get("strategy", {}))
+        if fixed:
+            raise ValueError(f"methods.{name}.strategy cannot set {sorted(fixed)}: the runner sets them")
+        other = slugs.setdefault(slug(str(name)), str(name))
+        if other != name:
+            raise ValueError(
+                f"methods {other!r} and {name!r} would share the folder {slug(str(name))!r}: rename one"
+            )
+    strategy = _mapping("strategy", raw.get("strategy", {}))
+    if _STRATEGY_FIXED & set(strategy):
+        raise ValueError(
+            f"strategy cannot set {sorted(_STRATEGY_FIXED & set(strategy))}: the runner sets them"
+        )
+    sharpness = raw.get("sharpness")
+    if sharpness is not None:
+        sharpness = _mapping("sharpness", sharpness)
+        if _SHARPNESS_FIXED & set(sharpness):
+            raise ValueError(f"sharpness cannot set {sorted(_SHARPNESS_FIXED & set(sharpness))}")
+    x_axis = raw.get("x_axis", "step")
+    if x_axis not in ("step", "samples"):
+        raise ValueError(
+            f"x_axis ({x_axis!r}) must be 'step' or 'samples' (per worker x workers x local batch)"
+        )
+    config = CompareConfig(
+        out=Path(out if out is not None else raw.get("out", Path("runs") / path.stem)),
+        seeds=seeds,
+        methods={str(k): v for k, v in methods.items()},
+        workers=_positive_int("workers", raw["workers"]),
+        max_steps=_positive_int("max_steps", raw["max_steps"]),
+        eval_every=_positive_int("eval_every", raw["eval_every"]),
+        jobs=_positive_int("jobs", jobs if jobs is not None else raw.get("jobs", 1)),
+        accelerator=str(raw.get("accelerator", "cpu")),
+        x_axis=x_axis,
+        title=str(raw.get("title", path.stem)),
+        model=_class_spec("model", raw["model"]),
+        data=_class_spec("data", raw["data"]),
+        strategy=strategy,
+        sharpness=sharpness,
+        init_from=_path_or_none("init_from", raw.get("init_from")),
+        source=raw,
+    )
+    for run in config.runs():
+        if run.max_steps % run.eval_every:
+            raise ValueError(
+                f"eval_every ({run.eval_every}) must divide max_steps ({run.max_steps}, method "
+                f"{run.method!r}): the last evaluation is the final result"
+            )
+    return config

@@ -1,0 +1,246 @@
+"""A comparison's report: summary.csv, report.md and report.png from the runs' metrics."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from localsgd.compare.config import CompareConfig, RunSpec
+
+# (column in metrics.csv, label, lower is better); a metric no run logged is left out
+_CURVES = [
+    ("val/acc", "test accuracy"),
+    ("val/loss", "test loss"),
+    ("train/loss", "training loss (mean since the last evaluation)"),
+    ("sharpness/hessian_trace", "Hessian trace"),
+    ("localsgd/divergence", "worker divergence (before sync)"),
+]
+_TABLE = [
+    ("val/acc", "test acc", "{:.4f}"),
+    ("val/loss", "test loss", "{:.4f}"),
+    ("sharpness/hessian_trace", "Hessian trace", "{:.3g}"),
+    ("sharpness/top_eigenvalue", "top eigenvalue", "{:.3g}"),
+]
+
+
+def read_metrics(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """``metrics.csv`` of one run as ``{column: [(step, value), ...]}``, ``step`` the optimizer
+    steps done when the value was measured (empty cells left out)."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    with open(folder / "metrics.csv", newline="") as f:
+        for row in csv.DictReader(f):
+            # the loggers' step is the index of the step being taken (0-based): the value was
+            # measured after it, so step + 1 steps are done (an evaluation at step 100 logs 99)
+            step = int(float(row["step"])) + 1
+            for key, value in row.items():
+                if key not in ("step", "epoch") and value not in ("", None):
+                    series.setdefault(key, []).append((step, float(value)))
+    return series
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
+    return mean, std
+
+
+def _last(series: dict[str, list[tuple[int, float]]], key: str) -> float | None:
+    return series[key][-1][1] if series.get(key) else None
+
+
+def summarize(config: CompareConfig, results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per method: every table metric's mean and std over seeds, communication and wall time."""
+    by_method: dict[str, list[tuple[RunSpec, dict[str, Any]]]] = {}
+    for run, result in zip(config.runs(), results):
+        by_method.setdefault(run.method, []).append((run, result))
+    rows = []
+    for method, pairs in by_method.items():
+        row: dict[str, Any] = {"method": method, "seeds": len(pairs)}
+        curves = [read_metrics(run.folder) for run, _ in pairs]
+        for key, _, _ in _TABLE:
+            values = [v for v in (_last(c, key) for c in curves) if v is not None]
+            if values:
+                row[key] = _mean_std(values)
+        finals = [r["final"] for _, r in pairs]
+        row["steps"] = pairs[0][1]["steps"]
+        row["workers"] = pairs[0][0].workers
+        row["rounds"] = finals[0].get("comm/rounds", float("nan"))
+        row["mb"] = finals[0].get("comm/bytes", float("nan")) / 1e6
+        row["seconds"] = sum(r["seconds"] for _, r in pairs) / len(pairs)
+        rows.append(row)
+    return rows
+
+
+def write_summary_csv(config: CompareConfig, results: Sequence[dict[str, Any]]) -> Path:
+    path = config.out / "summary.csv"
+    keys = sorted({k for r in results for k in r["final"]})
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "seed", "steps", "seconds", *keys])
+        for r in results:
+            writer.writerow(
+                [
+                    r["method"],
+                    r["seed"],
+                    r["steps"],
+                    f"{r['seconds']:.2f}",
+                    *(r["final"].get(k, "") for k in keys),
+                ]
+            )
+    return path
+
+
+def write_markdown(config: CompareConfig, rows: Sequence[dict[str, Any]], command: str) -> Path:
+    metrics = [(k, label, fmt) for k, label, fmt in _TABLE if any(k in r for r in rows)]
+    header = ["method", *(label for _, label, _ in metrics), "comm rounds", "MB sent / worker", "s / run"]
+    lines = [
+        f"# {config.title}",
+        "",
+        f"`{command}`",
+        "",
+        f"{config.workers} worker(s) (simulated in one process) x local batch "
+        f"{_local_batch(config.data)}, {config.max_steps} optimizer steps, unless a method sets "
+        f"its own; seeds {config.seeds}; metrics at the last step, mean ± std over seeds "
+        "(test = the held-out split).",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for row in rows:
+        cells = [row["method"]]
+        for key, _, fmt in metrics:
+            if key in row:
+                mean, std = row[key]
+                cells.append(f"{fmt.format(mean)} ± {fmt.format(std)}")
+            else:
+                cells.append("")
+        if row["workers"] == 1:  # one worker talks to nobody
+            cells += ["none (1 worker)", "0", f"{row['seconds']:.0f}"]
+        else:
+            cells += [f"{row['rounds']:.0f}", f"{row['mb']:.2f}", f"{row['seconds']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "![report](report.png)", ""]
+    path = config.out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def _local_batch(data: dict[str, Any]) -> Any:
+    return data.get("init_args", {}).get("batch_size", "(the data module's default)")
+
+
+def plot(config: CompareConfig, path: Path | None = None) -> Path:
+    """``report.png``: one panel per curve, one line per method (mean over seeds), the band
+    between the seeds' min and max shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    runs = config.runs()
+    series = {(r.method, r.seed): read_metrics(r.folder) for r in runs}
+    points = {
+        (r.method, r.seed, key): _curve(series[(r.method, r.seed)], key, r.eval_every)
+        for r in runs
+        for key, _ in _CURVES
+    }
+    # a panel needs values; a log-scaled one positive values (one worker never diverges)
+    curves = [
+        (k, label)
+        for k, label in _CURVES
+        if any(
+            v > 0 if k == "localsgd/divergence" else True
+            for (_, _, key), c in points.items()
+            if key == k
+            for v in c.values()
+        )
+    ]
+    columns = min(2, max(1, len(curves)))
+    rows = max(1, math.ceil(len(curves) / columns))
+    fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.4 * rows), squeeze=False)
+    methods = list(config.methods)
+    colors = plt.get_cmap("tab10")
+    for ax, (key, label) in zip(axes.flat, curves):
+        for m, method in enumerate(methods):
+            method_runs = [r for r in runs if r.method == method]
+            scale = _x_scale(config, method_runs[0])
+            per_seed = [points[(r.method, r.seed, key)] for r in method_runs]
+            steps = sorted(set.intersection(*(set(s) for s in per_seed))) if per_seed else []
+            if not steps:
+                continue
+            values = [[s[step] for s in per_seed] for step in steps]
+            x = [step * scale for step in steps]
+            mean = [sum(v) / len(v) for v in values]
+            ax.plot(x, mean, label=method, color=colors(m % 10), lw=1.4)
+            if len(per_seed) > 1:
+                ax.fill_between(
+                    x, [min(v) for v in values], [max(v) for v in values], color=colors(m % 10), alpha=0.2
+                )
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("samples (all workers)" if config.x_axis == "samples" else "optimizer step")
+        drawn = [y for line in ax.get_lines() for y in line.get_ydata()]
+        if key == "localsgd/divergence" or (key == "sharpness/hessian_trace" and drawn and min(drawn) > 0):
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    spare = list(axes.flat)[len(curves) :]
+    for ax in spare:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.suptitle(config.title, fontsize=11)
+    if spare:  # the legend in the empty panel
+        spare[0].legend(handles, labels, loc="center", fontsize=9, frameon=False)
+        fig.tight_layout()
+    else:
+        fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 3), fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.04 + 0.03 * math.ceil(len(labels) / 3), 1, 1))
+    path = path or config.out / "report.png"
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=80)
+    plt.close(fig)
+    # a 256-colour palette: a third of the size, small enough to commit beside the results
+    from PIL import Image
+
+    Image.open(buffer).convert("RGB").quantize(256, method=Image.Quantize.FASTOCTREE).save(
+        path, optimize=True
+    )
+    return path
+
+
+def _curve(series: dict[str, list[tuple[int, float]]], key: str, eval_every: int) -> dict[int, float]:
+    """``{step: value}`` of one run's ``key``; the per-step training loss is averaged over each
+    interval between evaluations (reported at its end)."""
+    values = series.get(key, [])
+    if key != "train/loss":
+        return dict(values)
+    windows: dict[int, list[float]] = {}
+    for step, value in values:
+        windows.setdefault(math.ceil(step / eval_every) * eval_every, []).append(value)
+    return {step: sum(v) / len(v) for step, v in windows.items()}
+
+
+def _x_scale(config: CompareConfig, run: RunSpec) -> float:
+    if config.x_axis == "step":
+        return 1.0
+    batch = _local_batch(run.data)
+    if not isinstance(batch, int):
+        raise ValueError("x_axis: samples needs data.init_args.batch_size in the config")
+    return float(run.workers * batch)
+
+
+def report(config: CompareConfig, results: Sequence[dict[str, Any]], command: str) -> dict[str, Path]:
+    rows = summarize(config, results)
+    return {
+        "summary": write_summary_csv(config, results),
+        "markdown": write_markdown(config, rows, command),
+        "plot": plot(config),
+    }
+
+
+def print_table(path: Path) -> None:
+    for line in path.read_text().splitlines():
+        if line.startswith("|"):
+            print(line)
