@@ -118,7 +118,10 @@ def signal_and_wait(env: dict[str, str], job_id: str, progress: Path) -> dict[st
         # what SLURM sends before a time limit (--signal=USR2@delay), here by hand
         subprocess.run(["scancel", "--signal=USR2", job_id], check=True, env=env)
         if wait_for("the requeue", requeued, 60)["JobState"] == "PENDING":
-            # Slurm holds a requeued batch job for ~2 minutes (EligibleTime); release it now
+            # Slurm holds a requeued batch job for ~2 minutes (EligibleTime); release it sooner, but
+            # not at once: slurmd revokes the killed run's credential, and a new allocation within
+            # the same second is refused ("Job credential revoked": the job ends FAILED; seen once)
+            time.sleep(3)
             subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], check=True, env=env)
         return wait_until_ended(env, job_id, 120)
     finally:
