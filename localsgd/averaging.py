@@ -138,6 +138,7 @@ class Averager:
         self.optimizers = [list(opts) for opts in optimizers] or [[] for _ in modules]
         self._buckets: list[list[FlatBucket]] = []
         self._backup: list[list[Tensor]] = []
+        self._holding_average = False
         self._state_buckets: dict[tuple[object, ...], list[list[Tensor]]] = {}
         self.outer = outer
         self._build()
@@ -313,10 +314,32 @@ class Averager:
         self._save_backup()
         try:
             self.average(tag, optimizer_state="local", outer=False)
+            self._holding_average = True
             yield
         finally:
-            for w, backup in zip(self._buckets, self._backup):
-                for b, copy in zip(w, backup):
+            self._holding_average = False
+            self._copy_backup_in()
+
+    def _copy_backup_in(self) -> None:
+        for w, backup in zip(self._buckets, self._backup):
+            for b, copy in zip(w, backup):
+                b.flat.copy_(copy)
+
+    @contextlib.contextmanager
+    def own_models(self) -> Iterator[None]:
+        """Each worker's own model, also inside :meth:`averaged` (a checkpoint saved during
+        validation must store the workers' models, not the average evaluated at that moment);
+        the average comes back on exit. Outside :meth:`averaged` the models are their own already."""
+        if not self._holding_average:
+            yield
+            return
+        average = [[b.flat.clone() for b in w] for w in self._buckets]
+        self._copy_backup_in()
+        try:
+            yield
+        finally:
+            for w, saved in zip(self._buckets, average):
+                for b, copy in zip(w, saved):
                     b.flat.copy_(copy)
 
     @property

@@ -18,6 +18,7 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim import Optimizer
 
 from localsgd.averaging import check_choice
@@ -81,6 +82,14 @@ class SGDBaselineStrategy(StrategyCommon, DDPStrategy):
         self.num_steps = 0
         self._seed_workers_apart(trainer, self.global_rank)
 
+    def process_dataloader(self, dataloader: object) -> object:
+        """Resuming mid-epoch skips what the epoch already trained on, as Local SGD does."""
+        dataloader = super().process_dataloader(dataloader)
+        module = self.lightning_module
+        if module is None or not module.trainer.training:
+            return dataloader
+        return self._resumed(dataloader)
+
     def optimizer_step(
         self,
         optimizer: Optimizer,
@@ -95,10 +104,17 @@ class SGDBaselineStrategy(StrategyCommon, DDPStrategy):
         return output
 
     def state_dict(self) -> dict[str, Any]:
-        return {"num_steps": self.num_steps, "world_size": self.world_size}
+        return {"strategy": self.strategy_name, "num_steps": self.num_steps, "world_size": self.world_size}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.num_steps = int(state["num_steps"])
+        written_by = self._checkpoint_strategy(state)
+        if written_by != self.strategy_name:
+            # the checkpoint's model is the average of the workers' (what Local SGD saves)
+            rank_zero_info(
+                f"SGD baseline: resuming from a {written_by or 'non-localsgd'} checkpoint at optimizer step "
+                f"{self.num_steps}: training goes on synchronously from its model and optimizer state"
+            )
 
 
 register(SGDBaselineStrategy)

@@ -17,7 +17,7 @@ from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
 
-from localsgd.resume import is_local
+from localsgd.resume import ResumedLoader, is_local
 from localsgd.scaling import intrinsic_lr
 
 StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
@@ -101,7 +101,28 @@ class StrategyCommon:
                 f"{type(err).__name__}: {err}"
             ) from err
         self._pending_state = checkpoint.get(_CHECKPOINT_KEY)
+        if self._pending_state is None and "global_step" in checkpoint:
+            # written by another strategy (Lightning's DDP, ...): carry on at its step
+            self._pending_state = {"strategy": None, "num_steps": int(checkpoint["global_step"])}
         return checkpoint
+
+    def _resumed(self, dataloader: object) -> object:
+        """When resuming, the training loader's first pass starts where the checkpoint's epoch stopped."""
+        module = self.lightning_module
+        if self._pending_state is None or module is None:
+            return dataloader
+        progress = module.trainer.fit_loop.epoch_loop.batch_progress
+        return ResumedLoader(dataloader, done=lambda: progress.current.processed, restore=self._restore_rng)
+
+    @staticmethod
+    def _checkpoint_strategy(state: dict[str, Any]) -> str | None:
+        """Which strategy wrote a checkpoint's sync state (None: not one of this library's)."""
+        if "strategy" in state:
+            return state["strategy"]
+        return "localsgd" if "schedule" in state else "sgd_baseline"  # written before the field existed
+
+    def _restore_rng(self) -> None:
+        """Put back the checkpoint's RNG streams, where a strategy keeps them."""
 
     def on_train_start(self) -> None:
         super().on_train_start()  # type: ignore[misc]

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -72,16 +72,29 @@ def set_rng_state(state: dict[str, Any]) -> None:
     np.random.set_state(state["numpy"])
 
 
-class SkipFirst:
-    """A training loader whose first pass skips the batches a resumed epoch already trained on.
+class ResumedLoader:
+    """A training loader whose first pass starts where the checkpoint's epoch stopped.
 
     Lightning restarts a non-resumable loader from the epoch's first batch while its own
-    counters go on from the checkpoint; skipping ``skip`` batches (same sampler, same epoch,
-    so the same order) puts data and counters back in line.
+    counters go on from the checkpoint; skipping the batches the epoch already trained on
+    (same sampler, same epoch, so the same order) puts data and counters back in line.
+
+    How many to skip is read at the first ``next()``, not when the loader is made: Lightning
+    processes the training loader before its loops decide whether the checkpoint's epoch was
+    complete (saved at its end, or after its last batch: skip none, the next epoch starts) or
+    not (skip ``done()`` batches). ``restore`` runs once the data is back in position: before the
+    epoch's iterator is made at an epoch boundary (making it draws from the RNG in the
+    uninterrupted run too), after the skipped batches otherwise.
+
+    Args:
+        loader: the training loader.
+        done: batches of the current epoch already trained on, read at the first ``next()``.
+        restore: puts the checkpoint's RNG streams back.
     """
 
-    def __init__(self, loader: Any, skip: int) -> None:
-        self.loader, self.skip = loader, skip
+    def __init__(self, loader: Any, done: Callable[[], int], restore: Callable[[], None]) -> None:
+        self.loader = loader
+        self._first: tuple[Callable[[], int], Callable[[], None]] | None = (done, restore)
         self.sampler = getattr(loader, "sampler", None)  # Lightning sets the epoch through it
 
     def __len__(self) -> int:
@@ -92,11 +105,20 @@ class SkipFirst:
 
     def _batches(self) -> Iterator[Any]:
         # Runs at the first next(): Lightning makes the iterator before it sets the sampler's
-        # epoch, and may make one it never uses.
-        skip, self.skip = self.skip, 0
+        # epoch and before its loops restart, and may make one it never uses.
+        first, self._first = self._first, None
+        if first is None:
+            yield from self.loader
+            return
+        done, restore = first
+        skip = done()
+        if not skip:
+            restore()
         it = iter(self.loader)
         for _ in range(skip):
             next(it, None)
+        if skip:
+            restore()
         yield from it
 
 
@@ -129,7 +151,11 @@ class ExactResume:
         self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
     ) -> None:
         if self.averager is not None and is_local(filepath):
-            atomic_save(self._local_state(), rank_file(filepath, self.global_rank))
+            # a checkpoint saved during validation (ModelCheckpoint's on_validation_end runs before
+            # the strategy's) would otherwise store the average swapped in for evaluation
+            with self.averager.own_models():
+                local = self._local_state()
+            atomic_save(local, rank_file(filepath, self.global_rank))
         super().save_checkpoint(checkpoint, filepath, storage_options)
 
     def remove_checkpoint(self, filepath: Any) -> None:
@@ -204,9 +230,12 @@ class ExactResume:
         self._dirty = bool(local["dirty"])
         self._pending_rng = local["rng"]
 
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        # after the epoch's iterator exists: creating it draws from the RNG in the uninterrupted run too
+    def _restore_rng(self) -> None:
+        """The checkpoint's RNG streams, once (the resumed loader calls it when the data is in place)."""
         rng, self._pending_rng = self._pending_rng, None
         if rng is not None:
             set_rng_state(rng)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._restore_rng()  # a no-op unless the training loader never reached its first batch
         super().on_train_batch_start(batch, batch_idx)

@@ -30,7 +30,7 @@ from localsgd.averaging import Averager, BufferPolicy, NonfinitePolicy, Optimize
 from localsgd.comm import Communicator, ProcessGroupCommunicator, node_communicator
 from localsgd.common import StartMethod, StrategyCommon, raw_optimizer, register
 from localsgd.outer import OuterOptimizer
-from localsgd.resume import ExactResume, SkipFirst
+from localsgd.resume import ExactResume
 from localsgd.schedules import SyncSchedule, as_schedule
 from localsgd.simulate import BatchedWorkers, WorkerReplicas, check_batched, check_simulation, deal_shards
 
@@ -228,12 +228,7 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
                 workers_per_process=self.workers_per_device,
             )
         self._check_batches_per_epoch(dataloader)
-        if self._pending_state is not None:
-            # resuming mid-epoch: skip what this epoch already trained on (same sampler, same order)
-            done = module.trainer.fit_loop.epoch_loop.batch_progress.current.processed
-            if done:
-                dataloader = SkipFirst(dataloader, done)
-        return dataloader
+        return self._resumed(dataloader)
 
     def _check_batches_per_epoch(self, dataloader: object) -> None:
         # Pitfall 2 / desync: ranks with different numbers of batches would stop taking
@@ -446,6 +441,7 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
     def state_dict(self) -> dict[str, Any]:
         """The sync state: step count, schedule and communication counters."""
         return {
+            "strategy": self.strategy_name,
             "num_steps": self.num_steps,
             "schedule": self.schedule.state_dict(),
             "comm": self.comm.state_dict() if self.comm is not None else {},
@@ -460,6 +456,16 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
     def load_state_dict(self, state: dict[str, Any]) -> None:
         # The checkpoint holds the averaged model, so a resumed run starts a round from it.
         self.num_steps = int(state["num_steps"])
+        written_by = self._checkpoint_strategy(state)
+        if written_by != self.strategy_name:
+            # post-local SGD by hand: synchronous SGD first, then Local SGD from its checkpoint
+            self._dirty = False
+            rank_zero_info(
+                f"LocalSGD: starting from a {written_by or 'non-localsgd'} checkpoint at optimizer step "
+                f"{self.num_steps}: every worker starts from its model and optimizer state; the sync "
+                f"schedule {self.schedule!r} and the comm/* counters start fresh"
+            )
+            return
         self.schedule.load_state_dict(state["schedule"])
         if self.comm is not None:
             self.comm.load_state_dict(state["comm"])

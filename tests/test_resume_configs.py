@@ -1,0 +1,182 @@
+"""Resumes from the checkpoints real runs write: at the end of an epoch (ModelCheckpoint's default),
+mid-epoch, at an epoch's last batch, and at validation end (a monitored checkpoint), on 2 gloo
+processes. Each resumed run must end where the uninterrupted one ends: same step, same parameters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from common import TIMEOUT, ToyModule, make_trainer, max_diff, momenta, snapshot
+from distributed import run
+
+from localsgd import LocalSGDStrategy, SGDBaselineStrategy
+
+pytestmark = pytest.mark.distributed
+
+EPOCHS, STEPS_PER_EPOCH = 4, 16  # 256 samples / (2 ranks x batch 8)
+EPOCH_STEPS = STEPS_PER_EPOCH
+
+
+class _StopAt(pl.Callback):
+    """Ends the run after global step ``step``, as a preemption would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+def _strategy(name: str) -> Any:
+    if name == "sgd":
+        return SGDBaselineStrategy(timeout=TIMEOUT)
+    return LocalSGDStrategy(sync_every=3, timeout=TIMEOUT)
+
+
+def _fit(strategy: str, ckpt_dir: str | None, callbacks: list[pl.Callback], ckpt_path: str | None, **kw: Any):
+    pl.seed_everything(0, verbose=False)
+    module = ToyModule(lr=0.1, momentum=0.9, weight_decay=1e-3, **kw.pop("module", {}))
+    trainer = make_trainer(
+        _strategy(strategy),
+        max_steps=kw.pop("max_steps", -1),
+        max_epochs=kw.pop("max_epochs", EPOCHS),
+        callbacks=callbacks,
+        enable_checkpointing=bool(callbacks),
+        default_root_dir=ckpt_dir,
+        **kw,
+    )
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return trainer, module
+
+
+def _epoch_boundaries(rank: int, ckpt_dir: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for strategy in ("local", "sgd"):
+        trainer, module = _fit(strategy, None, [], None)
+        out[strategy, "full"] = (trainer.global_step, snapshot(module))
+        cases = {
+            # ModelCheckpoint's default: saved at the end of every epoch; stopped after 2 epochs
+            "epoch_end": (dict(save_last=True), 2 * STEPS_PER_EPOCH, "last.ckpt"),
+            # saved mid-epoch (and mid-round: H = 3)
+            "mid_epoch": (dict(every_n_train_steps=21, filename="s"), 21, "s.ckpt"),
+            # saved after an epoch's last batch, in on_train_batch_end
+            "last_batch": (dict(every_n_train_steps=EPOCH_STEPS, filename="s"), EPOCH_STEPS, "s.ckpt"),
+        }
+        for case, (ckpt_kwargs, stop, filename) in cases.items():
+            folder = f"{ckpt_dir}/{strategy}-{case}"
+            saver = pl.callbacks.ModelCheckpoint(dirpath=folder, **ckpt_kwargs)
+            trainer, _ = _fit(strategy, folder, [saver, _StopAt(stop)], None)
+            assert trainer.global_step == stop
+            trainer, module = _fit(strategy, folder, [], f"{folder}/{filename}")
+            out[strategy, case] = (trainer.global_step, snapshot(module))
+    return out
+
+
+def test_resumes_at_epoch_end_mid_epoch_and_last_batch_equal_the_uninterrupted_run(tmp_path: Path) -> None:
+    for r in run(_epoch_boundaries, 2, str(tmp_path)):
+        full_steps, full = r["local", "full"]
+        assert full_steps == EPOCHS * STEPS_PER_EPOCH
+        for case in ("epoch_end", "mid_epoch", "last_batch"):
+            steps, params = r["local", case]
+            assert steps == full_steps, (case, steps)
+            assert max_diff(params, full) == 0.0, case
+            # the baseline resumed the same way ends at the same step
+            assert r["sgd", case][0] == r["sgd", "full"][0] == full_steps, case
+
+
+class _StopAtValidationEnd(pl.Callback):
+    """Ends the run at the validation after global step ``step`` (after its checkpoint is saved:
+    Lightning runs checkpoint callbacks after the others, in the same hook)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_validation_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+def _validation_end(rank: int, ckpt_dir: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    val = dict(val_check_interval=5, limit_val_batches=1, max_epochs=2, module={"val": True})
+    for run_name in ("full", "first", "resumed"):
+        callbacks: list[pl.Callback] = []
+        if run_name == "first":
+            # the most common Lightning set-up: keep the best checkpoints by a validation metric
+            saver = pl.callbacks.ModelCheckpoint(
+                dirpath=ckpt_dir, monitor="val/loss", save_top_k=-1, filename="{step}"
+            )
+            callbacks = [saver, _StopAtValidationEnd(10)]
+        ckpt = f"{ckpt_dir}/step=10.ckpt" if run_name == "resumed" else None
+        trainer, module = _fit("local", ckpt_dir, callbacks, ckpt, **dict(val, module=dict(val["module"])))
+        out[run_name] = (trainer.global_step, snapshot(module))
+    return out
+
+
+def test_a_checkpoint_saved_at_validation_end_resumes_bitwise(tmp_path: Path) -> None:
+    for r in run(_validation_end, 2, str(tmp_path)):
+        assert r["first"][0] == 10 and r["full"][0] == r["resumed"][0] == 2 * STEPS_PER_EPOCH
+        assert max_diff(r["first"][1], r["full"][1]) > 1e-4  # the stop was real
+        assert max_diff(r["resumed"][1], r["full"][1]) == 0.0
+
+
+class _AtStart(pl.Callback):
+    """Records the model and the optimizer's momentum when training (re)starts."""
+
+    def on_train_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.model = snapshot(module)
+        self.momenta = momenta(trainer.optimizers[0])
+
+
+def _switch(rank: int, ckpt_dir: str) -> dict[str, Any]:
+    import logging
+
+    messages: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: messages.append(record.getMessage())  # type: ignore[method-assign]
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addHandler(handler)
+    out: dict[str, Any] = {}
+    for first, then in (("sgd", "local"), ("local", "sgd")):
+        trainer, module = _fit(first, ckpt_dir, [], None, max_epochs=-1, max_steps=10)
+        path = f"{ckpt_dir}/{first}.ckpt"
+        trainer.save_checkpoint(path)
+        saved = snapshot(module)
+        start = _AtStart()
+        trainer, module = _fit(then, ckpt_dir, [start], path, max_epochs=-1, max_steps=18)
+        saved_optimizer = torch.load(path, weights_only=False)["optimizer_states"][0]
+        out[first, then] = {
+            "saved": saved,
+            "start": start.model,
+            "start_momenta": start.momenta,
+            "saved_momenta": [s["momentum_buffer"] for s in saved_optimizer["state"].values()],
+            "global_step": trainer.global_step,
+            "num_steps": trainer.strategy.num_steps,
+            "rounds": float(trainer.callback_metrics["comm/rounds"]),
+            "final": snapshot(module),
+        }
+    out["messages"] = messages
+    return out
+
+
+def test_local_sgd_starts_from_an_sgd_checkpoint_and_back(tmp_path: Path) -> None:
+    results = run(_switch, 2, str(tmp_path))
+    for r in results:
+        for pair in (("sgd", "local"), ("local", "sgd")):
+            x = r[pair]
+            assert max_diff(x["start"], x["saved"]) == 0.0, pair  # the checkpoint's model
+            for a, b in zip(x["start_momenta"], x["saved_momenta"], strict=True):
+                assert torch.equal(a, b), pair  # and its optimizer state
+            assert x["global_step"] == x["num_steps"] == 18, pair
+            assert max_diff(x["final"], x["start"]) > 1e-4, pair  # it trained on
+        # a fresh schedule and counters from step 10 (H = 3): syncs at steps 12, 15 and 18
+        assert r["sgd", "local"]["rounds"] == 18 // 3 - 10 // 3
+        assert r["local", "sgd"]["rounds"] == 18  # the baseline counts one round per step
+    text = "\n".join(results[0]["messages"])
+    assert "LocalSGD: starting from a sgd_baseline checkpoint at optimizer step 10" in text
+    assert "SGD baseline: resuming from a localsgd checkpoint at optimizer step 10" in text
+    assert not any("checkpoint at optimizer step" in m for m in results[1]["messages"])  # rank zero only
