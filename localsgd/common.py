@@ -14,6 +14,7 @@ from lightning.fabric.utilities.seed import seed_everything
 from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.core.optimizer import LightningOptimizer
 from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
 
@@ -100,6 +101,12 @@ class StrategyCommon:
                 f"checkpoint {checkpoint_path} cannot be read (truncated, or not a checkpoint): "
                 f"{type(err).__name__}: {err}"
             ) from err
+        trainer = None if self.lightning_module is None else self.lightning_module._trainer
+        if trainer is not None and trainer.state.fn != TrainerFn.FITTING:
+            # validate/test/predict evaluate the averaged model in the main file; the sync state
+            # and the workers' own states are for resuming a fit, and none follows from here
+            self._pending_state = None
+            return checkpoint
         self._pending_state = checkpoint.get(_CHECKPOINT_KEY)
         if self._pending_state is None and "global_step" in checkpoint:
             # written by another strategy (Lightning's DDP, ...): carry on at its step

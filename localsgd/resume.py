@@ -13,6 +13,7 @@ restores them.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import random
 from collections.abc import Callable, Iterator
@@ -21,31 +22,66 @@ from typing import Any
 
 import numpy as np
 import torch
+from fsspec.core import url_to_fs
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
 
 
-def rank_file(checkpoint_path: str | os.PathLike[str], rank: int) -> Path:
-    """Where rank ``rank`` keeps its own state for the checkpoint at ``checkpoint_path``."""
-    return Path(f"{checkpoint_path}.ranks") / f"rank{rank}.pt"
+def rank_file(checkpoint_path: str | os.PathLike[str], rank: int) -> str:
+    """Where rank ``rank`` keeps its own state for the checkpoint at ``checkpoint_path``: beside
+    the file the path names, through a symlink (``ModelCheckpoint(save_last="link")``'s last.ckpt)."""
+    path = str(checkpoint_path)
+    if is_local(path):
+        path = os.path.realpath(path)
+    return f"{path}.ranks/rank{rank}.pt"
 
 
 def is_local(path: str | os.PathLike[str]) -> bool:
-    return "://" not in str(path)
+    return "://" not in str(path) or str(path).startswith("file://")
 
 
-def atomic_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def atomic_save(obj: Any, path: str) -> None:
+    """``torch.save`` that never leaves a truncated file under ``path``: locally to a temporary
+    file beside it, then renamed into place; elsewhere (``s3://``, any fsspec URL) in one write of
+    the whole file, which object stores make visible only when complete."""
+    if not is_local(path):
+        buffer = io.BytesIO()
+        torch.save(obj, buffer)
+        fs, _ = url_to_fs(path)
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        with fs.open(path, "wb") as f:
+            f.write(buffer.getvalue())
+        return
+    local = Path(path)
+    local.parent.mkdir(parents=True, exist_ok=True)
+    tmp = local.with_name(f".{local.name}.{os.getpid()}.tmp")
     torch.save(obj, tmp)
-    os.replace(tmp, path)
+    os.replace(tmp, local)
+
+
+def exists(path: str) -> bool:
+    fs, _ = url_to_fs(path)
+    return bool(fs.exists(path))
+
+
+def remove(path: str) -> None:
+    """Remove a rank file and, once it is empty, its ``.ranks`` folder."""
+    fs, _ = url_to_fs(path)
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(path)
+    with contextlib.suppress(OSError):  # the last rank to get here removes the folder
+        if is_local(path):
+            os.rmdir(os.path.dirname(path))
+        elif not fs.ls(fs._parent(path)):
+            fs.rmdir(fs._parent(path))
 
 
 def load(path: str | os.PathLike[str], what: str) -> Any:
     """``torch.load`` that says which file is unreadable instead of a deep unpickling error."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        fs, _ = url_to_fs(str(path))
+        with fs.open(str(path), "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=False)
     except FileNotFoundError:
         raise
     except Exception as err:
@@ -146,11 +182,12 @@ class ExactResume:
     _dirty: bool
     _pending_local: dict[str, Any] | None
     _pending_rng: dict[str, Any] | None
+    _pending_state: dict[str, Any] | None
 
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
     ) -> None:
-        if self.averager is not None and is_local(filepath):
+        if self.averager is not None:
             # a checkpoint saved during validation (ModelCheckpoint's on_validation_end runs before
             # the strategy's) would otherwise store the average swapped in for evaluation
             with self.averager.own_models():
@@ -160,11 +197,7 @@ class ExactResume:
 
     def remove_checkpoint(self, filepath: Any) -> None:
         super().remove_checkpoint(filepath)
-        if is_local(filepath):
-            path = rank_file(filepath, self.global_rank)
-            path.unlink(missing_ok=True)
-            with contextlib.suppress(OSError):  # the last rank to get here removes the folder
-                path.parent.rmdir()
+        remove(rank_file(filepath, self.global_rank))
 
     def _local_state(self) -> dict[str, Any]:
         """This rank's own part: its workers' models (not the average), optimizer state, RNG."""
@@ -181,6 +214,8 @@ class ExactResume:
 
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        if self._pending_state is None:
+            return checkpoint  # evaluating, or nothing of this library's to restore
         saved = checkpoint.get("localsgd") or {}
         schedule = type(self.schedule).__name__
         if saved.get("schedule_type", schedule) != schedule:
@@ -188,7 +223,7 @@ class ExactResume:
                 f"checkpoint {checkpoint_path} was written with sync schedule {saved['schedule_type']}, this "
                 f"run uses {schedule}: its schedule state does not fit. HINT: resume with the same sync_every"
             )
-        if not saved.get("rank_files") or not is_local(checkpoint_path):
+        if not saved.get("rank_files") or self._pending_state is None:  # None: evaluating
             return checkpoint
         layout = (saved["world_size"], saved.get("workers_per_device", 1))
         if layout != (self.world_size, self.workers_per_device):
@@ -199,7 +234,7 @@ class ExactResume:
             )
             return checkpoint
         path = rank_file(checkpoint_path, self.global_rank)
-        if not path.exists():
+        if not exists(path):
             raise ValueError(
                 f"checkpoint {checkpoint_path} needs rank {self.global_rank}'s state file {path}, which is "
                 "missing. HINT: copy the whole checkpoint, its .ranks folder included"

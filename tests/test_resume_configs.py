@@ -180,3 +180,95 @@ def test_local_sgd_starts_from_an_sgd_checkpoint_and_back(tmp_path: Path) -> Non
     assert "LocalSGD: starting from a sgd_baseline checkpoint at optimizer step 10" in text
     assert "SGD baseline: resuming from a localsgd checkpoint at optimizer step 10" in text
     assert not any("checkpoint at optimizer step" in m for m in results[1]["messages"])  # rank zero only
+
+
+def _link_and_evaluate(rank: int, ckpt_dir: str) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for run_name in ("full", "first", "resumed"):
+        callbacks: list[pl.Callback] = []
+        if run_name == "first":
+            # last.ckpt is a symlink to the newest checkpoint; the rank files sit beside that one
+            saver = pl.callbacks.ModelCheckpoint(
+                dirpath=ckpt_dir, every_n_train_steps=7, save_top_k=-1, save_last="link", filename="{step}"
+            )
+            callbacks = [saver, _StopAt(14)]
+        ckpt = f"{ckpt_dir}/last.ckpt" if run_name == "resumed" else None
+        trainer, module = _fit("local", ckpt_dir, callbacks, ckpt, max_epochs=2)
+        out[run_name] = (trainer.global_step, snapshot(module))
+    return out
+
+
+class _Seen(pl.Callback):
+    def on_validation_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.model = snapshot(module)
+
+    def on_test_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.model = snapshot(module)
+
+
+def test_last_ckpt_link_resumes_and_any_world_size_evaluates_the_average(tmp_path: Path) -> None:
+    import warnings
+
+    for r in run(_link_and_evaluate, 2, str(tmp_path)):
+        assert (tmp_path / "last.ckpt").is_symlink()
+        assert r["first"][0] == 14 and r["resumed"][0] == r["full"][0] == 2 * STEPS_PER_EPOCH
+        assert max_diff(r["resumed"][1], r["full"][1]) == 0.0
+    # one process evaluates the 2-process checkpoint: its averaged model, without a warning about
+    # workers restarting, and with or without the rank files
+    ckpt = tmp_path / "step=14.ckpt"
+    average = torch.load(ckpt, weights_only=False)["state_dict"]
+    strategy = LocalSGDStrategy(sync_every=3)
+    seen = _Seen()
+    trainer = make_trainer(strategy, max_steps=4, callbacks=[seen], limit_val_batches=1, limit_test_batches=1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.validate(ToyModule(val=True), ckpt_path=str(ckpt), verbose=False)
+        assert max_diff(seen.model, average) == 0.0
+        import shutil
+
+        shutil.rmtree(f"{ckpt}.ranks")
+        trainer.test(_Testable(), ckpt_path=str(ckpt), verbose=False)
+        assert max_diff(seen.model, average) == 0.0
+    assert not [w for w in caught if "restarts" in str(w.message)], [str(w.message) for w in caught]
+    # nothing of the evaluated checkpoint is left for a later fit: it starts at step 0
+    assert strategy._pending_state is None and strategy._pending_local is None
+    module = ToyModule()
+    init = snapshot(module)
+    start = _AtStart()
+    trainer.callbacks.append(start)
+    trainer.fit(module)
+    assert strategy.num_steps == 4 and max_diff(start.model, init) == 0.0
+
+
+class _Testable(ToyModule):
+    def test_step(self, batch: Any, batch_idx: int) -> None:
+        self.log("test/loss", self.loss(batch))
+
+    def test_dataloader(self) -> Any:
+        return self.val_dataloader()
+
+
+def test_a_remote_checkpoint_keeps_its_rank_files_and_resumes_bitwise() -> None:
+    # fsspec's in-memory filesystem stands in for s3:// (one process: it lives in this process)
+    import fsspec
+
+    folder = "memory://bucket/run"
+    runs = {}
+    for run_name in ("full", "first", "resumed"):
+        callbacks: list[pl.Callback] = []
+        if run_name == "first":
+            callbacks = [
+                pl.callbacks.ModelCheckpoint(dirpath=folder, every_n_train_steps=5, filename="s"),
+                _StopAt(5),
+            ]
+        pl.seed_everything(0, verbose=False)
+        module = ToyModule(lr=0.1, momentum=0.9)
+        strategy = LocalSGDStrategy(sync_every=3, workers_per_device=2)  # 2 workers with their own state
+        trainer = make_trainer(
+            strategy, max_steps=12, callbacks=callbacks, enable_checkpointing=bool(callbacks)
+        )
+        trainer.fit(module, ckpt_path=f"{folder}/s.ckpt" if run_name == "resumed" else None)
+        runs[run_name] = snapshot(module)
+    assert fsspec.filesystem("memory").exists("bucket/run/s.ckpt.ranks/rank0.pt")
+    assert max_diff(runs["first"], runs["full"]) > 1e-4
+    assert max_diff(runs["resumed"], runs["full"]) == 0.0
