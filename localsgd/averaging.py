@@ -20,8 +20,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
-from typing import Literal, TypeVar, get_args
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Literal, TypeVar, get_args
 
 import torch
 from torch import Tensor, nn
@@ -139,6 +139,8 @@ class Averager:
         self._buckets: list[list[FlatBucket]] = []
         self._backup: list[list[Tensor]] = []
         self._holding_average = False
+        self.after_reset: Callable[[], None] | None = None
+        """Called after every worker's optimizer state was reset (the batched path's stacked state)."""
         self._state_buckets: dict[tuple[object, ...], list[list[Tensor]]] = {}
         self.outer = outer
         self._build()
@@ -259,8 +261,7 @@ class Averager:
         for i in local_bad:  # contribute nothing; receive the healthy workers' average
             for b in self._buckets[i]:
                 b.flat.zero_()
-            for t in _state_tensors(self.optimizers[i], include_step=False):
-                t.zero_()
+            fresh_optimizer_state(self.optimizers[i])  # restarts as with a new optimizer
         divergence = divergence and not bad
         if divergence:
             before = self._save_backup()
@@ -294,8 +295,9 @@ class Averager:
                     b.params.copy_(anchor)
         if policy == "reset":
             for opts in self.optimizers:
-                for t in _state_tensors(opts, include_step=True):
-                    t.zero_()
+                fresh_optimizer_state(opts)
+            if self.after_reset is not None:
+                self.after_reset()
         return result
 
     def _save_backup(self) -> list[list[Tensor]]:
@@ -436,6 +438,38 @@ class Averager:
 def _finite(flat: Tensor) -> bool:
     # one read pass and no model-sized temporary; a sum that overflows is checked element-wise
     return bool(torch.isfinite(flat.sum())) or bool(torch.isfinite(flat).all())
+
+
+def fresh_optimizer_state(optimizers: Sequence[Any]) -> None:
+    """Put each parameter's optimizer state back to what a newly created optimizer of the same type
+    and hyperparameters holds before its first step: nothing for most torch optimizers (their
+    first step creates it: SGD's momentum buffer is then the gradient, NAdam's mu_product 1),
+    Adagrad's accumulators at ``initial_accumulator_value``. Zeroing tensors instead is wrong
+    for those, and keeping ``step`` while zeroing Adam's moments breaks its bias correction.
+
+    The state dicts are cleared and refilled in place: a simulated worker's are shared with
+    the optimizer that runs it. ``optimizers`` may be a simulated worker's views (their ``source``
+    is the optimizer they stand for)."""
+    for opt in optimizers:
+        source = getattr(opt, "source", opt)
+        groups = [
+            {**{k: v for k, v in theirs.items() if k != "params"}, "params": list(mine["params"])}
+            for mine, theirs in zip(opt.param_groups, source.param_groups)
+        ]
+        fresh: dict[Any, dict[str, Any]] = {}  # if it cannot be rebuilt: start empty, as torch's do
+        # the constructor's arguments too: Adagrad fills its accumulators from its own argument
+        for kwargs in (getattr(source, "defaults", {}), {}):
+            try:
+                fresh = type(source)(groups, **kwargs).state
+                break
+            except TypeError:
+                continue
+        for group in opt.param_groups:
+            for p in group["params"]:
+                state = opt.state.get(p)
+                if state is not None:
+                    state.clear()
+                    state.update(fresh.get(p, {}))
 
 
 def _state_tensors(optimizers: Sequence[Optimizer], *, include_step: bool) -> list[Tensor]:

@@ -25,6 +25,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from localsgd.averaging import fresh_optimizer_state
+
 
 class _Replica(nn.Module):
     """One worker's tensors, as an ``nn.Module`` so that the Averager can flatten it."""
@@ -41,9 +43,13 @@ class _OptimizerView:
     """One worker's optimizer state, shaped like an optimizer (``param_groups``, ``state``)
     over that worker's replica parameters, for the Averager's optimizer-state policies."""
 
-    def __init__(self, param_groups: list[dict[str, Any]], state: dict[Tensor, dict[str, Any]]) -> None:
+    def __init__(
+        self, param_groups: list[dict[str, Any]], state: dict[Tensor, dict[str, Any]], source: Optimizer
+    ) -> None:
         self.param_groups = param_groups
         self.state = state
+        self.source = source
+        """The optimizer every worker runs (its type and hyperparameters make a fresh state)."""
 
 
 class WorkerReplicas:
@@ -84,7 +90,7 @@ class WorkerReplicas:
                 groups = [{"params": [rparams[index[p]] for p in g["params"]]} for g in opt.param_groups]
                 view_state = {rparams[index[p]]: s for p, s in state.items()}
                 states.append(state)
-                views.append(_OptimizerView(groups, view_state))
+                views.append(_OptimizerView(groups, view_state, opt))
             self._states.append(states)
             self.optimizer_views.append(views)
         device = self.params[0].device if self.params else torch.device("cpu")
@@ -345,6 +351,11 @@ class BatchedWorkers:
             mine.update({k: v for k, v in theirs.items() if k != "params"})
         self.stacked_optimizer.step()
         self.stacked_optimizer.zero_grad(set_to_none=True)
+        self._share_state()
+
+    def reset_state(self) -> None:
+        """Every worker's optimizer state as a freshly created optimizer's (step counts included)."""
+        fresh_optimizer_state([self.stacked_optimizer])
         self._share_state()
 
     def _share_state(self) -> None:

@@ -199,9 +199,16 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
                 path = "batched" if self.root_device.type == "cuda" else "sequential"
             if path == "batched":
                 check_batched(trainer, optimizers)
+                if self.nonfinite_policy == "skip_worker" and type(optimizers[0]) is not torch.optim.SGD:
+                    raise ValueError(
+                        f"nonfinite='skip_worker' with simulation='batched' cannot restart one worker's "
+                        f"{type(optimizers[0]).__name__} state alone: the stacked optimizer keeps one step "
+                        "count for all workers. HINT: simulation='sequential', or nonfinite='raise'"
+                    )
                 self.batched = BatchedWorkers(
                     self.lightning_module, optimizers[0], self.replicas, self.averager.stacked_views()
                 )
+                self.averager.after_reset = self.batched.reset_state
         self.node_comm = None
         self.num_steps = 0
         self._dirty = False

@@ -247,10 +247,56 @@ def test_nonfinite_skip_worker_averages_the_healthy_ones_and_resets_the_sick_one
         state = snapshot(n)
         assert all(torch.isfinite(v).all() for v in state.values())
         assert max_diff(state, healthy) <= 1e-6
-    assert all(not m.any() for m in _state(opts, "momentum_buffer")[2])  # the sick worker restarts
-    assert all(m.any() for m in _state(opts, "momentum_buffer")[0])
+    # the sick worker restarts as with a new optimizer: no momentum until its next step
+    assert all(not opts[2].state[p] for p in opts[2].param_groups[0]["params"])
+    assert all(m.any() for m in _state(opts[:1], "momentum_buffer")[0])
     nets[0].net[0].weight.data.fill_(float("nan"))
     nets[1].net[0].weight.data.fill_(float("nan"))
     nets[2].net[0].weight.data.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="every worker holds NaN/Inf"):
         avg.average(step=4, nonfinite="skip_worker")
+
+
+FRESH_CASES = [
+    (torch.optim.SGD, {"momentum": 0.9, "dampening": 0.5, "weight_decay": 1e-2}),
+    (torch.optim.Adam, {}),
+    (torch.optim.AdamW, {"amsgrad": True}),
+    (torch.optim.NAdam, {}),
+    (torch.optim.RAdam, {}),
+    (torch.optim.RMSprop, {"momentum": 0.5, "centered": True}),
+    (torch.optim.Adagrad, {"initial_accumulator_value": 0.1}),
+]
+
+
+@pytest.mark.parametrize(("opt_cls", "kwargs"), FRESH_CASES, ids=[c.__name__ for c, _ in FRESH_CASES])
+@pytest.mark.parametrize("how", ["reset", "skip_worker"])
+def test_reset_and_skip_worker_leave_exactly_a_freshly_created_optimizer(opt_cls, kwargs, how) -> None:
+    # three steps of state (step counts, moments), then reset: the next step from the same
+    # parameters and gradient must equal that of an optimizer created just now
+    nets = workers(bn=False, frozen=False)
+    opts = [opt_cls(n.parameters(), lr=0.01, **kwargs) for n in nets]
+    for step in range(3):
+        for k, (n, o) in enumerate(zip(nets, opts)):
+            torch.manual_seed(100 * step + k)
+            o.zero_grad()
+            n(torch.randn(4, 8)).square().mean().backward()
+            o.step()
+    avg = Averager(nets, InProcessCommunicator(K), optimizers=[[o] for o in opts])
+    if how == "reset":
+        avg.average(optimizer_state="reset")
+        restarted = range(K)
+    else:
+        with torch.no_grad():
+            nets[1].net[0].weight[0, 0] = float("nan")
+        avg.average(step=3, nonfinite="skip_worker")
+        restarted = [1]
+    for k in restarted:
+        twin = ToyNet()
+        twin.load_state_dict(nets[k].state_dict())
+        fresh = opt_cls(twin.parameters(), lr=0.01, **kwargs)
+        for model, opt in ((nets[k], opts[k]), (twin, fresh)):
+            torch.manual_seed(7)
+            opt.zero_grad()
+            model(torch.randn(4, 8)).square().mean().backward()
+            opt.step()
+        assert max_diff(snapshot(nets[k]), snapshot(twin)) == 0.0

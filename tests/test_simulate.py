@@ -121,12 +121,18 @@ def test_simulation_refuses_what_it_cannot_simulate() -> None:
         trainer.fit(ToyModule())
 
 
-def _paths(rank: int, optimizer: str) -> dict[str, Any]:
+def _paths(rank: int, optimizer: str, optimizer_state: str = "local") -> dict[str, Any]:
     out = {}
     for path in ("sequential", "batched"):
         pl.seed_everything(0, verbose=False)
         module = _Module(bn=True, lr=0.05, momentum=0.9, weight_decay=1e-3, optimizer=optimizer)
-        strategy = LocalSGDStrategy(sync_every=H, workers_per_device=4, simulation=path, timeout=TIMEOUT)
+        strategy = LocalSGDStrategy(
+            sync_every=H,
+            workers_per_device=4,
+            simulation=path,
+            optimizer_state=optimizer_state,
+            timeout=TIMEOUT,
+        )
         trainer = make_trainer(strategy, max_steps=STEPS - 1)  # ends mid-round: the final average too
         trainer.fit(module)
         out[path] = {"final": snapshot(module), "loss": float(trainer.callback_metrics["train/loss"])}
@@ -134,9 +140,12 @@ def _paths(rank: int, optimizer: str) -> dict[str, Any]:
     return out
 
 
-@pytest.mark.parametrize("optimizer", ["sgd", "adamw"])
-def test_batched_path_equals_sequential_path(optimizer: str) -> None:
-    r = run(_paths, 1, optimizer)[0]
+@pytest.mark.parametrize(
+    ("optimizer", "optimizer_state"), [("sgd", "local"), ("adamw", "local"), ("adamw", "reset")]
+)
+def test_batched_path_equals_sequential_path(optimizer: str, optimizer_state: str) -> None:
+    # with "reset", both paths restart every worker's AdamW as a new optimizer at each sync
+    r = run(_paths, 1, optimizer, optimizer_state)[0]
     assert max_diff(r["batched"]["final"], r["sequential"]["final"]) <= 1e-5
     # per-worker optimizer state is kept per worker in both paths
     for seq_w, bat_w in zip(r["sequential"]["momenta"], r["batched"]["momenta"]):
@@ -194,3 +203,13 @@ def test_project_resnets_with_batchnorm_and_groupnorm_simulate_exactly() -> None
         reference = processes[norm, opt, "sequential"]
         for path in ("sequential", "batched"):
             assert max_diff(simulated[norm, opt, path], reference) <= 1e-5, (norm, opt, path)
+
+
+def test_batched_path_refuses_restarting_one_adaptive_worker_alone() -> None:
+    class _Adam(ToyModule):
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.Adam(self.parameters(), lr=1e-3)
+
+    strategy = LocalSGDStrategy(workers_per_device=2, simulation="batched", nonfinite="skip_worker")
+    with pytest.raises(ValueError, match=r"nonfinite='skip_worker' with simulation='batched' cannot restart"):
+        make_trainer(strategy, max_steps=2).fit(_Adam())
