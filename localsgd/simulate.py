@@ -18,6 +18,7 @@ K-process run. :class:`LocalSGDStrategy(workers_per_device=k)
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -177,6 +178,46 @@ class WorkerReplicas:
                     s.clear()
                     s.update(saved_s)
         self._rng = [(cpu, cuda) for cpu, cuda in state["rng"]]
+
+
+class WorkerLogs:
+    """What ``training_step`` logs on the sequential path, recorded for each simulated worker and
+    logged once, after the last, as the mean over this process's workers (as the batched path
+    does). Without it each worker's value would overwrite the previous one's: the step's row
+    would show the last worker's loss. Values that are not numbers or tensors (a torchmetrics
+    ``Metric``, which accumulates every worker's update itself) are logged as given."""
+
+    def __init__(self, module: Any) -> None:
+        self.module = module
+        self._values: dict[str, list[Any]] = {}
+        self._options: dict[str, tuple[tuple[Any, ...], dict[str, Any]]] = {}
+
+    @contextlib.contextmanager
+    def recording(self) -> Iterator[None]:
+        def log(name: str, value: Any, *args: Any, **kwargs: Any) -> None:
+            self._values.setdefault(name, []).append(value)
+            self._options[name] = (args, kwargs)
+
+        def log_dict(values: dict[str, Any], *args: Any, **kwargs: Any) -> None:
+            for name, value in values.items():
+                log(name, value, *args, **kwargs)
+
+        self.module.log, self.module.log_dict = log, log_dict
+        try:
+            yield
+        finally:
+            del self.module.log, self.module.log_dict
+
+    def flush(self) -> None:
+        """Log the mean of every recorded name over the workers that logged it."""
+        values, self._values = self._values, {}
+        for name, logged in values.items():
+            args, kwargs = self._options[name]
+            if all(isinstance(v, (Tensor, int, float)) for v in logged):
+                value: Any = torch.stack([torch.as_tensor(v).detach().float() for v in logged]).mean()
+            else:
+                value = logged[-1]
+            self.module.log(name, value, *args, **kwargs)
 
 
 class _SetEpoch:

@@ -32,7 +32,14 @@ from localsgd.common import StartMethod, StrategyCommon, raw_optimizer, register
 from localsgd.outer import OuterOptimizer
 from localsgd.resume import ExactResume
 from localsgd.schedules import SyncSchedule, as_schedule
-from localsgd.simulate import BatchedWorkers, WorkerReplicas, check_batched, check_simulation, deal_shards
+from localsgd.simulate import (
+    BatchedWorkers,
+    WorkerLogs,
+    WorkerReplicas,
+    check_batched,
+    check_simulation,
+    deal_shards,
+)
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +155,7 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
         self.batched: BatchedWorkers | None = None
         """The batched simulation path, when it is the one in use."""
         self._batched_step = False
+        self._worker_logs: WorkerLogs | None = None
         self.num_steps = 0
         """Optimizer steps taken so far in this fit (rank-consistent: every rank counts every call)."""
         self._dirty = False
@@ -176,6 +184,7 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
         if k > 1:
             check_simulation(trainer, self.lightning_module, k)
             self.replicas = WorkerReplicas(self.lightning_module, optimizers, k)
+            self._worker_logs = WorkerLogs(self.lightning_module)
             modules: list[torch.nn.Module] = list(self.replicas.replicas)
             worker_optimizers: list[list[Any]] = [list(v) for v in self.replicas.optimizer_views]
         else:
@@ -283,6 +292,12 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
         if self.replicas is not None and self.replicas.active is not None:
             batch = args[0] if args else kwargs.pop("batch")
             args = (batch[self.replicas.active], *args[1:])
+            assert self._worker_logs is not None
+            with self._worker_logs.recording():
+                output = super().training_step(*args, **kwargs)
+            if self.replicas.active == self.replicas.num_workers - 1:
+                self._worker_logs.flush()  # the step's metrics: the mean over the simulated workers
+            return output
         return super().training_step(*args, **kwargs)
 
     def backward(

@@ -213,3 +213,20 @@ def test_batched_path_refuses_restarting_one_adaptive_worker_alone() -> None:
     strategy = LocalSGDStrategy(workers_per_device=2, simulation="batched", nonfinite="skip_worker")
     with pytest.raises(ValueError, match=r"nonfinite='skip_worker' with simulation='batched' cannot restart"):
         make_trainer(strategy, max_steps=2).fit(_Adam())
+
+
+def test_both_paths_log_the_mean_over_the_simulated_workers(tmp_path) -> None:
+    import csv
+
+    columns = {}
+    for path in ("sequential", "batched"):
+        pl.seed_everything(0, verbose=False)
+        strategy = LocalSGDStrategy(sync_every=3, workers_per_device=4, simulation=path)
+        logger = pl.loggers.CSVLogger(tmp_path, name=path)
+        trainer = make_trainer(strategy, max_steps=6, logger=logger, log_every_n_steps=1)
+        trainer.fit(ToyModule(lr=0.1))
+        rows = list(csv.DictReader(open(next((tmp_path / path).rglob("metrics.csv")))))
+        columns[path] = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
+    assert len(columns["sequential"]) == 6
+    # the last worker's loss alone would differ from the mean by far more than rounding
+    assert max(abs(a - b) for a, b in zip(columns["sequential"], columns["batched"], strict=True)) <= 1e-5
