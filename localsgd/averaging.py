@@ -223,14 +223,15 @@ class Averager:
         *,
         comm: Communicator | None = None,
         optimizer_state: OptimizerStatePolicy | None = None,
-        outer: bool = True,
+        outer: bool | Literal["preview"] = True,
         divergence: bool = False,
         step: int | None = None,
         nonfinite: NonfinitePolicy | None = None,
     ) -> float | None:
         """One round: average the models over ``comm`` (default: all workers), take the outer
-        optimizer's step if ``outer``, then apply the optimizer-state policy (``optimizer_state``
-        overrides the averager's for this round).
+        optimizer's step if ``outer`` (``"preview"``: its result, without advancing its state),
+        then apply the optimizer-state policy (``optimizer_state`` overrides the averager's for
+        this round).
 
         With ``divergence``, returns the workers' mean squared distance to their average just
         before it, ``mean_k ||theta_k - mean(theta)||^2`` over the parameters (it costs a copy
@@ -289,7 +290,8 @@ class Averager:
             comm.all_reduce_(sq, op="mean", counted=False)
             result = float(sq[0])
         if outer and self.outer is not None:
-            anchors = self.outer.step([b.params for b in self._buckets[0]])
+            averages = [b.params for b in self._buckets[0]]
+            anchors = self.outer.preview(averages) if outer == "preview" else self.outer.step(averages)
             for worker in self._buckets:
                 for b, anchor in zip(worker, anchors):
                     b.params.copy_(anchor)
@@ -311,11 +313,13 @@ class Averager:
 
     @contextlib.contextmanager
     def averaged(self, tag: str = "eval") -> Iterator[None]:
-        """Temporarily hold the averaged model; each worker's own model comes back on exit."""
+        """Temporarily hold the global model a sync at this step would produce: the average, and
+        with an outer optimizer its step from that average (its state is not advanced). Each
+        worker's own model comes back on exit."""
         self._ensure_intact()
         self._save_backup()
         try:
-            self.average(tag, optimizer_state="local", outer=False)
+            self.average(tag, optimizer_state="local", outer="preview")
             self._holding_average = True
             yield
         finally:

@@ -21,6 +21,7 @@ optimizer's state are part of ``state_dict``.
 
 from __future__ import annotations
 
+import copy
 import functools
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -75,6 +76,20 @@ class OuterOptimizer:
             torch.sub(anchor, average, out=anchor.grad)
         self.optimizer.step()
         return self.anchors
+
+    def preview(self, averages: Sequence[Tensor]) -> list[Tensor]:
+        """What :meth:`step` would return for ``averages``, leaving the anchors and the optimizer's
+        state as they are (what evaluation and checkpoints see mid-round)."""
+        if self.optimizer is None:
+            raise RuntimeError("OuterOptimizer.preview() before bind()")
+        anchors = [a.detach().clone() for a in self.anchors]
+        for anchor, average in zip(anchors, averages):
+            anchor.grad = torch.sub(anchor, average)
+        optimizer = self._factory(anchors)
+        # deep: loading a state dict may keep its tensors, and the step updates them in place
+        optimizer.load_state_dict(copy.deepcopy(self.optimizer.state_dict()))
+        optimizer.step()
+        return anchors
 
     def state_dict(self) -> dict[str, Any]:
         if self.optimizer is None:

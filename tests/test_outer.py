@@ -134,3 +134,29 @@ def test_state_round_trip_at_any_round(make) -> None:
 def test_bad_input(build, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         build()
+
+
+@pytest.mark.parametrize("make", [DiLoCo, lambda: SlowMo(lr=0.8, momentum=0.5)], ids=["diloco", "slowmo"])
+def test_evaluation_mid_round_sees_the_sync_it_would_take_without_advancing_it(make) -> None:
+    # one definition of "the model": evaluation and checkpoints mid-round hold what a sync at
+    # that step produces (outer step included), and the run goes on as if they never happened
+    nets = workers()
+    outer = make()
+    averager = Averager(nets, InProcessCommunicator(K), outer=outer)
+    local_round(nets, seed=1)
+    averager.average()  # a first sync: the outer optimizer now has momentum
+    local_round(nets, seed=2)  # mid-round
+    own = [snapshot(n) for n in nets]
+    state = outer.state_dict()
+    with averager.averaged("eval"):
+        seen = [snapshot(n) for n in nets]
+    assert all(max_diff(snapshot(n), o) == 0.0 for n, o in zip(nets, own))  # workers' own models back
+    after = outer.state_dict()
+    assert all(torch.equal(a, b) for a, b in zip(after["anchors"], state["anchors"]))
+    assert after["optimizer"]["state"][0]["momentum_buffer"].equal(
+        state["optimizer"]["state"][0]["momentum_buffer"]
+    )
+    averager.average()  # the sync that evaluation previewed
+    for net, view in zip(nets, seen):
+        assert max_diff(snapshot(net), view) == 0.0
+    assert max_diff(seen[0], mean_state(own)) > 1e-3  # not the plain average
