@@ -19,6 +19,7 @@ it is copied into a persistent bucket, reduced, and copied back.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal, TypeVar, get_args
@@ -227,6 +228,7 @@ class Averager:
         divergence: bool = False,
         step: int | None = None,
         nonfinite: NonfinitePolicy | None = None,
+        digests: Sequence[float] | None = None,
     ) -> float | None:
         """One round: average the models over ``comm`` (default: all workers), take the outer
         optimizer's step if ``outer`` (``"preview"``: its result, without advancing its state),
@@ -247,8 +249,8 @@ class Averager:
         comm = comm or self.comm
         policy = optimizer_state or self.optimizer_state
         bad: list[int] = []
-        if step is not None or nonfinite is not None:
-            bad, _ = self.agree(step, comm=comm, nonfinite=nonfinite)
+        if step is not None or nonfinite is not None or digests is not None:
+            bad, _ = self.agree(step, comm=comm, nonfinite=nonfinite, digests=digests)
         if bad and nonfinite == "raise":
             raise FloatingPointError(
                 f"non-finite parameters or buffers (NaN/Inf) on worker(s) {bad} of {comm.num_workers} at "
@@ -360,10 +362,16 @@ class Averager:
         comm: Communicator | None = None,
         nonfinite: str | None = None,
         value: float = 0.0,
+        digests: Sequence[float] | None = None,
     ) -> tuple[list[int], float]:
         """One small control all-reduce: the workers check that they are all at optimizer step
         ``step`` (a RuntimeError on every rank otherwise), learn which of them hold NaN/Inf
         (if ``nonfinite``), and reduce ``value`` with max. Returns (workers with NaN/Inf, max value).
+
+        ``digests`` (one per local worker, see :func:`batch_digest`; 0 for none) are compared
+        across all workers: two workers that drew the same first training batch read the same
+        data stream, which makes averaging a no-op (DESIGN pitfall 10), and every rank raises a
+        ValueError naming them.
 
         Every control message has this one layout, so that two ranks that reach different
         control points (one at a sync, one at the end of its epoch) still meet in a collective
@@ -373,15 +381,18 @@ class Averager:
         n = comm.num_workers
         messages = []
         for i, worker in enumerate(self._buckets):
-            t = torch.zeros(n + 3, dtype=torch.float64, device=self._device)
+            t = torch.zeros(2 * n + 3, dtype=torch.float64, device=self._device)
             if nonfinite is not None and not all(_finite(b.flat) for b in worker):
                 t[comm.first_local_worker + i] = 1.0
             if step is not None:
                 t[n], t[n + 1] = step, -step
             t[n + 2] = value
+            if digests is not None:
+                t[n + 3 + comm.first_local_worker + i] = digests[i]
             messages.append(t)
         comm.all_reduce_(messages, op="max", counted=False)
         f = messages[0].cpu()
+        _check_distinct_streams(f[n + 3 :].tolist(), step)
         if step is not None and (int(f[n]) != step or int(-f[n + 1]) != step):
             raise RuntimeError(
                 f"workers are out of step: this one is at optimizer step {step}, others between "
@@ -437,6 +448,42 @@ class Averager:
                 for t in ts:
                     t.copy_(flat[offset : offset + t.numel()].view_as(t))
                     offset += t.numel()
+
+
+def batch_digest(batch: Any) -> float:
+    """A 52-bit fingerprint of a batch's tensors, exact in a float64 control message, never 0."""
+    h = hashlib.blake2b(digest_size=8)
+
+    def feed(x: Any) -> None:
+        if isinstance(x, Tensor):
+            h.update(str((x.dtype, tuple(x.shape))).encode())
+            h.update(x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, (list, tuple)):
+            for item in x:
+                feed(item)
+        elif isinstance(x, dict):
+            for key in sorted(x, key=str):
+                feed(x[key])
+
+    feed(batch)
+    return float(int.from_bytes(h.digest(), "little") >> 12) + 1.0
+
+
+def _check_distinct_streams(digests: list[float], step: int | None) -> None:
+    seen: dict[float, list[int]] = {}
+    for worker, d in enumerate(digests):
+        if d:
+            seen.setdefault(d, []).append(worker)
+    same = [workers for workers in seen.values() if len(workers) > 1]
+    if same:
+        raise ValueError(
+            f"workers {same[0]} trained on identical first batches (checked at the first sync, optimizer "
+            f"step {step}): they read the same data stream, and averaging identical models does nothing. "
+            "Lightning shards only map-style datasets, through its DistributedSampler; an IterableDataset, "
+            "or use_distributed_sampler=False with a loader that ignores the rank, gives every worker the "
+            "same data. HINT: shard the stream by rank (torch.distributed.get_rank() and get_world_size() "
+            "in the dataset's __iter__), or use a map-style dataset with use_distributed_sampler=True"
+        )
 
 
 def _finite(flat: Tensor) -> bool:

@@ -26,7 +26,14 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim import Optimizer
 
-from localsgd.averaging import Averager, BufferPolicy, NonfinitePolicy, OptimizerStatePolicy, check_choice
+from localsgd.averaging import (
+    Averager,
+    BufferPolicy,
+    NonfinitePolicy,
+    OptimizerStatePolicy,
+    batch_digest,
+    check_choice,
+)
 from localsgd.comm import Communicator, ProcessGroupCommunicator, node_communicator
 from localsgd.common import StartMethod, StrategyCommon, raw_optimizer, register
 from localsgd.outer import OuterOptimizer
@@ -156,6 +163,8 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
         """The batched simulation path, when it is the one in use."""
         self._batched_step = False
         self._worker_logs: WorkerLogs | None = None
+        self._first_batches: list[float] | None = None
+        """Per local worker, a digest of its first training batch, until the first sync compares them."""
         self.num_steps = 0
         """Optimizer steps taken so far in this fit (rank-consistent: every rank counts every call)."""
         self._dirty = False
@@ -221,6 +230,7 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
         self.node_comm = None
         self.num_steps = 0
         self._dirty = False
+        self._first_batches = [0.0] * k if self.comm.num_workers > 1 else None
         self._seed_workers_apart(trainer, self.global_rank)
         rank_zero_info(
             f"LocalSGD: {self.comm.num_workers} workers ({self.world_size} processes x {k}), "
@@ -286,6 +296,8 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
     # ------------------------------------------------------------------ the sync
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         self._dirty = True  # a forward pass in train mode moves BatchNorm statistics
+        if self._first_batches is not None:
+            self._fingerprint(args[0] if args else kwargs["batch"])
         if self.batched is not None and self._batched_step:
             batch, batch_idx = (args[0], args[1]) if len(args) > 1 else (args[0], kwargs.get("batch_idx", 0))
             return self.batched.forward_backward(batch, batch_idx)
@@ -299,6 +311,18 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
                 self._worker_logs.flush()  # the step's metrics: the mean over the simulated workers
             return output
         return super().training_step(*args, **kwargs)
+
+    def _fingerprint(self, batch: Any) -> None:
+        """Pitfall 10: each worker's first batch of the fit, compared across workers at the first
+        sync (identical streams make averaging a no-op, and nothing else would notice)."""
+        assert self._first_batches is not None
+        if self.batched is not None and self._batched_step:
+            for i, worker_batch in enumerate(batch):
+                self._first_batches[i] = self._first_batches[i] or batch_digest(worker_batch)
+            return
+        i = 0 if self.replicas is None or self.replicas.active is None else self.replicas.active
+        if not self._first_batches[i]:
+            self._first_batches[i] = batch_digest(batch[i] if self.replicas is not None else batch)
 
     def backward(
         self, closure_loss: torch.Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any
@@ -351,9 +375,14 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
                         "inner", comm=self._node_comm(), optimizer_state=policy, outer=False, **checks
                     )
             else:
+                digests, self._first_batches = self._first_batches, None
                 with self._reported("sync"):
                     divergence = self.averager.average(
-                        "sync", optimizer_state=policy, divergence=self.log_divergence, **checks
+                        "sync",
+                        optimizer_state=policy,
+                        divergence=self.log_divergence,
+                        digests=digests,
+                        **checks,
                     )
                 self._dirty = False
                 if divergence is not None:

@@ -10,7 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from common import TIMEOUT, ToyModule, make_trainer, max_diff, momenta, snapshot
+from common import TIMEOUT, ToyModule, make_trainer, max_diff, momenta, snapshot, toy_dataset
 from distributed import run
 
 from localsgd import LocalSGDStrategy, SGDBaselineStrategy
@@ -272,3 +272,53 @@ def test_a_remote_checkpoint_keeps_its_rank_files_and_resumes_bitwise() -> None:
     assert fsspec.filesystem("memory").exists("bucket/run/s.ckpt.ranks/rank0.pt")
     assert max_diff(runs["first"], runs["full"]) > 1e-4
     assert max_diff(runs["resumed"], runs["full"]) == 0.0
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    """A stream of toy batches; ``sharded`` reads this rank's part, otherwise every rank reads all."""
+
+    def __init__(self, sharded: bool) -> None:
+        self.sharded = sharded
+
+    def __iter__(self) -> Any:
+        x, y = toy_dataset().tensors
+        rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+        for i in range(0, 128, 8):
+            if not self.sharded or (i // 8) % world == rank:
+                yield x[i : i + 8], y[i : i + 8]
+
+
+class _StreamModule(ToyModule):
+    def __init__(self, data: str) -> None:
+        super().__init__()
+        self.data = data
+
+    def train_dataloader(self) -> Any:
+        if self.data == "map_unshuffled":  # with use_distributed_sampler=False: the same order everywhere
+            return torch.utils.data.DataLoader(toy_dataset(), batch_size=8)
+        return torch.utils.data.DataLoader(_Stream(sharded=self.data == "sharded"), batch_size=None)
+
+
+def _streams(rank: int, data: str) -> str | None:
+    pl.seed_everything(0, verbose=False)
+    trainer = make_trainer(
+        LocalSGDStrategy(sync_every=2, timeout=TIMEOUT),
+        max_steps=6,
+        use_distributed_sampler=data != "map_unshuffled",
+    )
+    try:
+        trainer.fit(_StreamModule(data))
+    except ValueError as err:
+        return str(err)
+    return None
+
+
+@pytest.mark.parametrize("data", ["iterable", "map_unshuffled", "sharded"])
+def test_workers_reading_the_same_stream_fail_at_the_first_sync(data: str) -> None:
+    errors = run(_streams, 2, data)
+    if data == "sharded":  # each rank its own part: trains
+        assert errors == [None, None]
+        return
+    for err in errors:  # every rank says it, at the first sync
+        assert err is not None and "workers [0, 1] trained on identical first batches" in err
+        assert "optimizer step 2" in err and "HINT: shard the stream by rank" in err
