@@ -190,7 +190,7 @@ def test_fit_runs_a_config_on_two_cpu_processes(tmp_path: Path) -> None:
     (run,) = (tmp_path / "runs/quickstart/sgd").iterdir()
     checkpoint = torch.load(run / "checkpoints/last.ckpt", weights_only=False, map_location="cpu")
     assert checkpoint["global_step"] == 12
-    assert checkpoint["localsgd"] == {"num_steps": 12, "world_size": 2}
+    assert checkpoint["localsgd"] == {"strategy": "sgd_baseline", "num_steps": 12, "world_size": 2}
     rows = [r for r in csv.DictReader((run / "metrics.csv").open()) if r.get("comm/rounds")]
     assert rows  # logged every 10 steps
     for row in rows:  # the baseline all-reduces once per step
