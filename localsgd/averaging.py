@@ -229,11 +229,14 @@ class Averager:
         step: int | None = None,
         nonfinite: NonfinitePolicy | None = None,
         digests: Sequence[float] | None = None,
+        parameters: bool = True,
     ) -> float | None:
         """One round: average the models over ``comm`` (default: all workers), take the outer
         optimizer's step if ``outer`` (``"preview"``: its result, without advancing its state),
         then apply the optimizer-state policy (``optimizer_state`` overrides the averager's for
-        this round).
+        this round). ``parameters=False``: the parameters are already equal on every worker (their
+        gradients were all-reduced before the step); only the buffers are averaged, and the
+        optimizer states, equal too, are left as they are.
 
         With ``divergence``, returns the workers' mean squared distance to their average just
         before it, ``mean_k ||theta_k - mean(theta)||^2`` over the parameters (it costs a copy
@@ -260,24 +263,28 @@ class Averager:
         num_good = comm.num_workers - len(bad)
         if num_good == 0:
             raise FloatingPointError(f"every worker holds NaN/Inf parameters at optimizer step {step}")
+        if bad:
+            parameters = True  # a worker's buffers went bad: average everything over the healthy ones
         local_bad = [i for i in range(len(self._buckets)) if comm.first_local_worker + i in bad]
         for i in local_bad:  # contribute nothing; receive the healthy workers' average
             for b in self._buckets[i]:
                 b.flat.zero_()
             fresh_optimizer_state(self.optimizers[i])  # restarts as with a new optimizer
-        divergence = divergence and not bad
+        divergence = divergence and not bad and parameters
         if divergence:
             before = self._save_backup()
         with comm.round(tag):
             for i in range(len(self._buckets[0])):
-                flats = [w[i].flat for w in self._buckets]
+                flats = [w[i].flat if parameters else w[i].flat[w[i].param_numel :] for w in self._buckets]
+                if not flats[0].numel():
+                    continue
                 if bad:
                     comm.all_reduce_(flats, op="sum")
                     for f in flats:
                         f.div_(num_good)
                 else:
                     comm.all_reduce_(flats, op="mean")
-            if policy == "average":
+            if policy == "average" and parameters:
                 self._average_optimizer_state(comm, num_good)
         result = None
         if divergence:

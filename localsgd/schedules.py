@@ -86,6 +86,13 @@ class SyncSchedule(ABC):
         del step
         return None
 
+    def synchronous_at(self, step: int) -> bool:
+        """Whether optimizer step ``step`` (called before it) is a round of its own, H = 1, as
+        synchronous SGD: the strategy may then all-reduce the gradients before the step instead
+        of averaging the parameters after it (the same for SGD, not for Adam and the like)."""
+        del step
+        return False
+
     def state_dict(self) -> dict[str, Any]:
         return {}
 
@@ -109,6 +116,9 @@ class Constant(SyncSchedule):
 
     def should_sync(self, step: int, lr: float) -> bool:
         return step % self.every == 0
+
+    def synchronous_at(self, step: int) -> bool:
+        return self.every == 1
 
     def __repr__(self) -> str:
         return f"Constant(every={self.every})"
@@ -170,6 +180,9 @@ class PostLocal(SyncSchedule):
 
     def optimizer_state_policy(self, step: int) -> str | None:
         return "average" if step <= self._switch() else None
+
+    def synchronous_at(self, step: int) -> bool:
+        return step <= self._switch()
 
     def state_dict(self) -> dict[str, Any]:
         return {"switch_step": self.switch_step, "last_step": self._last_step}

@@ -36,6 +36,7 @@ from localsgd.averaging import (
 )
 from localsgd.comm import Communicator, ProcessGroupCommunicator, node_communicator
 from localsgd.common import StartMethod, StrategyCommon, raw_optimizer, register
+from localsgd.gradients import GradientAverager, gradients_of
 from localsgd.outer import OuterOptimizer
 from localsgd.resume import ExactResume
 from localsgd.schedules import SyncSchedule, as_schedule
@@ -49,6 +50,8 @@ from localsgd.simulate import (
 )
 
 log = logging.getLogger(__name__)
+
+H1Sync = Literal["auto", "gradients", "parameters"]
 
 
 class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
@@ -86,6 +89,11 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
             NaN/Inf parameters or buffers, and that all are at the same step: ``"raise"`` fails
             on every rank naming the workers and the step; ``"skip_worker"`` leaves them out
             of that average and restarts them from it, optimizer state zeroed.
+        h1_sync: how a round of one step (``sync_every=1``, ``PostLocal``'s first phase) makes the
+            workers synchronous: ``"gradients"`` all-reduces the gradients before the step (DDP's
+            arithmetic: synchronous training for every optimizer), ``"parameters"`` averages the
+            parameters and optimizer state after it (the same for SGD with momentum and weight
+            decay, not for Adam and the like), ``"auto"``: gradients for every optimizer but SGD.
         process_group_backend: ``"nccl"``, ``"gloo"``, ...; by default NCCL on GPUs, gloo on CPU.
         timeout: timeout of every collective.
         start_method: how Lightning starts the worker processes when it launches them itself.
@@ -107,6 +115,7 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
         simulation: Literal["auto", "sequential", "batched"] = "auto",
         log_divergence: bool = False,
         nonfinite: NonfinitePolicy = "raise",
+        h1_sync: H1Sync = "auto",
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         start_method: StartMethod = "popen",
@@ -130,6 +139,7 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
         self.divergence: float | None = None
         """The last ``localsgd/divergence`` measured (with ``log_divergence=True``)."""
         self.nonfinite_policy = check_choice("nonfinite", nonfinite, ("raise", "skip_worker"))
+        self.h1_sync = check_choice("h1_sync", h1_sync, get_args(H1Sync))
         self.schedule: SyncSchedule = as_schedule(sync_every, "sync_every")
         if outer_optimizer is not None and not isinstance(outer_optimizer, OuterOptimizer):
             raise ValueError(
@@ -231,12 +241,17 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
         self.num_steps = 0
         self._dirty = False
         self._first_batches = [0.0] * k if self.comm.num_workers > 1 else None
+        self._gradients = GradientAverager(self.comm)
+        linear = all(type(o) is torch.optim.SGD for o in optimizers)
+        self._h1_gradients = self.h1_sync == "gradients" or (self.h1_sync == "auto" and not linear)
         self._seed_workers_apart(trainer, self.global_rank)
         rank_zero_info(
             f"LocalSGD: {self.comm.num_workers} workers ({self.world_size} processes x {k}), "
             f"schedule {self.schedule!r}, "
             f"buffers={self.buffer_policy!r}, optimizer_state={self.optimizer_state_policy!r}, "
-            f"outer_optimizer={self.outer_optimizer!r}, {self.averager.num_bytes} bytes per worker per sync"
+            f"outer_optimizer={self.outer_optimizer!r}, rounds of one step through the "
+            f"{'gradients' if self._h1_gradients else 'parameters'}, "
+            f"{self.averager.num_bytes} bytes per worker per sync"
         )
 
     def process_dataloader(self, dataloader: object) -> object:
@@ -338,7 +353,17 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
         model: pl.LightningModule | torch.nn.Module | None = None,
         **kwargs: Any,
     ) -> Any:
+        # a round of one step from equal models, for an optimizer whose update is not linear in
+        # the gradient: all-reduce the gradients before the step, as DDP does
+        through_gradients = (
+            self.averager is not None
+            and self._h1_gradients
+            and not self._dirty
+            and self.schedule.synchronous_at(self.num_steps + 1)
+        )
         if self.replicas is None:
+            if through_gradients:
+                closure = self._averaging_gradients(closure)
             output = super().optimizer_step(optimizer, closure, model, **kwargs)
         elif self.batched is not None:
             # the closure runs the batched forward/backward; the module's own parameters have
@@ -348,7 +373,14 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
                 output = super().optimizer_step(optimizer, closure, model, **kwargs)
             finally:
                 self._batched_step = False
+            if through_gradients:
+                stacked = gradients_of(list(self.batched.trainable.values()))
+                self._gradients.all_reduce(
+                    [[g[w] for g in stacked] for w in range(self.replicas.num_workers)]
+                )
             self.batched.step()
+        elif through_gradients:
+            output = self._sequential_gradient_step(optimizer, closure, model, **kwargs)
         else:
             # every simulated worker runs the closure (its training_step, backward) and the step
             for worker in range(self.replicas.num_workers):
@@ -356,10 +388,43 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
                 output = super().optimizer_step(optimizer, closure, model, **kwargs)
             self.replicas.deactivate()
         if self.averager is not None:
-            self._after_step(optimizer)
+            self._after_step(optimizer, parameters_equal=through_gradients)
         return output
 
-    def _after_step(self, optimizer: Optimizer) -> None:
+    def _trainable(self) -> list[torch.nn.Parameter]:
+        assert self.lightning_module is not None
+        return [p for p in self.lightning_module.parameters() if p.requires_grad]
+
+    def _averaging_gradients(self, closure: Callable[[], Any]) -> Callable[[], Any]:
+        def closure_then_average() -> Any:
+            output = closure()  # forward and backward
+            self._gradients.all_reduce([gradients_of(self._trainable())])
+            return output
+
+        return closure_then_average
+
+    def _sequential_gradient_step(
+        self, optimizer: Optimizer, closure: Callable[[], Any], model: Any, **kwargs: Any
+    ) -> Any:
+        """Simulated workers, one after another, in a round of one step through the gradients:
+        every worker's forward and backward, the all-reduce, then every worker's step."""
+        assert self.replicas is not None
+        params = self._trainable()
+        outputs, grads = [], []
+        for worker in range(self.replicas.num_workers):
+            self.replicas.activate(worker)
+            outputs.append(closure())
+            grads.append(gradients_of(params))  # kept: the next activation clears .grad
+        self._gradients.all_reduce(grads)
+        for worker, (out, worker_grads) in enumerate(zip(outputs, grads)):
+            self.replicas.activate(worker)
+            for p, g in zip(params, worker_grads):
+                p.grad = g
+            output = super().optimizer_step(optimizer, lambda out=out: out, model, **kwargs)
+        self.replicas.deactivate()
+        return output
+
+    def _after_step(self, optimizer: Optimizer, *, parameters_equal: bool = False) -> None:
         # Counted on every rank for every call, also when AMP skipped the update or the
         # closure returned None, so all ranks reach the same collectives (pitfall 2).
         assert self.averager is not None
@@ -382,6 +447,7 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
                         optimizer_state=policy,
                         divergence=self.log_divergence,
                         digests=digests,
+                        parameters=not parameters_equal,
                         **checks,
                     )
                 self._dirty = False
@@ -439,7 +505,7 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
         outer_rounds, outer_bytes = self.comm.rounds("sync"), self.comm.bytes("sync")
         metrics: dict[str, float] = {
             "comm/rounds": outer_rounds,
-            "comm/bytes": outer_bytes,
+            "comm/bytes": outer_bytes + self.comm.bytes("grad"),  # rounds of one step through gradients
             "localsgd/sync_every": self.schedule.period,
             "localsgd/round": outer_rounds,
         }

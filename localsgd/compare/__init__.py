@@ -25,8 +25,9 @@ changed method, or a run that was interrupted, is trained again from the start).
 The SGD baseline here is ``sync_every: 1`` with ``optimizer_state: average``: averaging the
 workers after every step from a common start is synchronous SGD with total batch K x B
 (tests/test_strategy_distributed.py checks it against :class:`~localsgd.SGDBaselineStrategy`
-for SGD with momentum and weight decay). With Adam it is not (averaging Adam updates is not
-averaging gradients): compare Adam runs at K = 1.
+for SGD with momentum and weight decay). For Adam and the like, whose update is not linear in
+the gradient, ``sync_every: 1`` all-reduces the gradients before each step instead
+(``h1_sync="auto"``), which is synchronous Adam (tested against the baseline too).
 """
 
 from __future__ import annotations

@@ -1,6 +1,9 @@
-"""Resumes from the checkpoints real runs write: at the end of an epoch (ModelCheckpoint's default),
-mid-epoch, at an epoch's last batch, and at validation end (a monitored checkpoint), on 2 gloo
-processes. Each resumed run must end where the uninterrupted one ends: same step, same parameters."""
+"""The configurations real users run, on 2 gloo processes unless said: resumes from the checkpoints
+real runs write (at the end of an epoch, ModelCheckpoint's default; mid-epoch; at an epoch's last
+batch; at validation end; through a last.ckpt link; on a remote filesystem), switching between SGD
+and Local SGD through a checkpoint, evaluating a checkpoint, data streams that are not sharded, and
+synchronous phases with Adam. A resumed run must end where the uninterrupted one ends: same step,
+same parameters."""
 
 from __future__ import annotations
 
@@ -13,7 +16,7 @@ import torch
 from common import TIMEOUT, ToyModule, make_trainer, max_diff, momenta, snapshot, toy_dataset
 from distributed import run
 
-from localsgd import LocalSGDStrategy, SGDBaselineStrategy
+from localsgd import LocalSGDStrategy, PostLocal, SGDBaselineStrategy
 
 pytestmark = pytest.mark.distributed
 
@@ -322,3 +325,38 @@ def test_workers_reading_the_same_stream_fail_at_the_first_sync(data: str) -> No
     for err in errors:  # every rank says it, at the first sync
         assert err is not None and "workers [0, 1] trained on identical first batches" in err
         assert "optimizer step 2" in err and "HINT: shard the stream by rank" in err
+
+
+class _AdamW(ToyModule):
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=1e-2)
+
+
+def _synchronous_adam(rank: int, variant: str) -> dict[str, Any]:
+    pl.seed_everything(0, verbose=False)
+    if variant == "sgd":
+        strategy: Any = SGDBaselineStrategy(timeout=TIMEOUT)
+    else:
+        kwargs: dict[str, Any] = {"h1_sync": "parameters"} if variant == "parameters" else {}
+        if variant in ("sequential", "batched"):  # 1 process x 2 simulated workers
+            kwargs.update(workers_per_device=2, simulation=variant)
+        strategy = LocalSGDStrategy(sync_every=PostLocal(4, switch_step=10), timeout=TIMEOUT, **kwargs)
+    module = _AdamW()
+    trainer = make_trainer(strategy, max_steps=10)
+    trainer.fit(module)
+    return {"final": snapshot(module), "rounds": float(trainer.callback_metrics["comm/rounds"])}
+
+
+def test_post_local_first_phase_with_adamw_is_synchronous_adamw() -> None:
+    baseline = run(_synchronous_adam, 2, "sgd")[0]
+    for variant in ("auto", "parameters"):
+        r = run(_synchronous_adam, 2, variant)
+        assert max_diff(r[0]["final"], r[1]["final"]) == 0.0  # the workers stay equal
+        assert r[0]["rounds"] == 10
+        if variant == "auto":  # AdamW: the gradients are all-reduced before each step, as DDP does
+            assert max_diff(r[0]["final"], baseline["final"]) <= 1e-6
+        else:  # averaging AdamW's updates after each step is another algorithm
+            assert max_diff(r[0]["final"], baseline["final"]) > 1e-4
+    for path in ("sequential", "batched"):  # the simulated workers of one process do the same
+        (r,) = run(_synchronous_adam, 1, path)
+        assert max_diff(r["final"], baseline["final"]) <= 1e-6, path
