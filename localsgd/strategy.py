@@ -202,6 +202,12 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
         self.comm = ProcessGroupCommunicator(workers_per_process=k)
         if k > 1:
             check_simulation(trainer, self.lightning_module, k)
+            if getattr(self.precision_plugin, "scaler", None) is not None:
+                raise ValueError(
+                    f"precision={trainer.precision!r} with workers_per_device ({k}) > 1 is not supported: "
+                    "its loss scaling would need one GradScaler per simulated worker, as K processes have. "
+                    "HINT: precision='bf16-mixed' (no loss scaling), or one worker per process"
+                )
             self.replicas = WorkerReplicas(self.lightning_module, optimizers, k)
             self._worker_logs = WorkerLogs(self.lightning_module)
             modules: list[torch.nn.Module] = list(self.replicas.replicas)
@@ -315,7 +321,8 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
             self._fingerprint(args[0] if args else kwargs["batch"])
         if self.batched is not None and self._batched_step:
             batch, batch_idx = (args[0], args[1]) if len(args) > 1 else (args[0], kwargs.get("batch_idx", 0))
-            return self.batched.forward_backward(batch, batch_idx)
+            with self.precision_plugin.train_step_context():  # autocast under bf16-mixed, as K processes
+                return self.batched.forward_backward(batch, batch_idx)
         if self.replicas is not None and self.replicas.active is not None:
             batch = args[0] if args else kwargs.pop("batch")
             args = (batch[self.replicas.active], *args[1:])
@@ -343,7 +350,10 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
         self, closure_loss: torch.Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any
     ) -> Any:
         if self._batched_step:
-            return closure_loss  # the batched path computed every worker's gradients already
+            # the batched path computed every worker's gradients already; the hooks still run
+            assert self.lightning_module is not None
+            closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
+            return self.precision_plugin.post_backward(closure_loss, self.lightning_module)
         return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     def optimizer_step(

@@ -42,6 +42,7 @@ API: list[tuple[str, Callable[[], object], str]] = [
     ("simulation", lambda: LocalSGDStrategy(simulation="gpu"), r"simulation \('gpu'\) must be one of"),
     ("nonfinite", lambda: LocalSGDStrategy(nonfinite="ignore"), r"nonfinite \('ignore'\) must be one of"),
     ("log_divergence", lambda: LocalSGDStrategy(log_divergence="yes"), r"log_divergence \('yes'\)"),
+    ("h1_sync", lambda: LocalSGDStrategy(h1_sync="grads"), r"h1_sync \('grads'\) must be one of 'auto'"),
     ("start_method", lambda: LocalSGDStrategy(start_method="thread"), r"start_method \('thread'\)"),
     ("baseline flag", lambda: SGDBaselineStrategy(find_unused_parameters=1), r"find_unused_parameters \(1\)"),
     ("QSR base", lambda: QSR(0, 0.1), r"base \(0\) must be an integer >= 1"),

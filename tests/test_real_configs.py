@@ -360,3 +360,90 @@ def test_post_local_first_phase_with_adamw_is_synchronous_adamw() -> None:
     for path in ("sequential", "batched"):  # the simulated workers of one process do the same
         (r,) = run(_synchronous_adam, 1, path)
         assert max_diff(r["final"], baseline["final"]) <= 1e-6, path
+
+
+class _Precision(ToyModule):
+    """Records, per training_step call, whether autocast is on and the dtype of a matmul's output."""
+
+    def __init__(self) -> None:
+        super().__init__(lr=0.1)
+        self.autocast: list[bool] = []
+        self.dtypes: list[torch.dtype] = []
+
+    def training_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        logits = self.model(x)
+        self.autocast.append(torch.is_autocast_enabled("cpu"))
+        self.dtypes.append(self.model.net(x).dtype)  # a matmul: bf16 under autocast
+        return torch.nn.functional.cross_entropy(logits.float(), y)
+
+
+class _BackwardHooks(pl.Callback):
+    def __init__(self) -> None:
+        self.before = self.after = 0
+
+    def on_before_backward(self, *args: Any) -> None:
+        self.before += 1
+
+    def on_after_backward(self, *args: Any) -> None:
+        self.after += 1
+
+
+def _mixed(rank: int, variant: str) -> dict[str, Any]:
+    pl.seed_everything(0, verbose=False)
+    kwargs: dict[str, Any] = {}
+    if variant in ("sequential", "batched"):
+        kwargs = {"workers_per_device": 2, "simulation": variant}
+    module, hooks = _Precision(), _BackwardHooks()
+    strategy = LocalSGDStrategy(sync_every=2, timeout=TIMEOUT, **kwargs)
+    trainer = make_trainer(strategy, max_steps=4, precision="bf16-mixed", callbacks=[hooks])
+    trainer.fit(module)
+    return {
+        "autocast": module.autocast,
+        "dtypes": module.dtypes,
+        "hooks": (hooks.before, hooks.after),
+        "final": snapshot(module),
+    }
+
+
+@pytest.mark.parametrize("variant", ["processes", "sequential", "batched"])
+def test_bf16_mixed_autocasts_training_step_and_runs_the_backward_hooks(variant: str) -> None:
+    results = run(_mixed, 2 if variant == "processes" else 1, variant)
+    for r in results:
+        assert r["autocast"] and all(r["autocast"]), variant  # the batched path trained in fp32 before
+        assert set(r["dtypes"]) == {torch.bfloat16}
+        calls = 4 * (2 if variant == "sequential" else 1)  # once per worker and step; batched: once per step
+        assert r["hooks"] == (calls, calls)
+        assert all(v.dtype == torch.float32 for v in r["final"].values() if v.is_floating_point())
+
+
+def _true_precision(rank: int, precision: str) -> dict[str, Any]:
+    pl.seed_everything(rank, verbose=False)
+    module = ToyModule(lr=0.1)
+    init = snapshot(module)
+    strategy = LocalSGDStrategy(sync_every=2, timeout=TIMEOUT)
+    trainer = make_trainer(strategy, max_steps=4, precision=precision)
+    trainer.fit(module)
+    dtypes = sorted({str(b.flat.dtype) for b in strategy.averager._buckets[0]})
+    return {"init": init, "final": snapshot(module), "dtypes": dtypes, "bytes": strategy.averager.num_bytes}
+
+
+@pytest.mark.parametrize("precision", ["bf16-true", "16-true"])
+def test_true_half_precision_models_average_in_their_dtype(precision: str) -> None:
+    dtype = torch.bfloat16 if precision == "bf16-true" else torch.float16
+    results = run(_true_precision, 2, precision)
+    numel = sum(v.numel() for v in results[0]["final"].values() if v.is_floating_point())
+    for r in results:
+        assert r["dtypes"] == [str(dtype)] and r["bytes"] == 2 * numel  # buckets in that dtype
+        assert all(v.dtype == dtype for v in r["final"].values() if v.is_floating_point())
+        assert max_diff(r["final"], r["init"]) > 1e-3  # it trained
+    assert max_diff(results[0]["final"], results[1]["final"]) == 0.0  # and ended on one average
+
+
+def test_loss_scaling_with_simulated_workers_is_refused() -> None:
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+    trainer = make_trainer(LocalSGDStrategy(workers_per_device=2), max_steps=2, plugins=[plugin])
+    with pytest.raises(ValueError, match=r"would need one GradScaler per simulated worker"):
+        trainer.fit(ToyModule())
