@@ -26,6 +26,7 @@ from typing import Any, Literal, TypeVar, get_args
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import UninitializedTensorMixin as _Uninitialized
 from torch.optim import Optimizer
 
 from localsgd.comm import Communicator
@@ -64,7 +65,14 @@ class FlatBucket:
         offset = 0
         for t in self.tensors:
             n = t.numel()
-            view = self.flat[offset : offset + n].view_as(t)
+            if not _dense(t):
+                raise ValueError(
+                    f"a parameter or buffer of shape {tuple(t.shape)} has strides {t.stride()}, which "
+                    "overlap or leave gaps: it cannot be a view of flat storage. HINT: make it "
+                    "contiguous (or channels_last) before fit"
+                )
+            # same strides as before: a channels_last weight stays channels_last
+            view = self.flat.as_strided(t.shape, t.stride(), self.flat.storage_offset() + offset)
             view.copy_(t.data)
             # keeps the Parameter object (and every optimizer reference to it)
             t.data = view
@@ -80,6 +88,16 @@ class FlatBucket:
     def params(self) -> Tensor:
         """The parameter part of the flat tensor."""
         return self.flat[: self.param_numel]
+
+
+def _dense(t: Tensor) -> bool:
+    """Whether ``t``'s elements fill ``numel`` consecutive places (in any dimension order)."""
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
 
 
 def _float_tensors(module: nn.Module, buffers: BufferPolicy) -> list[Tensor]:
@@ -149,6 +167,17 @@ class Averager:
 
     # ------------------------------------------------------------------ layout
     def _build(self) -> None:
+        for m in self.modules:
+            lazy = [
+                n for n, t in (*m.named_parameters(), *m.named_buffers()) if isinstance(t, _Uninitialized)
+            ]
+            if lazy:
+                raise ValueError(
+                    f"the model has uninitialized (lazy) parameters or buffers {lazy}: their shapes are not "
+                    "known yet, so they cannot be averaged. HINT: run one forward pass on a sample batch in "
+                    "LightningModule.setup() (or configure_model) so that lazy modules materialize before fit"
+                )
+        anchors = self._anchors_by_tensor()
         per_worker = [_group(_float_tensors(m, self.buffers)) for m in self.modules]
         keys = list(per_worker[0])
         for i, groups in enumerate(per_worker[1:], start=1):
@@ -169,18 +198,52 @@ class Averager:
             for w, groups in enumerate(per_worker)
         ]
         self._backup = []
-        if self.outer is not None and self.outer.anchors:
-            if [a.shape for a in self.outer.anchors] != [b.params.shape for b in self._buckets[0]]:
-                log.warning("the model's layout changed: the outer optimizer restarts from the current model")
-                self._bind_outer()
+        if anchors is not None:
+            self._rebind_outer(anchors)
 
     def _bind_outer(self) -> None:
         if self.outer is not None:
             self.outer.bind([b.params for b in self._buckets[0]])
 
+    def _anchors_by_tensor(self) -> dict[int, Tensor] | None:
+        """The outer optimizer's anchor of each parameter, by ``id`` of worker 0's parameter."""
+        if self.outer is None or not self.outer.anchors or not self._buckets:
+            return None
+        out: dict[int, Tensor] = {}
+        for bucket, anchor in zip(self._buckets[0], self.outer.anchors):
+            for t, offset in zip(bucket.tensors, bucket.offsets):
+                if isinstance(t, nn.Parameter):
+                    out[id(t)] = anchor[offset : offset + t.numel()].clone()
+        return out
+
+    def _rebind_outer(self, anchors: dict[int, Tensor]) -> None:
+        """After a rebuild, the global model carried into the new layout: the old anchor of every
+        parameter that had one (identical on every rank), rank 0's current value for a new one."""
+        assert self.outer is not None
+        new = []
+        for bucket in self._buckets[0]:
+            anchor = bucket.params.detach().clone()
+            for t, offset in zip(bucket.tensors, bucket.offsets):
+                old = anchors.get(id(t))
+                if old is not None and old.numel() == t.numel():
+                    anchor[offset : offset + t.numel()].copy_(old)
+            new.append(anchor)
+        for anchor in new:  # one tensor per local worker: the same anchor for all of them
+            self.comm.broadcast_([anchor] * self.comm.num_local_workers, src=0)
+        if [a.shape for a in self.outer.anchors] != [a.shape for a in new]:
+            log.warning("the model's layout changed: the outer optimizer's state (momentum) restarts")
+        self.outer.bind(new)
+
     def _ensure_intact(self) -> None:
-        if not all(b.intact() for worker in self._buckets for b in worker):
-            log.debug("a parameter or buffer was re-pointed since the last round; rebuilding buckets")
+        moved = not all(b.intact() for worker in self._buckets for b in worker)
+        grown = any(
+            sum(len(b.tensors) for b in worker) != len(_float_tensors(m, self.buffers))
+            for worker, m in zip(self._buckets, self.modules)
+        )
+        if moved or grown:
+            # a tensor re-pointed (module.to(...), a buffer re-assigned) or one added since the
+            # last round: rebuilt, so that it is averaged from now on, never silently left out
+            log.debug("the model's tensors changed since the last round; rebuilding buckets")
             self._build()
 
     def stacked_views(self) -> dict[int, Tensor]:
@@ -190,7 +253,11 @@ class Averager:
         views: dict[int, Tensor] = {}
         for bucket, storage in zip(self._buckets[0], self._storage):
             for t, offset in zip(bucket.tensors, bucket.offsets):
-                views[id(t)] = storage[:, offset : offset + t.numel()].view(storage.shape[0], *t.shape)
+                views[id(t)] = storage.as_strided(
+                    (storage.shape[0], *t.shape),
+                    (storage.stride(0), *t.stride()),
+                    storage.storage_offset() + offset,
+                )
         return views
 
     @property

@@ -119,6 +119,18 @@ class WorkerReplicas:
         if self._cuda is not None and state[1] is not None:
             torch.cuda.set_rng_state(state[1], self._cuda)
 
+    def check_unchanged(self) -> None:
+        """A parameter or buffer added to the model after setup has no copy in the simulated
+        workers: a clear error rather than training it outside Local SGD."""
+        params, buffers = list(self.module.parameters()), list(self.module.buffers())
+        if len(params) != len(self.params) or len(buffers) != len(self.buffers):
+            raise ValueError(
+                f"the model has {len(params)} parameters and {len(buffers)} buffers, {len(self.params)} and "
+                f"{len(self.buffers)} when fit started: simulated workers (workers_per_device > 1) cannot "
+                "take in tensors added later. HINT: create every parameter before fit (lazy modules: run "
+                "one forward pass in LightningModule.setup())"
+            )
+
     def point_at(self, worker: int) -> None:
         """Make ``module``'s tensors and the optimizers' state those of ``worker`` (no RNG change)."""
         replica = self.replicas[worker]

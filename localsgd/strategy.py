@@ -442,6 +442,8 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
         self._dirty = True
         decision = self.schedule.should_sync(self.num_steps, float(optimizer.param_groups[0]["lr"]))
         if decision:
+            if self.replicas is not None:
+                self.replicas.check_unchanged()
             policy = self._schedule_policy()
             checks: dict[str, Any] = {"step": self.num_steps, "nonfinite": self.nonfinite_policy}
             if decision == "inner":

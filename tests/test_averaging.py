@@ -300,3 +300,67 @@ def test_reset_and_skip_worker_leave_exactly_a_freshly_created_optimizer(opt_cls
             model(torch.randn(4, 8)).square().mean().backward()
             opt.step()
         assert max_diff(snapshot(nets[k]), snapshot(twin)) == 0.0
+
+
+class _Conv(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+
+def test_channels_last_parameters_keep_their_memory_format_and_average_right() -> None:
+    nets = []
+    for k in range(K):
+        torch.manual_seed(k)
+        nets.append(_Conv().to(memory_format=torch.channels_last))
+    expected = mean_state([snapshot(n) for n in nets])
+    avg = Averager(nets, InProcessCommunicator(K))
+    for n in nets:
+        assert n.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    avg.average()
+    for n in nets:
+        assert max_diff(snapshot(n), expected) <= 1e-6
+        assert n.conv.weight.is_contiguous(memory_format=torch.channels_last)
+    # the batched path's stacked views see each worker's tensor in its own layout
+    for k, n in enumerate(nets):
+        n.conv.weight.data.add_(k)
+    view = avg.stacked_views()[id(nets[0].conv.weight)]
+    for k, n in enumerate(nets):
+        assert torch.equal(view[k], n.conv.weight)
+
+
+def test_lazy_parameters_at_setup_are_a_clear_error() -> None:
+    nets = [nn.Sequential(nn.LazyLinear(4)) for _ in range(K)]
+    with pytest.raises(
+        ValueError, match=r"uninitialized \(lazy\) parameters or buffers \['0.weight', '0.bias'\]"
+    ):
+        Averager(nets, InProcessCommunicator(K))
+
+
+def test_a_parameter_added_after_setup_is_averaged_from_then_on() -> None:
+    nets = workers()
+    avg = Averager(nets, InProcessCommunicator(K))
+    for k, n in enumerate(nets):
+        n.extra = nn.Parameter(torch.full((3,), float(k)))
+    avg.average()
+    for n in nets:
+        assert torch.equal(n.extra.detach(), torch.full((3,), 1.0))  # mean of 0, 1, 2
+    assert avg.num_bytes == sum(t.numel() * 4 for t in snapshot(nets[0]).values() if t.is_floating_point())
+
+
+def test_a_rebuild_keeps_the_outer_optimizers_anchor() -> None:
+    from localsgd.outer import DiLoCo
+
+    nets = workers()
+    avg = Averager(nets, InProcessCommunicator(K), outer=DiLoCo())
+    anchor = [a.clone() for a in avg.outer.anchors]
+    for k, n in enumerate(nets):  # mid-round: every worker moved its own way
+        with torch.no_grad():
+            for p in n.parameters():
+                p.add_(0.1 * (k + 1))
+        n.double()  # re-points every tensor into a new dtype: the buckets are rebuilt
+    avg.average(outer=False)
+    # the anchor is still the global model of the last sync (on every rank alike), not a worker's model
+    assert [a.dtype for a in avg.outer.anchors] == [torch.float64]
+    assert torch.equal(avg.outer.anchors[0], anchor[0].double())

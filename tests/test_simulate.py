@@ -230,3 +230,16 @@ def test_both_paths_log_the_mean_over_the_simulated_workers(tmp_path) -> None:
     assert len(columns["sequential"]) == 6
     # the last worker's loss alone would differ from the mean by far more than rounding
     assert max(abs(a - b) for a, b in zip(columns["sequential"], columns["batched"], strict=True)) <= 1e-5
+
+
+def test_a_parameter_added_after_setup_is_refused_with_simulated_workers() -> None:
+    class _Grows(ToyModule):
+        def on_train_batch_end(self, *args: Any) -> None:
+            if not hasattr(self, "late"):
+                self.late = torch.nn.Parameter(torch.zeros(2))
+
+    trainer = make_trainer(LocalSGDStrategy(sync_every=2, workers_per_device=2), max_steps=4)
+    with pytest.raises(
+        ValueError, match=r"simulated workers \(workers_per_device > 1\) cannot take in tensors"
+    ):
+        trainer.fit(_Grows())
