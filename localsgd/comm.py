@@ -151,9 +151,9 @@ class ProcessGroupCommunicator(Communicator):
 
     Each process holds ``workers_per_process`` workers (more than one when it simulates
     several, see :mod:`localsgd.simulate`): they are reduced locally, in worker order,
-    then across processes. ``mean`` is a SUM followed by a division by the number of
-    workers (gloo has no native mean, and one code path for every backend keeps
-    results identical).
+    then across processes. ``mean`` is NCCL's fused average (``ReduceOp.AVG``: no separate
+    division pass) on NCCL, and a SUM followed by a division by the number of workers on
+    other backends (gloo has no native mean).
 
     Args:
         group: the process group (``None``: the default, all processes).
@@ -177,6 +177,8 @@ class ProcessGroupCommunicator(Communicator):
         self._per_process = workers_per_process
         self._processes = dist.get_world_size(group)
         self._rank = dist.get_rank(group)
+        self.fused_average = dist.get_backend(group) == "nccl"
+        """Whether ``mean`` uses the backend's ``ReduceOp.AVG``."""
 
     @property
     def num_workers(self) -> int:
@@ -192,10 +194,15 @@ class ProcessGroupCommunicator(Communicator):
 
     def _all_reduce(self, tensors: Sequence[Tensor], op: ReduceOpName) -> None:
         _reduce_into_first(tensors, op)
-        dist_op = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
-        dist.all_reduce(tensors[0], op=dist_op, group=self.group)
-        if op == "mean" and self.num_workers > 1:
-            tensors[0].div_(self.num_workers)
+        if op == "mean" and self.fused_average:
+            if len(tensors) > 1:  # every process holds as many workers: the mean of the means
+                tensors[0].div_(len(tensors))
+            dist.all_reduce(tensors[0], op=dist.ReduceOp.AVG, group=self.group)
+        else:
+            dist_op = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
+            dist.all_reduce(tensors[0], op=dist_op, group=self.group)
+            if op == "mean" and self.num_workers > 1:
+                tensors[0].div_(self.num_workers)
         _copy_from_first(tensors)
 
     def _broadcast(self, tensors: Sequence[Tensor], src: int) -> None:

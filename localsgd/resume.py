@@ -175,6 +175,7 @@ class ExactResume:
     schedule: Any
     lightning_module: Any
     optimizers: list[Optimizer]
+    precision_plugin: Any
     global_rank: int
     world_size: int
     workers_per_device: int
@@ -203,6 +204,8 @@ class ExactResume:
         """This rank's own part: its workers' models (not the average), optimizer state, RNG."""
         assert self.lightning_module is not None
         state: dict[str, Any] = {"dirty": self._dirty, "rng": rng_state(), "num_steps": self.num_steps}
+        # each process's own loss scale (16-mixed): the main file holds rank 0's only
+        state["precision"] = self.precision_plugin.state_dict()
         if self.replicas is not None:
             state["replicas"] = self.replicas.state_dict()
             if self.batched is not None:
@@ -262,6 +265,8 @@ class ExactResume:
             self.lightning_module.load_state_dict(local["module"])  # copies into the flat buckets
             for opt, saved in zip(self.optimizers, local["optimizers"]):
                 _raw(opt).load_state_dict(saved)
+        if local.get("precision"):
+            self.precision_plugin.load_state_dict(local["precision"])
         self._dirty = bool(local["dirty"])
         self._pending_rng = local["rng"]
 

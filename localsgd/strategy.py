@@ -174,6 +174,8 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
         self._batched_step = False
         self._worker_logs: WorkerLogs | None = None
         self._first_batches: list[float] | None = None
+        self._parameters_equal = False
+        """Whether this step's gradients were all-reduced (a round of one step through the gradients)."""
         """Per local worker, a digest of its first training batch, until the first sync compares them."""
         self.num_steps = 0
         """Optimizer steps taken so far in this fit (rank-consistent: every rank counts every call)."""
@@ -398,7 +400,8 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
                 output = super().optimizer_step(optimizer, closure, model, **kwargs)
             self.replicas.deactivate()
         if self.averager is not None:
-            self._after_step(optimizer, parameters_equal=through_gradients)
+            self._parameters_equal = through_gradients
+            self._after_step(optimizer)
         return output
 
     def _trainable(self) -> list[torch.nn.Parameter]:
@@ -434,7 +437,7 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
         self.replicas.deactivate()
         return output
 
-    def _after_step(self, optimizer: Optimizer, *, parameters_equal: bool = False) -> None:
+    def _after_step(self, optimizer: Optimizer) -> None:
         # Counted on every rank for every call, also when AMP skipped the update or the
         # closure returned None, so all ranks reach the same collectives (pitfall 2).
         assert self.averager is not None
@@ -459,7 +462,7 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
                         optimizer_state=policy,
                         divergence=self.log_divergence,
                         digests=digests,
-                        parameters=not parameters_equal,
+                        parameters=not self._parameters_equal,
                         **checks,
                     )
                 self._dirty = False

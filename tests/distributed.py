@@ -8,6 +8,7 @@ its traceback.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import tempfile
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
@@ -45,6 +47,12 @@ def _entry(
     torch.set_num_threads(1)
     result = fn(rank, *args)
     torch.save(result, Path(out) / f"rank{rank}.pt")
+    # leave together, with the process group torn down: a rank that exits while its peer's gloo
+    # threads still talk to it can abort the peer ("terminate called without an active exception")
+    if dist.is_available() and dist.is_initialized():
+        with contextlib.suppress(Exception):
+            dist.barrier()
+            dist.destroy_process_group()
 
 
 def run(fn: Callable[..., Any], world_size: int, *args: Any, nodes: int = 1) -> list[Any]:

@@ -47,3 +47,18 @@ def test_simulation_benches_quick(tmp_path: Path, script: str, extra: list[str],
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads(out.read_text())[key] > 0
+
+
+@pytest.mark.integration
+def test_gpu_check_runs_on_cpu(tmp_path: Path) -> None:
+    # what a lent GPU runs, checked here on the CPU: the gpu-marked tests and the GPU bench, quick
+    proc = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_check.sh"), "--device", "cpu", "--quick", "--out", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    summary = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert summary["ok"] and summary["tests"]["failed"] == 0 and summary["tests"]["passed"] >= 6
+    assert "gpu tests:" in proc.stdout and summary["batched_over_sequential"] > 0

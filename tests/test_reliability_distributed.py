@@ -93,7 +93,8 @@ class _UnevenStream(IterableDataset):
 
     def __iter__(self):  # type: ignore[no-untyped-def]
         data = toy_dataset()
-        for i in range(10 if self.rank == 0 else 7):
+        first = 0 if self.rank == 0 else 10  # each rank its own samples (identical streams fail early)
+        for i in range(first, first + (10 if self.rank == 0 else 7)):
             yield data[8 * i : 8 * (i + 1)]
 
 
