@@ -136,6 +136,17 @@ class Recorder(pl.Callback):
         }
 
 
+class StopAt(pl.Callback):
+    """Ends the run after global step ``step``, as a preemption would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
 def make_trainer(
     strategy: Any, max_steps: int, callbacks: list[pl.Callback] | None = None, **kwargs: Any
 ) -> pl.Trainer:

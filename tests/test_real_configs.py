@@ -13,7 +13,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from common import TIMEOUT, ToyModule, make_trainer, max_diff, momenta, snapshot, toy_dataset
+from common import TIMEOUT, StopAt, ToyModule, make_trainer, max_diff, momenta, snapshot, toy_dataset
 from distributed import run
 
 from localsgd import LocalSGDStrategy, PostLocal, SGDBaselineStrategy
@@ -22,17 +22,6 @@ pytestmark = pytest.mark.distributed
 
 EPOCHS, STEPS_PER_EPOCH = 4, 16  # 256 samples / (2 ranks x batch 8)
 EPOCH_STEPS = STEPS_PER_EPOCH
-
-
-class _StopAt(pl.Callback):
-    """Ends the run after global step ``step``, as a preemption would."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.step:
-            trainer.should_stop = True
 
 
 def _strategy(name: str) -> Any:
@@ -73,7 +62,7 @@ def _epoch_boundaries(rank: int, ckpt_dir: str) -> dict[str, Any]:
         for case, (ckpt_kwargs, stop, filename) in cases.items():
             folder = f"{ckpt_dir}/{strategy}-{case}"
             saver = pl.callbacks.ModelCheckpoint(dirpath=folder, **ckpt_kwargs)
-            trainer, _ = _fit(strategy, folder, [saver, _StopAt(stop)], None)
+            trainer, _ = _fit(strategy, folder, [saver, StopAt(stop)], None)
             assert trainer.global_step == stop
             trainer, module = _fit(strategy, folder, [], f"{folder}/{filename}")
             out[strategy, case] = (trainer.global_step, snapshot(module))
@@ -194,7 +183,7 @@ def _link_and_evaluate(rank: int, ckpt_dir: str) -> dict[str, Any]:
             saver = pl.callbacks.ModelCheckpoint(
                 dirpath=ckpt_dir, every_n_train_steps=7, save_top_k=-1, save_last="link", filename="{step}"
             )
-            callbacks = [saver, _StopAt(14)]
+            callbacks = [saver, StopAt(14)]
         ckpt = f"{ckpt_dir}/last.ckpt" if run_name == "resumed" else None
         trainer, module = _fit("local", ckpt_dir, callbacks, ckpt, max_epochs=2)
         out[run_name] = (trainer.global_step, snapshot(module))
@@ -206,6 +195,9 @@ class _Seen(pl.Callback):
         self.model = snapshot(module)
 
     def on_test_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        self.model = snapshot(module)
+
+    def on_predict_start(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
         self.model = snapshot(module)
 
 
@@ -232,6 +224,9 @@ def test_last_ckpt_link_resumes_and_any_world_size_evaluates_the_average(tmp_pat
         shutil.rmtree(f"{ckpt}.ranks")
         trainer.test(_Testable(), ckpt_path=str(ckpt), verbose=False)
         assert max_diff(seen.model, average) == 0.0
+        seen.model = {}
+        trainer.predict(_Testable(), ckpt_path=str(ckpt))
+        assert max_diff(seen.model, average) == 0.0
     assert not [w for w in caught if "restarts" in str(w.message)], [str(w.message) for w in caught]
     # nothing of the evaluated checkpoint is left for a later fit: it starts at step 0
     assert strategy._pending_state is None and strategy._pending_local is None
@@ -250,6 +245,12 @@ class _Testable(ToyModule):
     def test_dataloader(self) -> Any:
         return self.val_dataloader()
 
+    def predict_step(self, batch: Any, batch_idx: int) -> torch.Tensor:
+        return self.model(batch[0])
+
+    def predict_dataloader(self) -> Any:
+        return self.val_dataloader()
+
 
 def test_a_remote_checkpoint_keeps_its_rank_files_and_resumes_bitwise() -> None:
     # fsspec's in-memory filesystem stands in for s3:// (one process: it lives in this process)
@@ -262,7 +263,7 @@ def test_a_remote_checkpoint_keeps_its_rank_files_and_resumes_bitwise() -> None:
         if run_name == "first":
             callbacks = [
                 pl.callbacks.ModelCheckpoint(dirpath=folder, every_n_train_steps=5, filename="s"),
-                _StopAt(5),
+                StopAt(5),
             ]
         pl.seed_everything(0, verbose=False)
         module = ToyModule(lr=0.1, momentum=0.9)

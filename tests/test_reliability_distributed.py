@@ -10,7 +10,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from common import Recorder, ToyModule, make_trainer, max_diff, snapshot, toy_dataset
+from common import Recorder, StopAt, ToyModule, make_trainer, max_diff, snapshot, toy_dataset
 from distributed import run
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
@@ -134,17 +134,6 @@ def test_ranks_out_of_step_fail_clearly_within_the_collective_timeout() -> None:
     assert "at optimizer step 7" in results[1]["error"]  # rank 1 stopped after step 7
 
 
-class _StopAt(pl.Callback):
-    """Ends a run planned for 30 steps after step ``step``, as a preemption would."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.step:
-            trainer.should_stop = True
-
-
 def _variant(name: str) -> dict[str, Any]:
     if name == "qsr":
         return {"sync_every": QSR(2, 0.18)}  # H = floor((0.18 / 0.1)^2) = 3, the last round clamped
@@ -169,7 +158,7 @@ def _resume(rank: int, ckpt_dir: str) -> dict[str, Any]:
                         dirpath=f"{ckpt_dir}/{name}", every_n_train_steps=13, filename="s13"
                     )
                 )
-                callbacks.append(_StopAt(13))
+                callbacks.append(StopAt(13))
             trainer = make_trainer(
                 LocalSGDStrategy(**_variant(name), timeout=FAST),
                 max_steps=30,
