@@ -32,7 +32,12 @@ set -euo pipefail
 
 CONFIG=${1:?usage: sbatch launch/sbatch.sh CONFIG.yaml [localsgd fit overrides...]}
 shift
-PYTHON=${PYTHON:-python3}               # the interpreter with localsgd installed
+# the interpreter with localsgd installed: by default the .venv of the folder sbatch ran in (the
+# repository, where scripts/setup.sh made it), else python3
+if [ -z "${PYTHON:-}" ]; then
+    PYTHON=python3
+    [ -x "${SLURM_SUBMIT_DIR:-.}/.venv/bin/python" ] && PYTHON=${SLURM_SUBMIT_DIR:-.}/.venv/bin/python
+fi
 RUN_DIR=${RUN_DIR:-runs/slurm/$SLURM_JOB_ID}   # a requeued job keeps its id, so finds its checkpoint
 CHECKPOINT=$RUN_DIR/checkpoints/last.ckpt
 

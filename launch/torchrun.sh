@@ -33,7 +33,8 @@
 # rendezvous always shares its store.
 #
 # Workers = NNODES x NPROC_PER_NODE; --trainer.num_nodes and --trainer.devices are set to match.
-# PYTHON: the interpreter with localsgd installed (default: python3).
+# PYTHON: the interpreter with localsgd installed (default: the project's .venv/bin/python, made by
+# scripts/setup.sh, else python3).
 set -euo pipefail
 
 if [ $# -lt 1 ] || [ ! -f "$1" ]; then
@@ -43,7 +44,11 @@ fi
 CONFIG=$1
 shift
 
-PYTHON=${PYTHON:-python3}
+if [ -z "${PYTHON:-}" ]; then
+    ROOT=$(cd "$(dirname "$0")/.." && pwd)
+    PYTHON=python3
+    [ -x "$ROOT/.venv/bin/python" ] && PYTHON=$ROOT/.venv/bin/python
+fi
 NNODES=${NNODES:-1}
 if [ -z "${NPROC_PER_NODE:-}" ]; then
     NPROC_PER_NODE=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)

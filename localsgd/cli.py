@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import os
 import sys
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -225,8 +226,34 @@ def main(argv: Sequence[str] | None = None) -> None:
 
         compare_main(args[1:])
     else:
-        # None lets LightningCLI read sys.argv itself (it warns when given both)
-        lightning_cli(argv)
+        with one_line_errors(f"localsgd {args[0] if args else ''}".strip(), args):
+            # None lets LightningCLI read sys.argv itself (it warns when given both)
+            lightning_cli(None if argv is None else [a for a in argv if a != "--debug"])
+
+
+def _reason(error: BaseException) -> str:
+    """The library's own message in a ValueError that jsonargparse may have wrapped: a class that
+    failed to instantiate is reported as a Union mismatch listing each subtype's error."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    reasons = [line[2:] for line in lines if line.startswith("- ") and not line.startswith("- Expected a ")]
+    return reasons[-1] if reasons else (lines[0] if lines else type(error).__name__)
+
+
+@contextlib.contextmanager
+def one_line_errors(prog: str, args: Sequence[str]) -> Iterator[None]:
+    """A ValueError (a bad value the library names) ends the command with one ``error:`` line, as
+    a misspelled key does, instead of a traceback; ``--debug`` or ``LOCALSGD_DEBUG=1`` keeps it."""
+    debug = "--debug" in args or os.environ.get("LOCALSGD_DEBUG", "") not in ("", "0")
+    if "--debug" in sys.argv:
+        sys.argv.remove("--debug")  # LightningCLI reads sys.argv, and re-runs it for Lightning's workers
+        os.environ["LOCALSGD_DEBUG"] = "1"
+    try:
+        yield
+    except ValueError as error:
+        if debug:
+            raise
+        print(f"{prog}: error: {_reason(error)} (--debug shows the traceback)", file=sys.stderr)
+        raise SystemExit(2) from None
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from lightning.fabric.plugins.collectives.torch_collective import default_pg_tim
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
-from lightning.pytorch.utilities.rank_zero import rank_zero_info
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
 from localsgd.averaging import (
@@ -253,6 +253,13 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
         linear = all(type(o) is torch.optim.SGD for o in optimizers)
         self._h1_gradients = self.h1_sync == "gradients" or (self.h1_sync == "auto" and not linear)
         self._seed_workers_apart(trainer, self.global_rank)
+        if self.comm.num_workers == 1:
+            rank_zero_warn(
+                "LocalSGDStrategy has one worker (1 process x 1 simulated worker): there is nobody to "
+                "average with, so this is plain SGD (its comm/* counters count rounds, nothing is sent). "
+                "HINT: Trainer(devices=N) for N processes, or LocalSGDStrategy(workers_per_device=k) for k "
+                "simulated workers per process"
+            )
         rank_zero_info(
             f"LocalSGD: {self.comm.num_workers} workers ({self.world_size} processes x {k}), "
             f"schedule {self.schedule!r}, "
@@ -556,9 +563,12 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
             self._dirty = False
         if self.comm is not None:
             metrics = self._comm_metrics()
+            # one worker averages with nobody: its rounds are bookkeeping (an outer optimizer still
+            # steps), and what a report shows as communication is "none (1 worker)"
+            sent = f"{int(metrics['comm/bytes'])} bytes per worker"
             rank_zero_info(
                 f"LocalSGD: {self.num_steps} optimizer steps, {int(metrics['comm/rounds'])} sync rounds, "
-                f"{int(metrics['comm/bytes'])} bytes per worker"
+                + (sent if self.comm.num_workers > 1 else "communication: none (1 worker)")
             )
 
     def lightning_module_state_dict(self) -> dict[str, Any]:

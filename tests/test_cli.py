@@ -269,3 +269,68 @@ def test_warmup_decay_lr_from_yaml_counts_optimizer_steps(tmp_path: Path) -> Non
     lr = cli.trainer.optimizers[0].param_groups[0]["lr"]
     # 4 warmup steps, then linear decay to 0 at step 8: after 6 steps the lr is half the peak
     assert lr == pytest.approx(0.1 * (8 - 6) / (8 - 4))
+
+
+BAD_VALUE = """
+trainer:
+  strategy:
+    class_path: localsgd.LocalSGDStrategy
+    init_args: {sync_every: 0}
+"""
+
+
+@pytest.mark.parametrize("where", ["yaml", "flag"])
+def test_a_bad_value_ends_fit_with_one_error_line_naming_the_field(tmp_path: Path, where: str) -> None:
+    args = ["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--trainer.max_steps=2"]
+    if where == "yaml":
+        (tmp_path / "bad.yaml").write_text(BAD_VALUE)
+        args += ["--config", str(tmp_path / "bad.yaml")]
+    else:
+        args += ["--trainer.strategy.init_args.sync_every=0"]
+
+    def cli(*extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "localsgd.cli", *args, *extra],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            env={**_CLEAN_ENV, "OMP_NUM_THREADS": "1"},
+            cwd=tmp_path,
+        )
+
+    out = cli()
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("localsgd fit: error: sync_every (0) must be an integer >= 1"), out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    debug = cli("--debug")  # the whole story, for a bug report
+    assert debug.returncode != 0 and "Traceback" in debug.stderr and "sync_every (0)" in debug.stderr
+
+
+@pytest.mark.parametrize(
+    ("change", "flags", "needle"),
+    [
+        (("strategy: {sync_every: 4}", "strategy: {sync_every: 0}"), [], "sync_every (0) must be an integer"),
+        (None, ["--jobs", "0"], "jobs (0) must be an integer >= 1"),
+    ],
+    ids=["yaml", "flag"],
+)
+def test_a_bad_value_ends_compare_with_one_error_line_naming_the_field(
+    tmp_path: Path, change: tuple[str, str] | None, flags: list[str], needle: str
+) -> None:
+    text = (ROOT / "configs/compare_quickstart.yaml").read_text()
+    if change:
+        assert change[0] in text
+        text = text.replace(change[0], change[1])
+    (tmp_path / "c.yaml").write_text(text)
+    out = subprocess.run(
+        [sys.executable, "-m", "localsgd.cli", "compare", "--config", str(tmp_path / "c.yaml"), *flags],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 2
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("localsgd compare: error:") and needle in last, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr

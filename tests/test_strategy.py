@@ -121,3 +121,26 @@ def test_removed_checkpoints_take_their_rank_files_along(tmp_path) -> None:
     # steps 2 and 4 were removed with their rank files and folders; step 6 keeps its own
     assert sorted(p.name for p in tmp_path.glob("*.ranks")) == ["epoch=0-step=6.ckpt.ranks"]
     assert (tmp_path / "epoch=0-step=6.ckpt.ranks" / "rank0.pt").is_file()
+
+
+def test_one_worker_warns_that_it_is_plain_sgd_and_reports_no_communication(caplog) -> None:
+    import logging
+    import warnings
+
+    trainer = make_trainer(LocalSGDStrategy(sync_every=3), max_steps=6)
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        trainer.fit(ToyModule())
+    one = [w for w in caught if "LocalSGDStrategy has one worker" in str(w.message)]
+    assert (
+        len(one) == 1 and "workers_per_device=k" in str(one[0].message) and "devices=N" in str(one[0].message)
+    )
+    assert "6 optimizer steps, 2 sync rounds, communication: none (1 worker)" in caplog.text
+    # with simulated workers there is somebody to average with: no warning, bytes reported
+    trainer = make_trainer(LocalSGDStrategy(sync_every=3, workers_per_device=2), max_steps=6)
+    caplog.clear()
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO):
+        warnings.simplefilter("always")
+        trainer.fit(ToyModule())
+    assert not [w for w in caught if "one worker" in str(w.message)]
+    assert "bytes per worker" in caplog.text
