@@ -1,0 +1,51 @@
+"""What a library ships besides code: its license, changelog, citation, design document, and a
+README whose argument table is the strategy's signature."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import yaml
+
+from localsgd import LocalSGDStrategy
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _argument_table() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    section = text.split("### `LocalSGDStrategy` arguments (keyword-only)", 1)[1].split("\n\n", 2)[1]
+    names = []
+    for row in section.splitlines()[2:]:  # after the header and the |---| line
+        first_cell = row.split("|")[1]
+        names += re.findall(r"`([a-z_0-9]+)`", first_cell)
+    return names
+
+
+def test_readme_argument_table_is_the_strategys_signature() -> None:
+    params = [
+        name
+        for name, p in inspect.signature(LocalSGDStrategy.__init__).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    ]
+    table = _argument_table()
+    assert sorted(table) == sorted(params), {
+        "missing from README": sorted(set(params) - set(table)),
+        "not arguments": sorted(set(table) - set(params)),
+    }
+
+
+def test_license_changelog_citation_and_design_document_exist() -> None:
+    assert "Apache License" in (ROOT / "LICENSE").read_text()
+    assert "Version 2.0" in (ROOT / "LICENSE").read_text()
+    assert (ROOT / "CHANGELOG.md").read_text().startswith("# Changelog")
+    citation = yaml.safe_load((ROOT / "CITATION.cff").read_text())
+    assert citation["cff-version"] == "1.2.0" and citation["license"] == "Apache-2.0"
+    assert citation["title"] and citation["authors"]
+    design = (ROOT / "docs" / "design.md").read_text()
+    assert "## The code" in design and "## Mistakes this library is built to avoid" in design
+    readme = (ROOT / "README.md").read_text()
+    assert "docs/design.md" in readme and "../shared" not in readme
+    assert "## Citing" in readme and "CITATION.cff" in readme
