@@ -24,11 +24,14 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim import Optimizer
 
 from localsgd.baseline import SGDBaselineStrategy
 from localsgd.data import DigitsDataModule
 from localsgd.models import Classifier, small_cnn
+from localsgd.progress import StepLog, summary
+from localsgd.quiet import quiet_known_noise
 from localsgd.scaling import WarmupDecayLR
 from localsgd.strategy import LocalSGDStrategy
 
@@ -61,6 +64,16 @@ class LocalSGDCLI(LightningCLI):
         parser.add_lightning_class_args(
             self._datamodule_class, "data", subclass_mode=self.subclass_mode_data, required=False
         )
+
+    def before_fit(self) -> None:
+        # without Lightning's bar (off in the shipped configs: it floods logs), a line per tenth of the run
+        if self.trainer.progress_bar_callback is None and not any(
+            isinstance(c, StepLog) for c in self.trainer.callbacks
+        ):
+            self.trainer.callbacks.append(StepLog())
+
+    def after_fit(self) -> None:
+        rank_zero_info(summary(self.trainer))
 
     @staticmethod
     def configure_optimizers(
@@ -219,6 +232,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     """``localsgd quickstart ...``, ``localsgd compare --config X.yaml`` (:mod:`localsgd.compare`),
     or ``localsgd {fit,validate,test,predict} ...`` (LightningCLI)."""
     args = sys.argv[1:] if argv is None else list(argv)
+    quiet_known_noise()
     if args[:1] == ["quickstart"]:
         quickstart_main(args[1:])
     elif args[:1] == ["compare"]:

@@ -196,6 +196,13 @@ def test_fit_runs_a_config_on_two_cpu_processes(tmp_path: Path) -> None:
     for row in rows:  # the baseline all-reduces once per step
         assert float(row["comm/rounds"]) == int(row["step"]) + 1
     assert (run / "config.yaml").is_file()
+    # what a user sees: a line per tenth of the run, one summary line, none of the known noise
+    shown = out.stdout + out.stderr
+    assert "step 12/12 | epoch 0 |" in shown
+    assert "done: 12 optimizer steps, 12 sync rounds" in shown and "no validation metrics" in shown
+    assert f"checkpoint {(run / 'checkpoints' / 'last.ckpt').relative_to(tmp_path)}" in shown
+    for noise in ("💡 Tip", "LeafSpec", "The `srun` command is available"):
+        assert noise not in shown, noise
 
 
 SCHEDULE_AND_OUTER = """

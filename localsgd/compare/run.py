@@ -16,6 +16,7 @@ from typing import Any
 import yaml
 
 from localsgd.compare.config import _SHARPNESS_FIXED, _STRATEGY_FIXED, CompareConfig, RunSpec
+from localsgd.quiet import quiet_known_noise
 
 
 def _parser() -> Any:
@@ -155,6 +156,7 @@ def _child(run: RunSpec, queue: Any, index: int, threads: int) -> None:
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
         sys.stdout = sys.stderr = log
+        quiet_known_noise()
         train(run, queue=queue, index=index, threads=threads)
 
 
