@@ -106,7 +106,10 @@ def test_compare_writes_csvs_plot_and_report_then_skips_finished_runs(tmp_path: 
     ]
     report = (out / "report.md").read_text()
     assert "| SGD | " in report and "| Local SGD (H=4) | " in report and "![report](report.png)" in report
-    assert "Hessian trace" in report and "test acc" in report
+    assert "Hessian trace" in report and "val/acc" in report
+    # one name for a metric: the report's columns are summary.csv's
+    assert "| val/acc | val/loss |" in report and {"val/acc", "val/loss"} <= set(rows[0])
+    assert "runs/<method slug>/seed<S>/" in report
     png = (out / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     assert "| SGD |" in first.stdout  # the table is printed too
@@ -236,3 +239,11 @@ def test_init_from_starts_every_run_from_the_checkpoints_weights(tmp_path: Path)
     config["init_from"] = str(tmp_path / "missing.ckpt")
     with pytest.raises(ValueError, match=r"init_from \('.*missing.ckpt'\) is not a file"):
         run_all(load_config(_write(tmp_path, config)), progress=False)
+
+
+def test_every_method_gets_its_own_line_style_and_marker() -> None:
+    from localsgd.compare.report import line_style
+
+    styles = [line_style(m) for m in range(8)]
+    assert len(set(styles)) == 8  # two equal curves in two colours still show both (dashes, markers)
+    assert len({s for s, _ in styles[:4]}) == 4 and len({m for _, m in styles}) == 8

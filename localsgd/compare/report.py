@@ -12,16 +12,17 @@ from typing import Any
 from localsgd.compare.config import CompareConfig, RunSpec
 
 # (column in metrics.csv, label, lower is better); a metric no run logged is left out
+# val/* is measured on the held-out split; the report calls it by that one name, as summary.csv does
 _CURVES = [
-    ("val/acc", "test accuracy"),
-    ("val/loss", "test loss"),
+    ("val/acc", "val/acc (held-out split)"),
+    ("val/loss", "val/loss (held-out split)"),
     ("train/loss", "training loss (mean since the last evaluation)"),
     ("sharpness/hessian_trace", "Hessian trace"),
     ("localsgd/divergence", "worker divergence (before sync)"),
 ]
 _TABLE = [
-    ("val/acc", "test acc", "{:.4f}"),
-    ("val/loss", "test loss", "{:.4f}"),
+    ("val/acc", "val/acc", "{:.4f}"),
+    ("val/loss", "val/loss", "{:.4f}"),
     ("sharpness/hessian_trace", "Hessian trace", "{:.3g}"),
     ("sharpness/top_eigenvalue", "top eigenvalue", "{:.3g}"),
 ]
@@ -105,7 +106,9 @@ def write_markdown(config: CompareConfig, rows: Sequence[dict[str, Any]], comman
         f"{config.workers} worker(s) (simulated in one process) x local batch "
         f"{_local_batch(config.data)}, {config.max_steps} optimizer steps, unless a method sets "
         f"its own; seeds {config.seeds}; metrics at the last step, mean ± std over seeds "
-        "(test = the held-out split).",
+        "(`val/*`: the held-out split, never trained on; the same names as in summary.csv). "
+        "Each run's files are in `runs/<method slug>/seed<S>/` (the method's name in lower case, "
+        "dashes for the rest: `Local SGD (H=4)` -> `local-sgd-h-4`).",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -175,7 +178,19 @@ def plot(config: CompareConfig, path: Path | None = None) -> Path:
             values = [[s[step] for s in per_seed] for step in steps]
             x = [step * scale for step in steps]
             mean = [sum(v) / len(v) for v in values]
-            ax.plot(x, mean, label=method, color=colors(m % 10), lw=1.4)
+            linestyle, marker = line_style(m)
+            # dashes and markers at staggered points: a curve that equals another still shows
+            ax.plot(
+                x,
+                mean,
+                label=method,
+                color=colors(m % 10),
+                lw=1.4,
+                linestyle=linestyle,
+                marker=marker,
+                markersize=4,
+                markevery=(m % 4, 4) if len(x) > 4 else None,
+            )
             if len(per_seed) > 1:
                 ax.fill_between(
                     x, [min(v) for v in values], [max(v) for v in values], color=colors(m % 10), alpha=0.2
@@ -208,6 +223,16 @@ def plot(config: CompareConfig, path: Path | None = None) -> Path:
         path, optimize=True
     )
     return path
+
+
+_LINESTYLES = ["-", "--", "-.", ":"]
+_MARKERS = ["o", "s", "^", "D", "v", "P", "X", "*"]
+
+
+def line_style(index: int) -> tuple[str, str]:
+    """Method ``index``'s (line style, marker): distinct for the first 8 methods (and beyond
+    that, with the colour, for 40)."""
+    return _LINESTYLES[index % len(_LINESTYLES)], _MARKERS[index % len(_MARKERS)]
 
 
 def _curve(series: dict[str, list[tuple[int, float]]], key: str, eval_every: int) -> dict[int, float]:

@@ -10,6 +10,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -170,6 +171,15 @@ def finished(run: RunSpec) -> bool:
     return False
 
 
+def _active(todo: Sequence[RunSpec], running: dict[int, Any]) -> str:
+    """The progress bar's note: which runs are training now."""
+    return (
+        "now: " + ", ".join(f"{todo[i].method} seed {todo[i].seed}" for i in sorted(running))
+        if running
+        else ""
+    )
+
+
 def run_all(config: CompareConfig, *, progress: bool = True) -> list[dict[str, Any]]:
     """Train every unfinished run (``config.jobs`` at a time, each in a fresh process), then
     return every run's result."""
@@ -218,6 +228,7 @@ def run_all(config: CompareConfig, *, progress: bool = True) -> list[dict[str, A
                 process = ctx.Process(target=_child, args=(run, queue, index, threads), daemon=True)
                 process.start()
                 running[index] = process
+                bar.set_postfix_str(_active(todo, running), refresh=False)
             with contextlib.suppress(Exception):
                 while True:
                     index, step = queue.get(timeout=0.2)
@@ -234,6 +245,7 @@ def run_all(config: CompareConfig, *, progress: bool = True) -> list[dict[str, A
                 done_steps[index] = run.max_steps
                 completed += 1
                 bar.set_description(f"runs {completed}/{len(todo)}")
+                bar.set_postfix_str(_active(todo, running), refresh=False)
     finally:
         bar.close()
         for process in running.values():
