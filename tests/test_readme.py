@@ -1,0 +1,111 @@
+"""README's commands, run as written from the repository root after `bash scripts/setup.sh`.
+
+Each shell line of README's ```bash blocks runs in bash with no virtual environment activated and
+no PYTHON set, as a newcomer would paste it. To fit in CI, the training ones are cut short: an
+extra `--trainer.max_steps=4` for `localsgd fit` and the launchers (the torchrun line's own 200
+steps become 4), and the main job on a copy of its config with 16 steps and one seed. The test
+suite's own command is this suite, so it is not run again; template lines (`configs/X.yaml`,
+`node0`, `<...>`) are only checked to be marked as templates.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+from test_slurm import slurm  # noqa: F401  (the one-node Slurm fixture, for the launcher line)
+
+ROOT = Path(__file__).resolve().parents[1]
+TEMPLATE = re.compile(r"configs/X\.yaml|node0|<[^>]*>")
+SHORT = "--trainer.max_steps=4"
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
+
+
+def readme_commands() -> list[str]:
+    """Every shell command in README's bash blocks: continuation lines joined, comments dropped."""
+    text = (ROOT / "README.md").read_text()
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        joined = re.sub(r"\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            line = re.sub(r"\s+#.*$", "", line).strip()
+            if line and not line.startswith("#"):
+                commands.append(line)
+    return commands
+
+
+def _env() -> dict[str, str]:
+    drop = ("PYTHON", "VIRTUAL_ENV", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")
+    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("PYTEST")}
+    env["OMP_NUM_THREADS"] = "1"
+    return env
+
+
+def _bash(command: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", "-c", command], cwd=cwd, env=env or _env(), capture_output=True, text=True, timeout=600
+    )
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The repository root as a newcomer's working folder: the project's files (linked) and a
+    fresh place for what the commands write (runs/)."""
+    folder = tmp_path_factory.mktemp("readme")
+    for name in ("configs", "launch", "scripts", ".venv", "localsgd"):
+        (folder / name).symlink_to(ROOT / name)
+    return folder
+
+
+def _short_compare_config(folder: Path) -> Path:
+    config = yaml.safe_load((ROOT / "configs/compare_quickstart.yaml").read_text())
+    config.update(seeds=[0], max_steps=16, eval_every=8)
+    config["sharpness"].update(num_batches=1, num_probes=2, probes_per_pass=2)
+    path = folder / "compare_quickstart_short.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def test_readme_commands_run_as_written(checkout: Path) -> None:
+    commands = readme_commands()
+    assert len(commands) >= 10, commands
+    ran, templates = [], []
+    for command in commands:
+        if TEMPLATE.search(command):
+            templates.append(command)
+            continue
+        if "launch/slurm.py" in command:
+            continue  # needs the Slurm cluster: the next test
+        if command.startswith("bash scripts/setup.sh && "):
+            # setup as written (in the real root: it installs the project there), then the job
+            setup = _bash("bash scripts/setup.sh", ROOT)
+            assert setup.returncode == 0 and "localsgd ready" in setup.stdout, setup.stderr[-3000:]
+            command = command.removeprefix("bash scripts/setup.sh && ")
+            if command.endswith("-m pytest"):
+                continue  # this suite
+            command = command.replace("configs/compare_quickstart.yaml", str(_short_compare_config(checkout)))
+        elif "--trainer.max_steps=" in command:
+            command = re.sub(r"--trainer\.max_steps=\d+", SHORT, command)
+        elif command.startswith(".venv/bin/localsgd fit"):
+            command += f" {SHORT}"
+        out = _bash(command, checkout)
+        assert out.returncode == 0, f"{command}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+        ran.append(command)
+    assert len(ran) >= 7, ran  # the main job, five localsgd lines, torchrun
+    assert templates and all(TEMPLATE.search(t) for t in templates)
+    # what the runs left where README says they would
+    assert (checkout / "runs/quickstart/localsgd/version_0/checkpoints/last.ckpt").is_file()
+    assert (checkout / "runs/compare_quickstart/report.md").is_file()
+
+
+def test_readme_slurm_command_runs_as_written(checkout: Path, slurm: dict[str, str]) -> None:  # noqa: F811
+    (command,) = [c for c in readme_commands() if "launch/slurm.py" in c and not TEMPLATE.search(c)]
+    env = {**_env(), **{k: v for k, v in slurm.items() if k.startswith("SLURM")}}
+    out = _bash(f"{command} -- {SHORT}", checkout, env)
+    assert out.returncode == 0, f"{command}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}"
+    assert '"event": "finished"' in out.stdout
