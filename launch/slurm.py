@@ -29,7 +29,7 @@ from typing import Any
 
 import submitit
 
-from localsgd.cli import check_args
+from localsgd.cli import check_args, error_reason
 from localsgd.slurm_job import TrainingJob
 
 # In a task, SLURMEnvironment derives the rendezvous from SLURM; a MASTER_PORT or RANK left in the
@@ -190,7 +190,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"submitted job {job.job_id} ({options.num_tasks} tasks); files in {folder}", flush=True)
     if not wait:
         return 0
-    results = job.results()  # raises with the job's error if a task failed
+    try:
+        results = job.results()
+    except submitit.core.utils.FailedJobError as error:
+        # the task's traceback is in its log; here, as for a bad value before submitting, one line
+        reason = error_reason(str(error))
+        print(f"slurm.py: error: job {job.job_id} failed: {reason} (its log: {folder})", file=sys.stderr)
+        return 1
     for result in results:
         print(json.dumps(result))
     return 0

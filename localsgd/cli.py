@@ -16,6 +16,7 @@ import argparse
 import contextlib
 import io
 import os
+import re
 import sys
 import time
 import warnings
@@ -245,12 +246,24 @@ def main(argv: Sequence[str] | None = None) -> None:
             lightning_cli(None if argv is None else [a for a in argv if a != "--debug"])
 
 
-def _reason(error: BaseException) -> str:
-    """The library's own message in a ValueError that jsonargparse may have wrapped: a class that
-    failed to instantiate is reported as a Union mismatch listing each subtype's error."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    reasons = [line[2:] for line in lines if line.startswith("- ") and not line.startswith("- Expected a ")]
-    return reasons[-1] if reasons else (lines[0] if lines else type(error).__name__)
+def error_reason(text: str) -> str:
+    """The library's own message in an error text that jsonargparse (or a remote traceback) may
+    wrap: a class that failed to instantiate is reported as a Union mismatch listing each
+    subtype's error; a traceback ends with the error's line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    reasons, listing = [], False
+    for line in lines:  # jsonargparse: "Errors:" then one "- ..." line per subtype tried
+        if line == "Errors:":
+            listing = True
+        elif listing and line.startswith("- "):
+            if not line.startswith("- Expected a "):
+                reasons.append(line[2:])
+        else:
+            listing = False
+    if reasons:
+        return reasons[-1]
+    errors = [line for line in lines if re.match(r"[\w.]*(Error|Exception)\b", line)]
+    return errors[-1] if errors else (lines[0] if lines else text)
 
 
 @contextlib.contextmanager
@@ -266,7 +279,7 @@ def one_line_errors(prog: str, args: Sequence[str]) -> Iterator[None]:
     except ValueError as error:
         if debug:
             raise
-        print(f"{prog}: error: {_reason(error)} (--debug shows the traceback)", file=sys.stderr)
+        print(f"{prog}: error: {error_reason(str(error))} (--debug shows the traceback)", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -227,3 +227,23 @@ def test_sbatch_template_checkpoints_requeues_and_resumes(slurm: dict[str, str],
     assert end["global_step"] == STEPS
     assert end["localsgd"]["num_steps"] == STEPS and end["localsgd"]["world_size"] == 2
     assert end["localsgd"]["comm"]["sync"]["rounds"] == STEPS // H
+
+
+def test_a_bad_value_in_the_job_ends_slurm_py_with_one_error_line(
+    slurm: dict[str, str], tmp_path: Path
+) -> None:
+    out = launch(
+        slurm,
+        tmp_path,
+        "--tasks-per-node=2",
+        "--time=5",
+        f"--folder={tmp_path}/job_%j",
+        "--wait",
+        "--",
+        "--trainer.max_steps=4",
+        "--trainer.strategy.init_args.sync_every=0",
+    )
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert re.match(r"slurm\.py: error: job \d+ failed: sync_every \(0\) must be an integer >= 1", last), last
+    assert "Traceback" not in out.stderr
