@@ -57,7 +57,10 @@ def summary(trainer: pl.Trainer) -> str:
     """The end-of-fit line: steps, rounds, bytes per worker, last validation metrics, checkpoint."""
     metrics = trainer.callback_metrics
     parts = [f"done: {trainer.global_step} optimizer steps"]
-    if "comm/rounds" in metrics:
+    comm = getattr(trainer.strategy, "comm", None)
+    if comm is not None and comm.num_workers == 1:
+        parts[0] += ", communication: none (1 worker)"  # one worker averages with nobody
+    elif "comm/rounds" in metrics:
         parts[0] += f", {int(metrics['comm/rounds'])} sync rounds"
         parts[0] += f", {float(metrics['comm/bytes']) / 1e6:.2f} MB sent per worker"
     val = _metrics(trainer, "val")
