@@ -38,6 +38,8 @@ _Choice = TypeVar("_Choice", bound=str)
 BufferPolicy = Literal["average", "local"]
 NonfinitePolicy = Literal["raise", "skip_worker"]
 OptimizerStatePolicy = Literal["local", "average", "reset"]
+NUM_FLAGS = 4
+"""Slots for flags (stop requests) in every control message: one layout at every control point."""
 
 
 def check_choice(name: str, value: object, allowed: tuple[_Choice, ...]) -> _Choice:
@@ -158,6 +160,8 @@ class Averager:
         self._buckets: list[list[FlatBucket]] = []
         self._backup: list[list[Tensor]] = []
         self._holding_average = False
+        self.agreed_flags: list[float] = [0.0] * NUM_FLAGS
+        """The flags of the last control message, max over all workers."""
         self.after_reset: Callable[[], None] | None = None
         """Called after every worker's optimizer state was reset (the batched path's stacked state)."""
         self._state_buckets: dict[tuple[object, ...], list[list[Tensor]]] = {}
@@ -296,6 +300,7 @@ class Averager:
         step: int | None = None,
         nonfinite: NonfinitePolicy | None = None,
         digests: Sequence[float] | None = None,
+        flags: Sequence[float] = (),
         parameters: bool = True,
     ) -> float | None:
         """One round: average the models over ``comm`` (default: all workers), take the outer
@@ -319,8 +324,8 @@ class Averager:
         comm = comm or self.comm
         policy = optimizer_state or self.optimizer_state
         bad: list[int] = []
-        if step is not None or nonfinite is not None or digests is not None:
-            bad, _ = self.agree(step, comm=comm, nonfinite=nonfinite, digests=digests)
+        if step is not None or nonfinite is not None or digests is not None or flags:
+            bad, _ = self.agree(step, comm=comm, nonfinite=nonfinite, digests=digests, flags=flags)
         if bad and nonfinite == "raise":
             raise FloatingPointError(
                 f"non-finite parameters or buffers (NaN/Inf) on worker(s) {bad} of {comm.num_workers} at "
@@ -437,6 +442,7 @@ class Averager:
         nonfinite: str | None = None,
         value: float = 0.0,
         digests: Sequence[float] | None = None,
+        flags: Sequence[float] = (),
     ) -> tuple[list[int], float]:
         """One small control all-reduce: the workers check that they are all at optimizer step
         ``step`` (a RuntimeError on every rank otherwise), learn which of them hold NaN/Inf
@@ -445,7 +451,8 @@ class Averager:
         ``digests`` (one per local worker, see :func:`batch_digest`; 0 for none) are compared
         across all workers: two workers that drew the same first training batch read the same
         data stream, which makes averaging a no-op (DESIGN pitfall 10), and every rank raises a
-        ValueError naming them.
+        ValueError naming them. ``flags`` (at most :data:`NUM_FLAGS`, e.g. stop requests) are
+        max-reduced into ``self.agreed_flags``.
 
         Every control message has this one layout, so that two ranks that reach different
         control points (one at a sync, one at the end of its epoch) still meet in a collective
@@ -455,7 +462,7 @@ class Averager:
         n = comm.num_workers
         messages = []
         for i, worker in enumerate(self._buckets):
-            t = torch.zeros(2 * n + 3, dtype=torch.float64, device=self._device)
+            t = torch.zeros(2 * n + 3 + NUM_FLAGS, dtype=torch.float64, device=self._device)
             if nonfinite is not None and not all(_finite(b.flat) for b in worker):
                 t[comm.first_local_worker + i] = 1.0
             if step is not None:
@@ -463,10 +470,13 @@ class Averager:
             t[n + 2] = value
             if digests is not None:
                 t[n + 3 + comm.first_local_worker + i] = digests[i]
+            for j, flag in enumerate(flags):
+                t[2 * n + 3 + j] = flag
             messages.append(t)
         comm.all_reduce_(messages, op="max", counted=False)
         f = messages[0].cpu()
-        _check_distinct_streams(f[n + 3 :].tolist(), step)
+        _check_distinct_streams(f[n + 3 : 2 * n + 3].tolist(), step)
+        self.agreed_flags = f[2 * n + 3 :].tolist()
         if step is not None and (int(f[n]) != step or int(-f[n + 1]) != step):
             raise RuntimeError(
                 f"workers are out of step: this one is at optimizer step {step}, others between "

@@ -5,8 +5,9 @@ configured to; ``scancel --signal=USR2 JOBID`` sends the same warning by hand. S
 checkpoint inside the signal handler, as Lightning's own SLURM auto-requeue does, is unsafe
 here: saving averages the workers (a collective), and each rank may be interrupted at a
 different point of its step, so the collectives would pair up wrongly or hang. Instead the
-handler only records the signal; after each training batch the ranks all-reduce one flag, and
-once any rank was signalled they all save the same checkpoint after the same step and stop.
+handler only records the signal; the ranks then agree on it (at the next sync under Local SGD,
+after each training batch otherwise), and once any rank was signalled they all save the same
+checkpoint after the same step and stop.
 
 The stop is a :class:`Preempted` exception (a ``SystemExit``), so the process ends quietly.
 Who requeues is the launcher's choice: ``launch/slurm.py`` (submitit) requeues through
@@ -71,9 +72,11 @@ def _leaving(signum: int, frame: FrameType | None) -> None:
 class PreemptionCheckpoint(pl.Callback):
     """Save ``dirpath/last.ckpt`` and stop when the job is signalled (see the module docstring).
 
-    Costs one 1-element all-reduce per training batch (Lightning already broadcasts a SIGTERM
-    flag every batch; this is the same kind of traffic). Validation is not interrupted: a signal
-    that arrives during validation is acted on after the next training batch.
+    Under :class:`~localsgd.LocalSGDStrategy` the request travels in the next sync's control
+    message, with no collective of its own, so the checkpoint follows within H steps of the
+    signal (a SIGTERM agreed at a sync saves it too); under other strategies it costs one 1-element
+    all-reduce per training batch. Validation is not interrupted: a signal that arrives during
+    validation is acted on after a later training batch.
 
     Args:
         dirpath: folder of the checkpoint; the next run resumes from ``dirpath/last.ckpt``.
@@ -128,9 +131,15 @@ class PreemptionCheckpoint(pl.Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        # rank-consistent: every rank takes part in this reduction after every batch
-        if not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
-            return
+        stops = getattr(trainer.strategy, "stops", None)
+        if stops is not None and trainer.world_size > 1:
+            # Local SGD: the request rides in the next sync's control message (no collective
+            # here); all ranks learn of it, or of a SIGTERM, at the same sync and save together
+            stops.request("preempt", self.requested)
+            if not (stops.agreed["preempt"] or stops.agreed["sigterm"]):
+                return
+        elif not trainer.strategy.reduce_boolean_decision(self.requested, all=False):
+            return  # rank-consistent: every rank takes part in this reduction after every batch
         self.dirpath.mkdir(parents=True, exist_ok=True)
         # all ranks: averaging for the checkpoint is a collective, and each rank writes its own
         # state beside it; localsgd's strategies write every file atomically (temporary + rename),

@@ -48,6 +48,12 @@ from localsgd.simulate import (
     check_simulation,
     deal_shards,
 )
+from localsgd.stops import (
+    StopRequests,
+    act_on_agreed_stops,
+    install_sigterm_handler,
+    quiet_per_batch_broadcast,
+)
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +181,8 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
         self._worker_logs: WorkerLogs | None = None
         self._first_batches: list[float] | None = None
         self._parameters_equal = False
+        self.stops = StopRequests()
+        """Stop requests (SIGTERM, preemption) for the next sync, and what the last one agreed on."""
         """Whether this step's gradients were all-reduced (a round of one step through the gradients)."""
         """Per local worker, a digest of its first training batch, until the first sync compares them."""
         self.num_steps = 0
@@ -249,6 +257,7 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
         self.num_steps = 0
         self._dirty = False
         self._first_batches = [0.0] * k if self.comm.num_workers > 1 else None
+        self.stops = StopRequests()
         self._gradients = GradientAverager(self.comm)
         linear = all(type(o) is torch.optim.SGD for o in optimizers)
         self._h1_gradients = self.h1_sync == "gradients" or (self.h1_sync == "auto" and not linear)
@@ -318,6 +327,10 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
             self.schedule.configure(
                 total_steps=int(total) if total != float("inf") else None, steps_per_epoch=per_epoch
             )
+        if trainer is not None and self.averager is not None and self.world_size > 1:
+            # no collective between syncs: a SIGTERM waits for the next sync's control message
+            quiet_per_batch_broadcast(trainer)
+            install_sigterm_handler(self)
         super().on_train_start()  # restores a checkpoint's sync state
         local, self._pending_local = self._pending_local, None
         if local is not None:
@@ -469,9 +482,12 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
                         optimizer_state=policy,
                         divergence=self.log_divergence,
                         digests=digests,
+                        flags=self.stops.message(),
                         parameters=not self._parameters_equal,
                         **checks,
                     )
+                self.stops.record(self.averager.agreed_flags)
+                act_on_agreed_stops(self, self.lightning_module.trainer, self.num_steps)
                 self._dirty = False
                 if divergence is not None:
                     self.divergence = divergence

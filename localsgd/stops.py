@@ -1,0 +1,88 @@
+"""Stopping at a sync: SIGTERM and preemption requests agreed on in the sync's control message.
+
+Lightning 2.6 makes every rank agree on a SIGTERM by broadcasting a flag from rank 0 at every
+training batch (``_broadcast_sigterm_tensor``, then ``.item()``), and its SIGTERM handler runs a
+broadcast inside the handler; ``PreemptionCheckpoint`` used to all-reduce its flag after every
+batch. Under Local SGD that is a collective, and a wait for the slowest rank, at every step:
+what Local SGD exists to remove (DESIGN pitfall 11). Here, a rank that is signalled only records
+it; the flags travel in the control message that the workers exchange before each sync anyway,
+so all ranks learn of a stop at the same step, at most H steps later, and act on it together.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any
+
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
+
+log = logging.getLogger(__name__)
+
+FLAGS = ("sigterm", "preempt")
+"""The stop requests a control message carries, one slot each."""
+
+
+class StopRequests:
+    """This rank's stop requests (``local``) and what all ranks agreed on at the last sync."""
+
+    def __init__(self) -> None:
+        self.local = dict.fromkeys(FLAGS, False)
+        self.agreed = dict.fromkeys(FLAGS, False)
+
+    def request(self, name: str, value: bool = True) -> None:
+        """Ask for a stop at the next sync (``value=False`` asks nothing)."""
+        if name not in self.local:
+            raise ValueError(f"stop request {name!r} must be one of {', '.join(FLAGS)}")
+        self.local[name] = self.local[name] or bool(value)
+
+    def message(self) -> list[float]:
+        return [float(self.local[name]) for name in FLAGS]
+
+    def record(self, reduced: Sequence[float]) -> None:
+        """The control message's max over all ranks: a request of any rank is everyone's."""
+        for name, value in zip(FLAGS, reduced):
+            self.agreed[name] = self.agreed[name] or value > 0
+
+
+def quiet_per_batch_broadcast(trainer: Any) -> None:
+    """Turn off Lightning's per-batch SIGTERM broadcast for this fit (on this trainer's loop only).
+
+    It relies on a private method of Lightning's training loop; where a Lightning version has
+    none, a warning says that a collective may run at every step (the run is still correct)."""
+    loop = trainer.fit_loop.epoch_loop
+    if callable(getattr(type(loop), "_broadcast_sigterm_tensor", None)):
+        loop._broadcast_sigterm_tensor = lambda: None  # the sync's control message carries it instead
+    else:
+        rank_zero_warn(
+            "LocalSGDStrategy: this Lightning version's training loop has no _broadcast_sigterm_tensor "
+            "to turn off; if it synchronizes a SIGTERM flag another way, a collective may run at every "
+            "step. Tested with Lightning 2.6."
+        )
+
+
+def install_sigterm_handler(strategy: Any) -> None:
+    """Replace Lightning's SIGTERM handler (which broadcasts inside the handler) with one that
+    records the request for the next sync; Lightning puts the previous handler back after fit."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def on_sigterm(signum: int, frame: FrameType | None) -> None:
+        if not strategy.stops.local["sigterm"]:
+            log.info(f"[rank {strategy.global_rank}] SIGTERM: stopping at the next sync")
+            launcher = strategy.launcher
+            if launcher is not None:  # processes Lightning started get it too, as with Lightning's
+                launcher.kill(signum)
+        strategy.stops.request("sigterm")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+
+
+def act_on_agreed_stops(strategy: Any, trainer: Any, step: int) -> None:
+    """After a sync: an agreed SIGTERM makes Lightning stop after this batch on every rank."""
+    if strategy.stops.agreed["sigterm"] and not trainer.received_sigterm:
+        rank_zero_info(f"LocalSGD: SIGTERM agreed at the sync after optimizer step {step}: stopping")
+        trainer._signal_connector.received_sigterm = True  # Lightning raises SIGTERMException after the batch
