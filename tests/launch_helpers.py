@@ -24,3 +24,22 @@ class Throttle(pl.Callback):
             tmp = self.progress.with_suffix(".tmp")
             tmp.write_text(str(trainer.global_step))
             os.replace(tmp, self.progress)
+
+
+class DumpState(pl.Callback):
+    """At the end of fit, each rank writes its parameters and ``comm/*`` metrics to
+    ``<folder>/rank<R>.pt`` (a launched job's ranks compared by the test)."""
+
+    def __init__(self, *, folder: str) -> None:
+        self.folder = Path(folder)
+
+    def on_train_end(self, trainer: pl.Trainer, module: pl.LightningModule) -> None:
+        import torch
+
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("comm/")}
+        state = {k: v.detach().clone() for k, v in module.state_dict().items()}
+        self.folder.mkdir(parents=True, exist_ok=True)
+        torch.save(
+            {"state": state, "metrics": metrics, "step": trainer.global_step},
+            self.folder / f"rank{trainer.global_rank}.pt",
+        )
