@@ -1,0 +1,318 @@
+"""Benchmark: Local SGD against synchronous SGD on two emulated nodes joined by a slow link.
+
+Two network namespaces joined by a veth pair (bench/netns.py), the link limited with
+``tc tbf`` on both ends; one worker process per namespace, launched as a 2-node job (Lightning's
+environment variables, ``num_nodes=2``), gloo bound to the veth (``GLOO_SOCKET_IFNAME``). The
+workload is what users run: the project's CIFAR ResNet-56 (0.85M parameters) on synthetic
+3x32x32 inputs, local batch 16, one thread per process, trained through the real
+``LocalSGDStrategy`` / ``SGDBaselineStrategy`` under Lightning (its per-step overhead included).
+
+Rows: no communication (the limit: the same strategy with no sync in the run), the SGD baseline
+(DDP), Local SGD H = 1, 4, 16, 64, DiLoCo H = 16. Columns: unthrottled, 1 Gbit/s, 100 Mbit/s,
+10 Mbit/s. A cell is samples/s per worker: the median, over windows of whole rounds after the
+first ones, of the window's throughput, and its ratio to the column's limit. Beside it, the cost
+model of blocking Local SGD, ``t_step / (t_step + t_allreduce / H)``, with ``t_step`` the limit's
+step time and ``t_allreduce`` a raw all-reduce of the model's bytes across the same link, both
+measured in this run. The rows of a column run one after another, so that the machine's drift
+hits them alike. ``--straggler``: one worker's step also sleeps a seeded random 0 to 1x its
+compute time, unthrottled: DDP pays every step's worst case, Local SGD each round's.
+
+Run as root:  python bench/link.py            (about 15 minutes on 2 cores; --quick: 1 minute)
+Writes bench/results/link.json: one record per cell (method, H, rate_mbit, samples_per_s,
+ratio_to_limit, predicted_ratio, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+BENCH = Path(__file__).resolve().parent
+ROOT = BENCH.parent
+sys.path.insert(0, str(BENCH))
+from netns import IFNAME, TwoNodes, Unavailable, check_available  # noqa: E402
+
+BATCH = 16
+RATES: list[float | None] = [None, 1000, 100, 10]
+# (name, H: None for the baseline, outer optimizer)
+ROWS: list[tuple[str, int | None, str | None]] = [
+    ("no communication", 0, None),
+    ("SGD baseline (DDP)", None, None),
+    ("Local SGD H=1", 1, None),
+    ("Local SGD H=4", 4, None),
+    ("Local SGD H=16", 16, None),
+    ("Local SGD H=64", 64, None),
+    ("DiLoCo H=16", 16, "diloco"),
+]
+
+
+# ---------------------------------------------------------------------------- one worker
+def _worker(spec: dict[str, Any]) -> None:
+    """One rank of a 2-node job: train, time every step, then time a raw all-reduce of the model."""
+    import lightning.pytorch as pl
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    from torch.utils.data import DataLoader, Dataset
+
+    from localsgd import DiLoCo, LocalSGDStrategy, SGDBaselineStrategy
+    from localsgd.models import resnet
+
+    torch.set_num_threads(1)
+    rank = spec["rank"]
+
+    class Synthetic(Dataset):
+        """Images made from their index: no data to load, and each rank its own (sampler shards)."""
+
+        def __len__(self) -> int:
+            return 10**6
+
+        def __getitem__(self, i: int) -> tuple[Any, int]:
+            g = torch.Generator().manual_seed(i)
+            return torch.randn(3, 32, 32, generator=g), i % 10
+
+    class Net(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = resnet(56, num_classes=10)
+
+        def training_step(self, batch: Any, batch_idx: int) -> Any:
+            x, y = batch
+            return F.cross_entropy(self.net(x), y)
+
+        def configure_optimizers(self) -> Any:
+            return torch.optim.SGD(self.parameters(), lr=0.02, momentum=0.9, weight_decay=5e-4)
+
+        def train_dataloader(self) -> Any:
+            return DataLoader(Synthetic(), batch_size=BATCH, shuffle=False)
+
+    times: list[float] = []
+    straggle = random.Random(1234 + rank)
+
+    class Timer(pl.Callback):
+        def on_train_batch_end(self, *args: Any) -> None:
+            times.append(time.perf_counter())
+
+        def on_before_optimizer_step(self, *args: Any) -> None:
+            if spec["straggler"] and rank == 1:  # the slow worker: up to 1x its compute time more
+                time.sleep(straggle.random() * spec["t_compute"])
+
+    H = spec["H"]
+    if H is None:
+        strategy: Any = SGDBaselineStrategy(process_group_backend="gloo")
+    else:
+        strategy = LocalSGDStrategy(
+            sync_every=H if H > 0 else 10**9,
+            outer_optimizer=DiLoCo() if spec["outer"] == "diloco" else None,
+            process_group_backend="gloo",
+        )
+    pl.seed_everything(0, verbose=False)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        num_nodes=2,
+        strategy=strategy,
+        max_steps=spec["steps"],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[Timer()],
+    )
+    module = Net()
+    trainer.fit(module)
+    numel = sum(t.numel() for t in (*module.parameters(), *module.buffers()) if t.is_floating_point())
+    flat = torch.zeros(numel)
+    allreduce = []
+    for i in range(6):  # the raw limit: one all-reduce of the model's bytes over the same link
+        dist.barrier()
+        start = time.perf_counter()
+        dist.all_reduce(flat)
+        if i:
+            allreduce.append(time.perf_counter() - start)
+    Path(spec["out"]).write_text(json.dumps({"times": times, "allreduce": allreduce, "bytes": 4 * numel}))
+
+
+# ---------------------------------------------------------------------------- the grid
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _window(H: int | None) -> int:
+    """Steps per timed window: whole rounds, at least 8 steps."""
+    h = H or 1
+    return max(8, h) if h else 8
+
+
+def _plan(H: int | None, quick: bool) -> tuple[int, int, int]:
+    """(first timed step, window, windows): windows start after the first round(s)."""
+    if H == 0:
+        return 16, 16, 2 if quick else 4
+    w = _window(H)
+    windows = 2 if quick else (3 if (H or 1) >= 16 else 4)
+    return w, w, windows
+
+
+def run_cell(
+    nodes: TwoNodes, H: int | None, outer: str | None, *, quick: bool, straggler: bool, t_compute: float
+) -> dict[str, Any]:
+    first, window, windows = _plan(H, quick)
+    steps = first + window * windows
+    port = _free_port()
+    with tempfile.TemporaryDirectory() as folder:
+        procs = []
+        for rank in (0, 1):
+            spec = {"rank": rank, "H": H, "outer": outer, "steps": steps, "straggler": straggler}
+            spec |= {"t_compute": t_compute, "out": f"{folder}/rank{rank}.json"}
+            env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "TORCHELASTIC"))}
+            env.update(
+                MASTER_ADDR=nodes.addresses[0], MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
+                LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", NODE_RANK=str(rank), GROUP_RANK=str(rank),
+                GLOO_SOCKET_IFNAME=IFNAME, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
+            )  # fmt: skip
+            argv = [sys.executable, str(BENCH / "link.py"), "--worker", json.dumps(spec)]
+            procs.append(
+                subprocess.Popen(
+                    nodes.command(rank, argv),
+                    env=env,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.STDOUT,
+                    text=True,
+                )
+            )
+        logs = [p.communicate(timeout=3600)[0] for p in procs]
+        for p, log in zip(procs, logs):
+            if p.returncode != 0:
+                raise RuntimeError(f"a worker failed (H={H}, rate {nodes.rate_mbit}):\n{log[-3000:]}")
+        result = json.loads(Path(f"{folder}/rank0.json").read_text())
+    times = result["times"]  # times[i]: end of step i + 1
+    rates = []
+    for k in range(windows):
+        start, end = first + k * window, first + (k + 1) * window
+        rates.append(BATCH * window / (times[end - 1] - times[start - 1]))
+    return {
+        "samples_per_s": statistics.median(rates),
+        "window_samples_per_s": rates,
+        "t_allreduce": statistics.median(result["allreduce"]),
+        "bytes": result["bytes"],
+        "steps": steps,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--quick", action="store_true", help="2 rows, unthrottled and 100 Mbit/s, short windows"
+    )
+    parser.add_argument("--straggler", action="store_true", help="also the straggler rows (unthrottled)")
+    parser.add_argument("--rates", type=float, nargs="*", help="Mbit/s columns (0 = unthrottled)")
+    parser.add_argument("--out", type=Path, default=ROOT / "bench/results/link.json")
+    args = parser.parse_args()
+    if args.worker:
+        _worker(json.loads(args.worker))
+        return
+    try:
+        check_available()
+    except Unavailable as why:
+        sys.exit(f"bench/link.py: cannot emulate two nodes here: {why}")
+    rates = RATES if args.rates is None else [r or None for r in args.rates]
+    rows = ROWS
+    if args.quick:
+        rates, rows = [None, 100], [ROWS[0], ROWS[4]]
+    records: list[dict[str, Any]] = []
+    started = time.perf_counter()
+    with TwoNodes(prefix="lsgdb") as nodes:
+        grid = [(rate, row, False) for rate in rates for row in rows]
+        if args.straggler:
+            grid += [(None, row, True) for row in rows]
+        limits: dict[tuple[float | None, bool], dict[str, Any]] = {}
+        for rate, (name, H, outer), straggler in grid:
+            if nodes.rate_mbit != rate:
+                nodes.set_rate(rate)
+            t_compute = BATCH / limits[(None, False)]["samples_per_s"] if (None, False) in limits else 0.13
+            cell = run_cell(nodes, H, outer, quick=args.quick, straggler=straggler, t_compute=t_compute)
+            if H == 0:
+                limits[(rate, straggler)] = cell
+            limit = limits[(rate, straggler)]
+            t_step = BATCH / limit["samples_per_s"]
+            h = H if H is not None else 1
+            predicted = 1.0 if H == 0 else t_step / (t_step + limit["t_allreduce"] / h)
+            record = {
+                "method": name,
+                "H": H if H != 0 else None,
+                "rate_mbit": rate,
+                "straggler": straggler,
+                "samples_per_s": cell["samples_per_s"],
+                "ratio_to_limit": cell["samples_per_s"] / limit["samples_per_s"],
+                "predicted_ratio": predicted,
+                "t_step_limit": t_step,
+                "t_allreduce": limit["t_allreduce"],
+                "model_bytes": cell["bytes"],
+                "steps": cell["steps"],
+                "window_samples_per_s": cell["window_samples_per_s"],
+            }
+            records.append(record)
+            mode = "straggler " if straggler else ""
+            print(
+                f"{mode}{_rate(rate):>11} {name:<20} {record['samples_per_s']:7.1f} samples/s  "
+                f"x{record['ratio_to_limit']:.3f} of the limit (model x{predicted:.3f})",
+                flush=True,
+            )
+    _print_table(records, rates, rows)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "command": " ".join([sys.executable, *sys.argv]),
+        "machine": f"{os.cpu_count()} cores, {os.uname().sysname} {os.uname().release}",
+        "seconds": round(time.perf_counter() - started),
+        "records": records,
+    }
+    args.out.write_text(json.dumps(payload, indent=2) + "\n")
+    print(f"wrote {args.out}")
+
+
+def _rate(rate: float | None) -> str:
+    return "unthrottled" if rate is None else f"{rate:g} Mbit/s"
+
+
+def _print_table(records: list[dict[str, Any]], rates: list[float | None], rows: list[Any]) -> None:
+    print("\nsamples/s per worker (ratio to no communication; cost model of blocking Local SGD)")
+    header = f"| {'method':<20} | " + " | ".join(f"{_rate(r):<24}" for r in rates) + " |"
+    print(header)
+    print("|" + "---|" * (len(rates) + 1))
+    for name, _, _ in rows:
+        cells = []
+        for rate in rates:
+            match = [
+                r for r in records if r["method"] == name and r["rate_mbit"] == rate and not r["straggler"]
+            ]
+            if not match:
+                cells.append(" " * 24)
+                continue
+            r = match[0]
+            cells.append(
+                f"{r['samples_per_s']:6.1f} (x{r['ratio_to_limit']:.3f}; x{r['predicted_ratio']:.3f})"
+            )
+        print(f"| {name:<20} | " + " | ".join(f"{c:<24}" for c in cells) + " |")
+    stragglers = [r for r in records if r["straggler"]]
+    if stragglers:
+        print("\nstraggler mode, unthrottled (one worker sleeps 0 to 1x its compute time per step):")
+        for r in stragglers:
+            ratio = r["ratio_to_limit"]
+            print(f"  {r['method']:<20} {r['samples_per_s']:6.1f} samples/s  x{ratio:.3f} of its limit")
+
+
+if __name__ == "__main__":
+    main()
