@@ -130,6 +130,25 @@ def _worker(spec: dict[str, Any]) -> None:
         callbacks=[Timer()],
     )
     module = Net()
+    sync_parts: dict[str, list[float]] = {"agree": [], "average": []}
+    if H:  # how a sync's time splits: waiting for the peer (the control message) and the rest
+
+        class Timed(pl.Callback):
+            def on_train_start(self, trainer: Any, *args: Any) -> None:
+                averager = trainer.strategy.averager
+                for name in ("agree", "average"):
+                    inner = getattr(averager, name)
+
+                    def timed(*a: Any, _inner: Any = inner, _name: str = name, **k: Any) -> Any:
+                        start = time.perf_counter()
+                        try:
+                            return _inner(*a, **k)
+                        finally:
+                            sync_parts[_name].append(time.perf_counter() - start)
+
+                    setattr(averager, name, timed)
+
+        trainer.callbacks.append(Timed())
     trainer.fit(module)
     numel = sum(t.numel() for t in (*module.parameters(), *module.buffers()) if t.is_floating_point())
     flat = torch.zeros(numel)
@@ -140,7 +159,10 @@ def _worker(spec: dict[str, Any]) -> None:
         dist.all_reduce(flat)
         if i:
             allreduce.append(time.perf_counter() - start)
-    Path(spec["out"]).write_text(json.dumps({"times": times, "allreduce": allreduce, "bytes": 4 * numel}))
+    out = {"times": times, "allreduce": allreduce, "bytes": 4 * numel, "sync_parts": sync_parts}
+    Path(spec["out"]).write_text(json.dumps(out))
+    dist.barrier()  # leave together: a peer's gloo threads must not outlive this process's
+    dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------- the grid
@@ -150,19 +172,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _window(H: int | None) -> int:
-    """Steps per timed window: whole rounds, at least 8 steps."""
-    h = H or 1
-    return max(8, h) if h else 8
-
-
 def _plan(H: int | None, quick: bool) -> tuple[int, int, int]:
-    """(first timed step, window, windows): windows start after the first round(s)."""
-    if H == 0:
-        return 16, 16, 2 if quick else 4
-    w = _window(H)
-    windows = 2 if quick else (3 if (H or 1) >= 16 else 4)
-    return w, w, windows
+    """(first timed step, window, windows): windows of whole rounds, after the first round(s)."""
+    if H is None or H == 1:  # a collective every step: slow on a slow link, and steady at once
+        first, window, windows = 8, 8, 3
+    elif H == 0 or H < 64:
+        first, window, windows = 32, 32, 4
+    else:
+        first, window, windows = H, H, 3
+    return (first, window, 2) if quick else (first, window, windows)
 
 
 def run_cell(
@@ -197,13 +215,30 @@ def run_cell(
             if p.returncode != 0:
                 raise RuntimeError(f"a worker failed (H={H}, rate {nodes.rate_mbit}):\n{log[-3000:]}")
         result = json.loads(Path(f"{folder}/rank0.json").read_text())
+        other = json.loads(Path(f"{folder}/rank1.json").read_text())
     times = result["times"]  # times[i]: end of step i + 1
     rates = []
     for k in range(windows):
         start, end = first + k * window, first + (k + 1) * window
-        rates.append(BATCH * window / (times[end - 1] - times[start - 1]))
+        # a job goes at its slower worker's pace: without syncs the two drift apart, so the limit
+        # is the slower one's rate (with syncs they meet at every round and the two agree)
+        rates.append(min(BATCH * window / (t[end - 1] - t[start - 1]) for t in (times, other["times"])))
+    # this run's own compute step: the steps that did not sync (drift-free, unlike another cell's)
+    local = [
+        times[i] - times[i - 1]
+        for i in range(first, len(times))
+        if H is not None and H != 1 and (H == 0 or (i + 1) % H != 0)
+    ]
+    parts = {
+        f"rank{r}_{name}_ms": 1e3 * statistics.median(v)
+        for r, res in enumerate((result, other))
+        for name, v in res["sync_parts"].items()
+        if v
+    }
     return {
+        "sync_parts_ms": parts,
         "samples_per_s": statistics.median(rates),
+        "t_step_local": statistics.median(local) if local else None,
         "window_samples_per_s": rates,
         "t_allreduce": statistics.median(result["allreduce"]),
         "bytes": result["bytes"],
@@ -235,40 +270,59 @@ def main() -> None:
     records: list[dict[str, Any]] = []
     started = time.perf_counter()
     with TwoNodes(prefix="lsgdb") as nodes:
-        grid = [(rate, row, False) for rate in rates for row in rows]
+        # each column: the limit, its rows, the limit again (their mean is the column's limit)
+        limit_row = rows[0]
+        grid = []
+        for rate in rates:
+            grid += [(rate, row, False) for row in rows] + [(rate, limit_row, False)]
         if args.straggler:
-            grid += [(None, row, True) for row in rows]
-        limits: dict[tuple[float | None, bool], dict[str, Any]] = {}
+            grid += [(None, row, True) for row in rows] + [(None, limit_row, True)]
+        cells: list[tuple[float | None, tuple[str, int | None, str | None], bool, dict[str, Any]]] = []
+        t_compute = 0.13
         for rate, (name, H, outer), straggler in grid:
             if nodes.rate_mbit != rate:
                 nodes.set_rate(rate)
-            t_compute = BATCH / limits[(None, False)]["samples_per_s"] if (None, False) in limits else 0.13
             cell = run_cell(nodes, H, outer, quick=args.quick, straggler=straggler, t_compute=t_compute)
-            if H == 0:
-                limits[(rate, straggler)] = cell
-            limit = limits[(rate, straggler)]
-            t_step = BATCH / limit["samples_per_s"]
+            if H == 0 and rate is None and not straggler:
+                t_compute = BATCH / cell["samples_per_s"]  # the straggler's extra: up to this
+            cells.append((rate, (name, H, outer), straggler, cell))
+            note = " (straggler)" if straggler else ""
+            print(f"  {_rate(rate)} {name}{note}: {cell['samples_per_s']:.1f} samples/s", flush=True)
+        for rate, (name, H, _), straggler, cell in cells:
+            limit_cells = [c for r, row, st, c in cells if row[1] == 0 and r == rate and st == straggler]
+            if H == 0 and cell is limit_cells[-1] and len(limit_cells) > 1:
+                continue  # the column's second limit run: folded into the first's record
+            limit_rate = statistics.mean(c["samples_per_s"] for c in limit_cells)
+            t_allreduce = statistics.median(c["t_allreduce"] for c in limit_cells)
+            t_step = BATCH / limit_rate
             h = H if H is not None else 1
-            predicted = 1.0 if H == 0 else t_step / (t_step + limit["t_allreduce"] / h)
+            predicted = 1.0 if H == 0 else t_step / (t_step + t_allreduce / h)
+            own = cell["t_step_local"] if cell["t_step_local"] is not None and H else t_step
+            model_rate = BATCH / (own + (t_allreduce / h if H != 0 else 0.0))
+            samples = limit_rate if H == 0 else cell["samples_per_s"]
             record = {
                 "method": name,
                 "H": H if H != 0 else None,
                 "rate_mbit": rate,
                 "straggler": straggler,
-                "samples_per_s": cell["samples_per_s"],
-                "ratio_to_limit": cell["samples_per_s"] / limit["samples_per_s"],
+                "samples_per_s": samples,
+                "ratio_to_limit": samples / limit_rate,
                 "predicted_ratio": predicted,
+                "of_model": samples / model_rate,
                 "t_step_limit": t_step,
-                "t_allreduce": limit["t_allreduce"],
+                "t_step_own": own,
+                "t_allreduce": t_allreduce,
                 "model_bytes": cell["bytes"],
                 "steps": cell["steps"],
                 "window_samples_per_s": cell["window_samples_per_s"],
+                "sync_parts_ms": cell["sync_parts_ms"],
             }
             records.append(record)
             mode = "straggler " if straggler else ""
             print(
                 f"{mode}{_rate(rate):>11} {name:<20} {record['samples_per_s']:7.1f} samples/s  "
-                f"x{record['ratio_to_limit']:.3f} of the limit (model x{predicted:.3f})",
+                f"x{record['ratio_to_limit']:.3f} of the limit (model x{predicted:.3f}); "
+                f"{record['of_model']:.3f} of the model's rate with its own compute step",
                 flush=True,
             )
     _print_table(records, rates, rows)
