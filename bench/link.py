@@ -111,8 +111,14 @@ def _worker(spec: dict[str, Any]) -> None:
     if H is None:
         strategy: Any = SGDBaselineStrategy(process_group_backend="gloo")
     else:
+        paired = spec["paired"]  # blocks of steps: no sync in the even ones, every H in the odd ones
+
+        def sync_every(step: int, lr: float) -> bool:
+            block = (step - 1 - paired["first"]) // paired["block"]
+            return H > 0 and step > paired["first"] and block % 2 == 1 and step % H == 0
+
         strategy = LocalSGDStrategy(
-            sync_every=H if H > 0 else 10**9,
+            sync_every=sync_every,
             outer_optimizer=DiLoCo() if spec["outer"] == "diloco" else None,
             process_group_backend="gloo",
         )
@@ -173,27 +179,26 @@ def _free_port() -> int:
 
 
 def _plan(H: int | None, quick: bool) -> tuple[int, int, int]:
-    """(first timed step, window, windows): windows of whole rounds, after the first round(s)."""
-    if H is None or H == 1:  # a collective every step: slow on a slow link, and steady at once
-        first, window, windows = 8, 8, 3
-    elif H == 0 or H < 64:
-        first, window, windows = 32, 32, 4
-    else:
-        first, window, windows = H, H, 3
-    return (first, window, 2) if quick else (first, window, windows)
+    """(first timed step, block, pairs of blocks). Local SGD runs alternate a block without syncs
+    (the limit, in the same processes a moment apart: the machine's drift cancels) with a block
+    that syncs every H steps (whole rounds); the baseline times blocks of its own."""
+    if H in (None, 1):  # a collective every step: slow on a slow link, steady from the start
+        return 8, 8, 2
+    return 32, 32 if H == 4 else max(64, H or 64), 2
 
 
 def run_cell(
     nodes: TwoNodes, H: int | None, outer: str | None, *, quick: bool, straggler: bool, t_compute: float
 ) -> dict[str, Any]:
-    first, window, windows = _plan(H, quick)
-    steps = first + window * windows
+    first, block, pairs = _plan(H, quick)
+    steps = first + 2 * block * pairs
     port = _free_port()
     with tempfile.TemporaryDirectory() as folder:
         procs = []
         for rank in (0, 1):
             spec = {"rank": rank, "H": H, "outer": outer, "steps": steps, "straggler": straggler}
             spec |= {"t_compute": t_compute, "out": f"{folder}/rank{rank}.json"}
+            spec |= {"paired": {"first": first, "block": block}}
             env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "TORCHELASTIC"))}
             env.update(
                 MASTER_ADDR=nodes.addresses[0], MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
@@ -201,48 +206,42 @@ def run_cell(
                 GLOO_SOCKET_IFNAME=IFNAME, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
             )  # fmt: skip
             argv = [sys.executable, str(BENCH / "link.py"), "--worker", json.dumps(spec)]
+            command = nodes.command(rank, argv)
             procs.append(
                 subprocess.Popen(
-                    nodes.command(rank, argv),
-                    env=env,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.STDOUT,
-                    text=True,
+                    command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
                 )
             )
         logs = [p.communicate(timeout=3600)[0] for p in procs]
         for p, log in zip(procs, logs):
             if p.returncode != 0:
                 raise RuntimeError(f"a worker failed (H={H}, rate {nodes.rate_mbit}):\n{log[-3000:]}")
-        result = json.loads(Path(f"{folder}/rank0.json").read_text())
-        other = json.loads(Path(f"{folder}/rank1.json").read_text())
-    times = result["times"]  # times[i]: end of step i + 1
-    rates = []
-    for k in range(windows):
-        start, end = first + k * window, first + (k + 1) * window
-        # a job goes at its slower worker's pace: without syncs the two drift apart, so the limit
-        # is the slower one's rate (with syncs they meet at every round and the two agree)
-        rates.append(min(BATCH * window / (t[end - 1] - t[start - 1]) for t in (times, other["times"])))
-    # this run's own compute step: the steps that did not sync (drift-free, unlike another cell's)
-    local = [
-        times[i] - times[i - 1]
-        for i in range(first, len(times))
-        if H is not None and H != 1 and (H == 0 or (i + 1) % H != 0)
-    ]
+        results = [json.loads(Path(f"{folder}/rank{r}.json").read_text()) for r in (0, 1)]
+    rates: dict[str, list[float]] = {"alone": [], "synced": []}
+    for k in range(2 * pairs):
+        start, end = first + k * block, first + (k + 1) * block
+        # the job's pace: a block runs from the moment both workers finished the previous one to
+        # the moment both finished it (perf_counter is the machine's monotonic clock in every
+        # process), so one worker's lead, or its wait at a sync, never counts for either
+        began = max(r["times"][start - 1] for r in results)
+        ended = max(r["times"][end - 1] for r in results)
+        rate = BATCH * block / (ended - began)
+        kind = "synced" if H is None or (H and k % 2 == 1) else "alone"
+        rates[kind].append(rate)
     parts = {
         f"rank{r}_{name}_ms": 1e3 * statistics.median(v)
-        for r, res in enumerate((result, other))
+        for r, res in enumerate(results)
         for name, v in res["sync_parts"].items()
         if v
     }
     return {
-        "sync_parts_ms": parts,
-        "samples_per_s": statistics.median(rates),
-        "t_step_local": statistics.median(local) if local else None,
-        "window_samples_per_s": rates,
-        "t_allreduce": statistics.median(result["allreduce"]),
-        "bytes": result["bytes"],
+        "samples_per_s": statistics.median(rates["alone"] if H == 0 else rates["synced"]),
+        "alone_samples_per_s": statistics.median(rates["alone"]) if rates["alone"] else None,
+        "block_samples_per_s": rates,
+        "t_allreduce": statistics.median(results[0]["allreduce"]),
+        "bytes": results[0]["bytes"],
         "steps": steps,
+        "sync_parts_ms": parts,
     }
 
 
@@ -266,65 +265,58 @@ def main() -> None:
     rates = RATES if args.rates is None else [r or None for r in args.rates]
     rows = ROWS
     if args.quick:
-        rates, rows = [None, 100], [ROWS[0], ROWS[4]]
+        rows = [ROWS[0], ROWS[4]]
+        rates = [None, 100] if args.rates is None else rates
     records: list[dict[str, Any]] = []
     started = time.perf_counter()
     with TwoNodes(prefix="lsgdb") as nodes:
-        # each column: the limit, its rows, the limit again (their mean is the column's limit)
-        limit_row = rows[0]
-        grid = []
-        for rate in rates:
-            grid += [(rate, row, False) for row in rows] + [(rate, limit_row, False)]
-        if args.straggler:
-            grid += [(None, row, True) for row in rows] + [(None, limit_row, True)]
-        cells: list[tuple[float | None, tuple[str, int | None, str | None], bool, dict[str, Any]]] = []
+        # each column: the limit (for the baseline, which cannot pause its all-reduce), then its rows;
+        # each Local SGD row measures its own limit in alternating blocks of the same run
+        grid = [(rate, row, False) for rate in rates for row in rows]
+        if args.straggler:  # the limit, the baseline and H = 16, side by side
+            grid += [(None, row, True) for row in (ROWS[0], ROWS[1], ROWS[4])]
+        limits: dict[tuple[float | None, bool], dict[str, Any]] = {}
         t_compute = 0.13
         for rate, (name, H, outer), straggler in grid:
             if nodes.rate_mbit != rate:
                 nodes.set_rate(rate)
             cell = run_cell(nodes, H, outer, quick=args.quick, straggler=straggler, t_compute=t_compute)
-            if H == 0 and rate is None and not straggler:
-                t_compute = BATCH / cell["samples_per_s"]  # the straggler's extra: up to this
-            cells.append((rate, (name, H, outer), straggler, cell))
-            note = " (straggler)" if straggler else ""
-            print(f"  {_rate(rate)} {name}{note}: {cell['samples_per_s']:.1f} samples/s", flush=True)
-        for rate, (name, H, _), straggler, cell in cells:
-            limit_cells = [c for r, row, st, c in cells if row[1] == 0 and r == rate and st == straggler]
-            if H == 0 and cell is limit_cells[-1] and len(limit_cells) > 1:
-                continue  # the column's second limit run: folded into the first's record
-            limit_rate = statistics.mean(c["samples_per_s"] for c in limit_cells)
-            t_allreduce = statistics.median(c["t_allreduce"] for c in limit_cells)
-            t_step = BATCH / limit_rate
+            if H == 0:
+                limits[(rate, straggler)] = cell
+                if rate is None and not straggler:
+                    t_compute = BATCH / cell["samples_per_s"]  # the straggler's extra: up to this
+            # the limit: this run's own blocks without syncs (the baseline: the column's limit run)
+            alone = cell["alone_samples_per_s"] or limits[(rate, straggler)]["samples_per_s"]
+            t_allreduce = limits[(rate, straggler)]["t_allreduce"]
+            t_step = BATCH / alone
             h = H if H is not None else 1
             predicted = 1.0 if H == 0 else t_step / (t_step + t_allreduce / h)
-            own = cell["t_step_local"] if cell["t_step_local"] is not None and H else t_step
-            model_rate = BATCH / (own + (t_allreduce / h if H != 0 else 0.0))
-            samples = limit_rate if H == 0 else cell["samples_per_s"]
+            samples = cell["samples_per_s"]
             record = {
                 "method": name,
                 "H": H if H != 0 else None,
                 "rate_mbit": rate,
                 "straggler": straggler,
                 "samples_per_s": samples,
-                "ratio_to_limit": samples / limit_rate,
+                "limit_samples_per_s": alone,
+                "ratio_to_limit": samples / alone,
                 "predicted_ratio": predicted,
-                "of_model": samples / model_rate,
-                "t_step_limit": t_step,
-                "t_step_own": own,
+                "of_ceiling": samples / alone / predicted,
+                "t_step": t_step,
                 "t_allreduce": t_allreduce,
                 "model_bytes": cell["bytes"],
                 "steps": cell["steps"],
-                "window_samples_per_s": cell["window_samples_per_s"],
+                "block_samples_per_s": cell["block_samples_per_s"],
                 "sync_parts_ms": cell["sync_parts_ms"],
             }
-            records.append(record)
             mode = "straggler " if straggler else ""
+            ratio = record["ratio_to_limit"]
             print(
-                f"{mode}{_rate(rate):>11} {name:<20} {record['samples_per_s']:7.1f} samples/s  "
-                f"x{record['ratio_to_limit']:.3f} of the limit (model x{predicted:.3f}); "
-                f"{record['of_model']:.3f} of the model's rate with its own compute step",
+                f"{mode}{_rate(rate):>11} {name:<20} {samples:7.1f} samples/s  x{ratio:.3f} of the limit, "
+                f"cost model x{predicted:.3f} ({record['of_ceiling']:.3f} of it)",
                 flush=True,
             )
+            records.append(record)
     _print_table(records, rates, rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     payload = {

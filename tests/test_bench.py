@@ -62,3 +62,31 @@ def test_gpu_check_runs_on_cpu(tmp_path: Path) -> None:
     summary = json.loads((tmp_path / "gpu_check.json").read_text())
     assert summary["ok"] and summary["tests"]["failed"] == 0 and summary["tests"]["passed"] >= 6
     assert "gpu tests:" in proc.stdout and summary["batched_over_sequential"] > 0
+
+
+@pytest.mark.integration
+def test_link_bench_quick_on_two_emulated_nodes(tmp_path: Path) -> None:
+    import os
+    import shutil
+
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("bench/link.py needs root and iproute2 for its network namespaces")
+    out = tmp_path / "link.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "link.py"), "--quick", "--rates", "100", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    records = json.loads(out.read_text())["records"]
+    assert [(r["method"], r["rate_mbit"]) for r in records] == [
+        ("no communication", 100),
+        ("Local SGD H=16", 100),
+    ]
+    local = records[1]
+    # a 100 Mbit/s link: an all-reduce of the model's 3.4 MB takes ~0.3 s, and H = 16 hides most of it
+    assert 0.15 < local["t_allreduce"] < 1.0 and local["model_bytes"] > 3e6
+    assert 0.5 < local["predicted_ratio"] < 1.0 and 0.4 < local["ratio_to_limit"] < 1.1
+    namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+    assert "lsgdb" not in namespaces  # removed at exit

@@ -49,3 +49,10 @@ def test_license_changelog_citation_and_design_document_exist() -> None:
     readme = (ROOT / "README.md").read_text()
     assert "docs/design.md" in readme and "../shared" not in readme
     assert "## Citing" in readme and "CITATION.cff" in readme
+
+
+def test_benchmarks_md_covers_every_benchmark() -> None:
+    text = (ROOT / "BENCHMARKS.md").read_text()
+    for script in ("bench/link.py", "bench/averaging.py", "bench/simulate.py", "bench/gpu_check.sh"):
+        assert script in text, script
+    assert "BENCHMARKS.md" in (ROOT / "README.md").read_text()
