@@ -184,6 +184,8 @@ def _plan(H: int | None, quick: bool) -> tuple[int, int, int]:
     that syncs every H steps (whole rounds); the baseline times blocks of its own."""
     if H in (None, 1):  # a collective every step: slow on a slow link, steady from the start
         return 8, 8, 2
+    if quick:  # checks that it runs: two short pairs
+        return 16, max(32, H or 32), 2
     return 32, 32 if H == 4 else max(64, H or 64), 2
 
 
