@@ -40,8 +40,16 @@ def readme_commands() -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    drop = ("PYTHON", "VIRTUAL_ENV", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK")
-    env = {k: v for k, v in os.environ.items() if k not in drop and not k.startswith("PYTEST")}
+    # a newcomer's shell: none of what other tests or a launcher may leave in this process's environment
+    drop = (
+        "PYTHON", "VIRTUAL_ENV", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK",
+        "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "NNODES", "NPROC_PER_NODE", "RDZV_ENDPOINT",
+    )  # fmt: skip
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in drop and not k.startswith(("PYTEST", "TORCHELASTIC", "PL_", "TEST_"))
+    }
     env["OMP_NUM_THREADS"] = "1"
     return env
 
