@@ -349,6 +349,22 @@ def test_a_parameter_added_after_setup_is_averaged_from_then_on() -> None:
     assert avg.num_bytes == sum(t.numel() * 4 for t in snapshot(nets[0]).values() if t.is_floating_point())
 
 
+def test_rounds_count_the_models_tensors_only_after_a_module_registered_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    nets = workers()
+    avg = Averager(nets, InProcessCommunicator(K))
+    counted = []
+    real = Averager._structure
+    monkeypatch.setattr(Averager, "_structure", lambda self: counted.append(1) or real(self))
+    avg.average()
+    avg.average()
+    assert not counted, "nothing was registered: the rounds must not recount the tensors"
+    nn.Linear(2, 2)  # any module built anywhere registers tensors: the next round recounts
+    avg.average()
+    assert len(counted) == 1, "the count is how a round sees a tensor added to the model"
+
+
 def test_a_rebuild_keeps_the_outer_optimizers_anchor() -> None:
     from localsgd.outer import DiLoCo
 
