@@ -52,8 +52,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.algorithms.model_averaging.utils import average_parameters
 
-from localsgd.averaging import Averager
-from localsgd.comm import ProcessGroupCommunicator
+from localsgd.core.averager import Averager
+from localsgd.core.comm import ProcessGroupCommunicator
 
 WORLD_SIZE = 2
 # one localsgd round / (a raw SUM all-reduce of the same bytes + the division): the floor for a mean

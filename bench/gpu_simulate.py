@@ -32,7 +32,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader
 
 from localsgd import LocalSGDStrategy
-from localsgd.models import resnet
+from localsgd.research.models import resnet
 
 TARGET = 3.0
 

@@ -66,7 +66,7 @@ def _worker(spec: dict[str, Any]) -> None:
     from torch.utils.data import DataLoader, Dataset
 
     from localsgd import DiLoCo, LocalSGDStrategy, SGDBaselineStrategy
-    from localsgd.models import resnet
+    from localsgd.research.models import resnet
 
     torch.set_num_threads(1)
     rank = spec["rank"]

@@ -1,6 +1,6 @@
 """Benchmark: K simulated workers on one CPU process, against the floor and the big-batch baseline.
 
-One process, one thread, a small CNN (localsgd.models.small_cnn, BatchNorm) on random
+One process, one thread, a small CNN (localsgd.research.models.small_cnn, BatchNorm) on random
 3x32x32 images, K = 8 workers x local batch B, SGD with momentum, H local steps per round.
 Time per round (H steps of every worker, then the average) of:
 
@@ -38,7 +38,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from localsgd import LocalSGDStrategy
-from localsgd.models import small_cnn
+from localsgd.research.models import small_cnn
 
 TARGET = 1.15
 

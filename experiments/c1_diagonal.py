@@ -3,7 +3,7 @@ lowers the Hessian trace faster than SGD at the same total batch, and the effect
 
 Diagonal linear network f(x) = <x, u*u - v*v> on sparse regression with Rademacher label noise,
 K = 8 workers, local batch 4 (total batch 32), plain SGD, H in {1, 10, 100}; H = 1 is synchronous
-SGD with batch 32. Runs the fast vectorized path (localsgd.toy), writes metrics.csv and report.png
+SGD with batch 32. Runs the fast vectorized path (localsgd.research.toy), writes metrics.csv and report.png
 next to this file, and prints markdown tables.
 
     .venv/bin/python experiments/c1_diagonal.py --steps 300000 --seeds 3 --lr 0.01 0.02
@@ -25,8 +25,8 @@ from pathlib import Path
 
 import torch
 
-from localsgd.data import SparseRegressionDataModule
-from localsgd.toy import train
+from localsgd.research.data import SparseRegressionDataModule
+from localsgd.research.toy import train
 
 OUT = Path(__file__).with_suffix("")  # experiments/c1_diagonal/
 METRICS = ("hessian_trace", "train_loss", "test_loss", "w_error")

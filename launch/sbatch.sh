@@ -9,7 +9,7 @@
 # the ranks; MASTER_ADDR/MASTER_PORT come from the node list and the job id.
 #
 # Time limit and preemption: SLURM sends USR2 120 s before the time limit (scancel --signal=USR2
-# JOBID does it by hand). localsgd.preemption.PreemptionCheckpoint then saves
+# JOBID does it by hand). localsgd.lightning.preemption.PreemptionCheckpoint then saves
 # $RUN_DIR/checkpoints/last.ckpt on all ranks after the same step and rank 0 runs
 # `scontrol requeue` (at most 3 times); the requeued job runs this script again, which resumes
 # from that checkpoint. The callback owns the signal: Lightning's own SLURM auto-requeue (SIGUSR1,
@@ -56,7 +56,7 @@ srun "$PYTHON" -m localsgd.cli fit --config "$CONFIG" "$@" \
     --trainer.devices="$SLURM_NTASKS_PER_NODE" \
     --trainer.plugins+=lightning.pytorch.plugins.environments.SLURMEnvironment \
     --trainer.plugins.auto_requeue=false \
-    --trainer.callbacks+=localsgd.preemption.PreemptionCheckpoint \
+    --trainer.callbacks+=localsgd.lightning.preemption.PreemptionCheckpoint \
     --trainer.callbacks.dirpath="$RUN_DIR/checkpoints" \
     --trainer.callbacks.requeue=true \
     --trainer.callbacks.max_requeues=3 \

@@ -4,11 +4,10 @@ Importing the package registers the strategies ``"localsgd"`` and ``"sgd_baselin
 with Lightning, so ``Trainer(strategy="localsgd")`` works.
 """
 
-from localsgd.averaging import Averager
-from localsgd.baseline import SGDBaselineStrategy
-from localsgd.comm import Communicator, InProcessCommunicator, ProcessGroupCommunicator
-from localsgd.outer import DiLoCo, OuterOptimizer, SlowMo
-from localsgd.scaling import (
+from localsgd.core.averager import Averager
+from localsgd.core.comm import Communicator, InProcessCommunicator, ProcessGroupCommunicator
+from localsgd.core.outer import DiLoCo, OuterOptimizer, SlowMo
+from localsgd.core.scaling import (
     WarmupDecayLR,
     intrinsic_lr,
     linear_scaling_rule,
@@ -16,8 +15,9 @@ from localsgd.scaling import (
     sgdm_lr_for_effective,
     sqrt_scaling_rule,
 )
-from localsgd.schedules import QSR, Constant, FunctionSchedule, Hierarchical, PostLocal, SyncSchedule
-from localsgd.strategy import LocalSGDStrategy
+from localsgd.core.schedules import QSR, Constant, FunctionSchedule, Hierarchical, PostLocal, SyncSchedule
+from localsgd.lightning.baseline import SGDBaselineStrategy
+from localsgd.lightning.strategy import LocalSGDStrategy
 
 __all__ = [
     "QSR",

@@ -28,13 +28,13 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim import Optimizer
 
-from localsgd.baseline import SGDBaselineStrategy
-from localsgd.data import DigitsDataModule
-from localsgd.models import Classifier, small_cnn
-from localsgd.progress import StepLog, summary
-from localsgd.quiet import quiet_known_noise
-from localsgd.scaling import WarmupDecayLR
-from localsgd.strategy import LocalSGDStrategy
+from localsgd.core.scaling import WarmupDecayLR
+from localsgd.lightning.baseline import SGDBaselineStrategy
+from localsgd.lightning.progress import StepLog, summary
+from localsgd.lightning.quiet import quiet_known_noise
+from localsgd.lightning.strategy import LocalSGDStrategy
+from localsgd.research.data import DigitsDataModule
+from localsgd.research.models import Classifier, small_cnn
 
 # Strategy arguments the Trainer fills in itself: hidden from YAML and flags, so that a
 # strategy's flags are its own (sync_every, buffers, ...) and not DDP plumbing.
@@ -230,14 +230,14 @@ def quickstart_main(argv: Sequence[str]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """``localsgd quickstart ...``, ``localsgd compare --config X.yaml`` (:mod:`localsgd.compare`),
+    """``localsgd quickstart ...``, ``localsgd compare --config X.yaml`` (:mod:`localsgd.research.compare`),
     or ``localsgd {fit,validate,test,predict} ...`` (LightningCLI)."""
     args = sys.argv[1:] if argv is None else list(argv)
     quiet_known_noise()
     if args[:1] == ["quickstart"]:
         quickstart_main(args[1:])
     elif args[:1] == ["compare"]:
-        from localsgd.compare import main as compare_main
+        from localsgd.research.compare import main as compare_main
 
         compare_main(args[1:])
     else:

@@ -5,7 +5,7 @@ the config, with Lightning's :class:`~lightning.pytorch.plugins.environments.SLU
 reading ranks from SLURM, and resumes from ``<job folder>/checkpoints/last.ckpt`` when that
 exists. On submitit's warning signal (USR2 ``signal_delay_s`` before the time limit, or
 ``scancel --signal=USR2 JOBID``) the ranks save that checkpoint after the same step
-(:class:`~localsgd.preemption.PreemptionCheckpoint`); then rank 0 hands over to submitit, which
+(:class:`~localsgd.lightning.preemption.PreemptionCheckpoint`); then rank 0 hands over to submitit, which
 calls :meth:`TrainingJob.checkpoint`, pickles the returned submission and requeues the job.
 
 Who owns the signal: submitit (USR2). Lightning's own SLURM auto-requeue (SIGUSR1, saving inside
@@ -28,7 +28,7 @@ import submitit
 from submitit.helpers import DelayedSubmission
 
 from localsgd.cli import lightning_cli
-from localsgd.preemption import CHECKPOINT_NAME, Preempted, PreemptionCheckpoint
+from localsgd.lightning.preemption import CHECKPOINT_NAME, Preempted, PreemptionCheckpoint
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class TrainingJob:
             *self.overrides,
             "--trainer.plugins+=lightning.pytorch.plugins.environments.SLURMEnvironment",
             "--trainer.plugins.auto_requeue=false",
-            "--trainer.callbacks+=localsgd.preemption.PreemptionCheckpoint",
+            "--trainer.callbacks+=localsgd.lightning.preemption.PreemptionCheckpoint",
             f"--trainer.callbacks.dirpath={checkpoint.parent}",
             f"--trainer.callbacks.signal={_SIGNAL}",
         ]

@@ -366,7 +366,7 @@ def test_rounds_count_the_models_tensors_only_after_a_module_registered_one(
 
 
 def test_a_rebuild_keeps_the_outer_optimizers_anchor() -> None:
-    from localsgd.outer import DiLoCo
+    from localsgd.core.outer import DiLoCo
 
     nets = workers()
     avg = Averager(nets, InProcessCommunicator(K), outer=DiLoCo())

@@ -25,8 +25,8 @@ from localsgd import (
     linear_scaling_rule,
     sqrt_scaling_rule,
 )
-from localsgd.data import DigitsDataModule
-from localsgd.models import Classifier, ResNet
+from localsgd.research.data import DigitsDataModule
+from localsgd.research.models import Classifier, ResNet
 
 API: list[tuple[str, Callable[[], object], str]] = [
     ("sync_every zero", lambda: LocalSGDStrategy(sync_every=0), r"sync_every \(0\) must be an integer >= 1"),

@@ -21,9 +21,9 @@ from torch import nn
 
 from localsgd import QSR, DiLoCo, LocalSGDStrategy, PostLocal, SGDBaselineStrategy
 from localsgd.cli import lightning_cli
-from localsgd.models import Classifier, ResNet
-from localsgd.scaling import WarmupDecayLR, warmup_decay_factor
-from localsgd.schedules import Constant
+from localsgd.core.scaling import WarmupDecayLR, warmup_decay_factor
+from localsgd.core.schedules import Constant
+from localsgd.research.models import Classifier, ResNet
 
 ROOT = Path(__file__).resolve().parents[1]
 CIFAR_CONFIGS = sorted((ROOT / "configs").glob("cifar10_resnet56_*.yaml"))

@@ -16,9 +16,9 @@ import yaml
 
 from localsgd import LocalSGDStrategy
 from localsgd.cli import check_args, lightning_cli
-from localsgd.models import MLP
-from localsgd.outer import DiLoCo
-from localsgd.schedules import PostLocal
+from localsgd.core.outer import DiLoCo
+from localsgd.core.schedules import PostLocal
+from localsgd.research.models import MLP
 
 # Single-process fits earlier in this pytest process leave their rendezvous variables behind.
 _CLEAN_ENV = {
@@ -115,7 +115,7 @@ def test_quickstart_config_shows_everything_and_takes_overrides(capsys: pytest.C
     assert {"process_group_backend", "timeout", "start_method"} <= set(strategy["init_args"])
     net = cfg["model"]["init_args"]["net"]
     assert net == {
-        "class_path": "localsgd.models.SmallCNN",
+        "class_path": "localsgd.research.models.SmallCNN",
         "init_args": {"in_channels": 1, "num_classes": 10, "width": 8, "norm": "batch"},
     }
     # defaults the YAML leaves out are shown too
@@ -219,20 +219,20 @@ trainer:
     class_path: localsgd.LocalSGDStrategy
     init_args:
       sync_every:
-        class_path: localsgd.schedules.PostLocal
+        class_path: localsgd.core.schedules.PostLocal
         init_args: {every: 2, switch_step: 2}
       outer_optimizer:
-        class_path: localsgd.outer.DiLoCo
+        class_path: localsgd.core.outer.DiLoCo
         init_args: {lr: 0.5}
 model:
-  class_path: localsgd.models.Classifier
+  class_path: localsgd.research.models.Classifier
   init_args:
     net:
-      class_path: localsgd.models.MLP
+      class_path: localsgd.research.models.MLP
       init_args: {in_features: 64, hidden: 16, num_classes: 10}
     num_classes: 10
 data:
-  class_path: localsgd.data.DigitsDataModule
+  class_path: localsgd.research.data.DigitsDataModule
   init_args: {batch_size: 8}
 """
 

@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from localsgd.compare import build, load_config, read_metrics, run_all, slug
+from localsgd.research.compare import build, load_config, read_metrics, run_all, slug
 
 _TINY: dict[str, Any] = {
     "title": "tiny",
@@ -23,10 +23,10 @@ _TINY: dict[str, Any] = {
     "eval_every": 4,
     "jobs": 2,
     "model": {
-        "class_path": "localsgd.models.Classifier",
+        "class_path": "localsgd.research.models.Classifier",
         "init_args": {
             "net": {
-                "class_path": "localsgd.models.MLP",
+                "class_path": "localsgd.research.models.MLP",
                 "init_args": {"in_features": 64, "hidden": 16, "num_classes": 10},
             },
             "num_classes": 10,
@@ -34,7 +34,7 @@ _TINY: dict[str, Any] = {
         },
     },
     "data": {
-        "class_path": "localsgd.data.DigitsDataModule",
+        "class_path": "localsgd.research.data.DigitsDataModule",
         "init_args": {"batch_size": 8, "label_noise": 0.1},
     },
     "sharpness": {
@@ -215,8 +215,8 @@ def test_init_from_starts_every_run_from_the_checkpoints_weights(tmp_path: Path)
     import torch
     import torch.nn.functional as F
 
-    from localsgd.data import DigitsDataModule
-    from localsgd.models import MLP, Classifier
+    from localsgd.research.data import DigitsDataModule
+    from localsgd.research.models import MLP, Classifier
 
     torch.manual_seed(123)  # weights no seed of the comparison would draw
     start = Classifier(MLP(in_features=64, hidden=16, num_classes=10), num_classes=10)
@@ -242,7 +242,7 @@ def test_init_from_starts_every_run_from_the_checkpoints_weights(tmp_path: Path)
 
 
 def test_every_method_gets_its_own_line_style_and_marker() -> None:
-    from localsgd.compare.report import line_style
+    from localsgd.research.compare.report import line_style
 
     styles = [line_style(m) for m in range(8)]
     assert len(set(styles)) == 8  # two equal curves in two colours still show both (dashes, markers)

@@ -23,8 +23,8 @@ from common import make_trainer
 from torch import Tensor, nn
 
 from localsgd import LocalSGDStrategy
-from localsgd.cifar import _CIFAR, CIFARDataModule, download_cifar, load_cifar, random_crop_flip
-from localsgd.data import (
+from localsgd.research.cifar import _CIFAR, CIFARDataModule, download_cifar, load_cifar, random_crop_flip
+from localsgd.research.data import (
     DigitsDataModule,
     LabelNoise,
     SparseRegressionDataModule,
@@ -32,7 +32,7 @@ from localsgd.data import (
     keyed_generator,
     per_worker,
 )
-from localsgd.models import DiagonalLinearNet, Regressor
+from localsgd.research.models import DiagonalLinearNet, Regressor
 
 
 # ---------------------------------------------------------------------------- label noise

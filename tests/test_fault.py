@@ -74,17 +74,17 @@ def _config(folder: Path, *, kill_at: int | None) -> Path:
             ],
         },
         "model": {
-            "class_path": "localsgd.models.Classifier",
+            "class_path": "localsgd.research.models.Classifier",
             "init_args": {
                 "net": {
-                    "class_path": "localsgd.models.SmallCNN",
+                    "class_path": "localsgd.research.models.SmallCNN",
                     "init_args": {"in_channels": 1, "num_classes": 10},
                 },
                 "num_classes": 10,
                 "lr": 0.05,
             },
         },
-        "data": {"class_path": "localsgd.data.DigitsDataModule", "init_args": {"batch_size": 16}},
+        "data": {"class_path": "localsgd.research.data.DigitsDataModule", "init_args": {"batch_size": 16}},
     }
     folder.mkdir(parents=True)
     path = folder / "config.yaml"

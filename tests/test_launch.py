@@ -19,8 +19,8 @@ from common import ToyModule, make_trainer
 from submitit.helpers import DelayedSubmission
 
 from localsgd import LocalSGDStrategy
-from localsgd.models import Classifier, SmallCNN
-from localsgd.preemption import Preempted, PreemptionCheckpoint, signal_number
+from localsgd.lightning.preemption import Preempted, PreemptionCheckpoint, signal_number
+from localsgd.research.models import Classifier, SmallCNN
 from localsgd.slurm_job import TrainingJob
 
 ROOT = Path(__file__).resolve().parents[1]

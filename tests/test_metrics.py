@@ -19,7 +19,7 @@ from torch.func import functional_call
 from torch.utils.data import TensorDataset
 
 from localsgd import LocalSGDStrategy
-from localsgd.metrics import SharpnessCallback, hessian_trace, top_eigenvalue
+from localsgd.research.metrics import SharpnessCallback, hessian_trace, top_eigenvalue
 
 
 def ce_loss(model: nn.Module, batch: tuple[Tensor, Tensor]) -> Tensor:

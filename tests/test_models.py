@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from localsgd.models import (
+from localsgd.core.scaling import WarmupDecayLR
+from localsgd.research.models import (
     MLP,
     VGG16,
     Classifier,
@@ -24,7 +25,6 @@ from localsgd.models import (
     vgg16,
     weight_decay_groups,
 )
-from localsgd.scaling import WarmupDecayLR
 
 
 def test_vgg16_has_13_convs_5_pools_and_no_normalization() -> None:

@@ -18,7 +18,7 @@ from common import TIMEOUT, ToyModule, make_trainer
 from distributed import run
 
 from localsgd import LocalSGDStrategy, SGDBaselineStrategy
-from localsgd.preemption import Preempted, PreemptionCheckpoint
+from localsgd.lightning.preemption import Preempted, PreemptionCheckpoint
 
 pytestmark = pytest.mark.distributed
 
@@ -119,7 +119,7 @@ def test_the_per_batch_broadcast_it_turns_off_exists_in_this_lightning() -> None
     # pinned: if a Lightning upgrade removes it, quiet_per_batch_broadcast warns instead (below)
     from lightning.pytorch.loops.training_epoch_loop import _TrainingEpochLoop
 
-    from localsgd.stops import quiet_per_batch_broadcast
+    from localsgd.lightning.stops import quiet_per_batch_broadcast
 
     assert callable(getattr(_TrainingEpochLoop, "_broadcast_sigterm_tensor", None))
 

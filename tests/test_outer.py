@@ -9,7 +9,7 @@ import torch
 from common import ToyNet, max_diff, mean_state, snapshot
 
 from localsgd import Averager, InProcessCommunicator, LocalSGDStrategy
-from localsgd.outer import DiLoCo, OuterOptimizer, SlowMo
+from localsgd.core.outer import DiLoCo, OuterOptimizer, SlowMo
 
 K = 3
 

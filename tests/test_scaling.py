@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from localsgd import scaling
-from localsgd.scaling import (
+from localsgd.core.scaling import (
     AdamHyperparams,
     WarmupDecayLR,
     intrinsic_lr,

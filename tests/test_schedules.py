@@ -10,7 +10,7 @@ from collections.abc import Callable
 import pytest
 import torch
 
-from localsgd.schedules import (
+from localsgd.core.schedules import (
     QSR,
     Constant,
     FunctionSchedule,

@@ -13,8 +13,8 @@ from common import TIMEOUT, Recorder, ToyModule, make_trainer, max_diff, snapsho
 from distributed import run
 
 from localsgd import LocalSGDStrategy, SGDBaselineStrategy
-from localsgd.outer import DiLoCo, SlowMo
-from localsgd.schedules import QSR, Hierarchical, PostLocal
+from localsgd.core.outer import DiLoCo, SlowMo
+from localsgd.core.schedules import QSR, Hierarchical, PostLocal
 
 
 def _hierarchical(rank: int) -> dict[str, Any]:

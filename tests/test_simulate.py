@@ -12,8 +12,8 @@ from distributed import run
 from torch.utils.data import DataLoader, TensorDataset
 
 from localsgd import LocalSGDStrategy
-from localsgd.models import ResNet
-from localsgd.simulate import WorkerReplicas
+from localsgd.core.replicas import WorkerReplicas
+from localsgd.research.models import ResNet
 
 H, STEPS = 3, 9  # three rounds
 

@@ -136,7 +136,7 @@ def test_one_worker_warns_that_it_is_plain_sgd_and_reports_no_communication(capl
         len(one) == 1 and "workers_per_device=k" in str(one[0].message) and "devices=N" in str(one[0].message)
     )
     assert "6 optimizer steps, 2 sync rounds, communication: none (1 worker)" in caplog.text
-    from localsgd.progress import summary
+    from localsgd.lightning.progress import summary
 
     assert summary(trainer).startswith("done: 6 optimizer steps, communication: none (1 worker)")
     # with simulated workers there is somebody to average with: no warning, bytes reported

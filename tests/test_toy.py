@@ -1,4 +1,4 @@
-"""The vectorized diagonal-network toy (localsgd.toy): closed forms against autograd, and the
+"""The vectorized diagonal-network toy (localsgd.research.toy): closed forms against autograd, and the
 algorithm against SGD on the concatenated batch (H = 1) and against per-worker
 DiagonalLinearNet + torch.optim.SGD by hand (H > 1), on the same draws."""
 
@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-from localsgd.models import DiagonalLinearNet, Regressor
-from localsgd.toy import draw_batches, gradients, hessian_trace, mse, train
+from localsgd.research.models import DiagonalLinearNet, Regressor
+from localsgd.research.toy import draw_batches, gradients, hessian_trace, mse, train
 
 DIM, NUM_TRAIN, K, B, LR, ALPHA, NOISE = 6, 7, 3, 2, 0.05, 0.7, 0.5
 

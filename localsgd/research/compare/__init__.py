@@ -35,9 +35,9 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 
-from localsgd.compare.config import CompareConfig, RunSpec, load_config, slug
-from localsgd.compare.report import print_table, read_metrics, report
-from localsgd.compare.run import build, finished, run_all, train
+from localsgd.research.compare.config import CompareConfig, RunSpec, load_config, slug
+from localsgd.research.compare.report import print_table, read_metrics, report
+from localsgd.research.compare.run import build, finished, run_all, train
 
 __all__ = [
     "CompareConfig",

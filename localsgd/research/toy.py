@@ -3,8 +3,8 @@
 The theory's toy (f(x) = <x, u*u - v*v>, MSE, label noise) needs hundreds of thousands of steps,
 which Lightning's per-step overhead (milliseconds) makes impractical. Here the K workers'
 parameters are (K, d) tensors, gradients and the Hessian trace are closed-form, and several sync
-periods H run side by side as one (R, K, d) tensor. Same math as :class:`localsgd.models.Regressor`
-on :class:`localsgd.models.DiagonalLinearNet` with plain SGD; tests prove it against both.
+periods H run side by side as one (R, K, d) tensor. Same math as :class:`localsgd.research.models.Regressor`
+on :class:`localsgd.research.models.DiagonalLinearNet` with plain SGD; tests prove it against both.
 
 Sampling: every worker draws each local batch i.i.d. with replacement from the whole training
 set, with fresh Rademacher label noise, from one generator (:func:`draw_batches`). The R runs of

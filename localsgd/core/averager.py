@@ -1,140 +1,33 @@
 """Averaging of model parameters, buffers and optimizer state across workers.
 
-Parameters (trainable or frozen, with or without a gradient) and, under
-``buffers="average"``, floating-point buffers are re-pointed once into one flat
-tensor per (device, dtype): each ``p.data`` becomes a view of that storage. A
-round is then a single collective per bucket on memory the model already uses,
-with no gather/scatter copy and no allocation (DESIGN pitfall 5). If something
-re-points a tensor later (``module.to(dtype)``, a buffer re-assigned by its
-module), the bucket notices at the next round and rebuilds itself.
-
-Integer buffers (``num_batches_tracked``) are never averaged: they count steps,
-which are equal on all workers anyway.
-
-Optimizer state is created lazily by the optimizer and may be replaced by
-``load_state_dict``, so it is not re-pointed: under ``optimizer_state="average"``
-it is copied into a persistent bucket, reduced, and copied back.
+An :class:`Averager` holds the local workers' models as views of flat buckets (see
+:mod:`localsgd.core.buckets`); a round is one collective per bucket. If something re-points a
+tensor later (``module.to(dtype)``, a buffer re-assigned by its module) or adds one, the
+averager notices at the next round and rebuilds its buckets. It also holds the evaluation swap
+(:meth:`Averager.averaged`: the average in, each worker's own model back afterwards).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
-import hashlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal, TypeVar, get_args
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
 from torch.nn.parameter import UninitializedTensorMixin as _Uninitialized
 from torch.optim import Optimizer
 
-from localsgd.comm import Communicator
-from localsgd.outer import OuterOptimizer
+from localsgd.core import buckets, control
+from localsgd.core.buckets import FlatBucket, by_device_and_dtype, float_tensors
+from localsgd.core.comm import Communicator
+from localsgd.core.control import NUM_FLAGS
+from localsgd.core.optim_state import StateAverager, fresh_optimizer_state
+from localsgd.core.options import BufferPolicy, NonfinitePolicy, OptimizerStatePolicy, check_choice
+from localsgd.core.outer import OuterOptimizer
 
 log = logging.getLogger(__name__)
-
-_Choice = TypeVar("_Choice", bound=str)
-BufferPolicy = Literal["average", "local"]
-NonfinitePolicy = Literal["raise", "skip_worker"]
-OptimizerStatePolicy = Literal["local", "average", "reset"]
-NUM_FLAGS = 4
-"""Slots for flags (stop requests) in every control message: one layout at every control point."""
-
-_registrations = 0
-"""Parameters, buffers and submodules registered on any module in this process so far, counted by
-torch's global registration hooks: while it stands still, no model can have grown a tensor."""
-
-
-def _count_registration(*_: object) -> None:
-    global _registrations
-    _registrations += 1
-
-
-@functools.cache
-def _watch_registrations() -> None:
-    """Install the counting hooks, once per process (at the first averager)."""
-    for register in (
-        nn.modules.module.register_module_parameter_registration_hook,
-        nn.modules.module.register_module_buffer_registration_hook,
-        nn.modules.module.register_module_module_registration_hook,
-    ):
-        register(_count_registration)
-
-
-def check_choice(name: str, value: object, allowed: tuple[_Choice, ...]) -> _Choice:
-    """Return ``value`` if it is one of ``allowed``, else raise a ValueError naming ``name``."""
-    if not isinstance(value, str) or value not in allowed:
-        choices = ", ".join(repr(a) for a in allowed)
-        raise ValueError(f"{name} ({value!r}) must be one of {choices}")
-    return value
-
-
-class FlatBucket:
-    """Tensors of one (device, dtype) whose ``.data`` are views into one flat tensor."""
-
-    def __init__(self, tensors: Sequence[Tensor], flat: Tensor | None = None) -> None:
-        assert tensors, "a bucket holds at least one tensor"
-        self.tensors = list(tensors)
-        # parameters come first: the outer optimizer steps this prefix, never the buffers after it
-        self.param_numel = sum(t.numel() for t in self.tensors if isinstance(t, nn.Parameter))
-        first = self.tensors[0]
-        numel = sum(t.numel() for t in self.tensors)
-        self.flat = torch.empty(numel, dtype=first.dtype, device=first.device) if flat is None else flat
-        assert self.flat.shape == (numel,) and self.flat.is_contiguous()
-        self.offsets: list[int] = []
-        self._ptrs: list[int] = []
-        offset = 0
-        for t in self.tensors:
-            n = t.numel()
-            if not _dense(t):
-                raise ValueError(
-                    f"a parameter or buffer of shape {tuple(t.shape)} has strides {t.stride()}, which "
-                    "overlap or leave gaps: it cannot be a view of flat storage. HINT: make it "
-                    "contiguous (or channels_last) before fit"
-                )
-            # same strides as before: a channels_last weight stays channels_last
-            view = self.flat.as_strided(t.shape, t.stride(), self.flat.storage_offset() + offset)
-            view.copy_(t.data)
-            # keeps the Parameter object (and every optimizer reference to it)
-            t.data = view
-            self._ptrs.append(view.data_ptr())
-            self.offsets.append(offset)
-            offset += n
-
-    def intact(self) -> bool:
-        """Whether every tensor still lives where the bucket put it."""
-        return list(map(Tensor.data_ptr, self.tensors)) == self._ptrs
-
-    @property
-    def params(self) -> Tensor:
-        """The parameter part of the flat tensor."""
-        return self.flat[: self.param_numel]
-
-
-def _dense(t: Tensor) -> bool:
-    """Whether ``t``'s elements fill ``numel`` consecutive places (in any dimension order)."""
-    expected = 1
-    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _float_tensors(module: nn.Module, buffers: BufferPolicy) -> list[Tensor]:
-    tensors: list[Tensor] = [p for p in module.parameters() if p.is_floating_point()]
-    if buffers == "average":
-        tensors += [b for b in module.buffers() if b.is_floating_point()]
-    return tensors
-
-
-def _group(tensors: Sequence[Tensor]) -> dict[tuple[str, str], list[Tensor]]:
-    groups: dict[tuple[str, str], list[Tensor]] = {}
-    for t in tensors:
-        groups.setdefault((str(t.device), str(t.dtype)), []).append(t)
-    return dict(sorted(groups.items()))
 
 
 class Averager:
@@ -185,7 +78,7 @@ class Averager:
         """The flags of the last control message, max over all workers."""
         self.after_reset: Callable[[], None] | None = None
         """Called after every worker's optimizer state was reset (the batched path's stacked state)."""
-        self._state_buckets: dict[tuple[object, ...], list[list[Tensor]]] = {}
+        self._state_averager = StateAverager()
         self.outer = outer
         self._build()
         self._bind_outer()
@@ -196,11 +89,11 @@ class Averager:
         module added since the buckets were built changes it. Counting takes no traversal of the
         module tree (~0.015 ms for a ResNet-56, against 0.17 ms for listing its tensors), and runs
         only when some module registered something since the last round."""
-        self._seen_registrations = _registrations
+        self._seen_registrations = buckets.registrations()
         return sum(len(m._parameters) + len(m._buffers) + len(m._modules) for m in self._submodules)
 
     def _build(self) -> None:
-        _watch_registrations()
+        buckets.watch_registrations()
         self._submodules = [sub for m in self.modules for sub in m.modules()]
         self._built_structure = self._structure()
         for m in self.modules:
@@ -214,7 +107,7 @@ class Averager:
                     "LightningModule.setup() (or configure_model) so that lazy modules materialize before fit"
                 )
         anchors = self._anchors_by_tensor()
-        per_worker = [_group(_float_tensors(m, self.buffers)) for m in self.modules]
+        per_worker = [by_device_and_dtype(float_tensors(m, self.buffers)) for m in self.modules]
         keys = list(per_worker[0])
         for i, groups in enumerate(per_worker[1:], start=1):
             shapes0 = {k: [t.shape for t in v] for k, v in per_worker[0].items()}
@@ -272,7 +165,9 @@ class Averager:
 
     def _ensure_intact(self) -> None:
         moved = not all(b.intact() for worker in self._buckets for b in worker)
-        grown = _registrations != self._seen_registrations and self._structure() != self._built_structure
+        grown = (
+            buckets.registrations() != self._seen_registrations and self._structure() != self._built_structure
+        )
         if moved or grown:
             # a tensor re-pointed (module.to(...), a buffer re-assigned) or one added since the
             # last round: rebuilt, so that it is averaged from now on, never silently left out
@@ -386,7 +281,7 @@ class Averager:
                 else:
                     comm.all_reduce_(flats, op="mean")
             if policy == "average" and parameters:
-                self._average_optimizer_state(comm, num_good)
+                self._state_averager.average(comm, self.optimizers, self._device, num_good)
         result = None
         if divergence:
             # distances of small differences: exact enough in the model's own dtype
@@ -473,181 +368,15 @@ class Averager:
         digests: Sequence[float] | None = None,
         flags: Sequence[float] = (),
     ) -> tuple[list[int], float]:
-        """One small control all-reduce: the workers check that they are all at optimizer step
-        ``step`` (a RuntimeError on every rank otherwise), learn which of them hold NaN/Inf
-        (if ``nonfinite``), and reduce ``value`` with max. Returns (workers with NaN/Inf, max value).
-
-        ``digests`` (one per local worker, see :func:`batch_digest`; 0 for none) are compared
-        across all workers: two workers that drew the same first training batch read the same
-        data stream, which makes averaging a no-op (DESIGN pitfall 10), and every rank raises a
-        ValueError naming them. ``flags`` (at most :data:`NUM_FLAGS`, e.g. stop requests) are
-        max-reduced into ``self.agreed_flags``.
-
-        Every control message has this one layout, so that two ranks that reach different
-        control points (one at a sync, one at the end of its epoch) still meet in a collective
-        of one size, see the step mismatch and both fail, instead of both waiting for a timeout.
-        """
-        comm = comm or self.comm
-        n = comm.num_workers
-        messages = []
-        for i, worker in enumerate(self._buckets):
-            t = torch.zeros(2 * n + 3 + NUM_FLAGS, dtype=torch.float64, device=self._device)
-            if nonfinite is not None and not all(_finite(b.flat) for b in worker):
-                t[comm.first_local_worker + i] = 1.0
-            if step is not None:
-                t[n], t[n + 1] = step, -step
-            t[n + 2] = value
-            if digests is not None:
-                t[n + 3 + comm.first_local_worker + i] = digests[i]
-            for j, flag in enumerate(flags):
-                t[2 * n + 3 + j] = flag
-            messages.append(t)
-        comm.all_reduce_(messages, op="max", counted=False)
-        f = messages[0].cpu()
-        _check_distinct_streams(f[n + 3 : 2 * n + 3].tolist(), step)
-        self.agreed_flags = f[2 * n + 3 :].tolist()
-        if step is not None and (int(f[n]) != step or int(-f[n + 1]) != step):
-            raise RuntimeError(
-                f"workers are out of step: this one is at optimizer step {step}, others between "
-                f"{int(-f[n + 1])} and {int(f[n])}. Every worker must take the same number of optimizer "
-                "steps (HINT: uneven dataloaders or a custom sampler that gives ranks different numbers "
-                "of batches; let Lightning's DistributedSampler shard the data)"
-            )
-        return [w for w in range(n) if f[w] > 0], float(f[n + 2])
-
-    def _average_optimizer_state(self, comm: Communicator, num_good: int | None = None) -> None:
-        per_worker = [_state_tensors(opts, include_step=False) for opts in self.optimizers]
-        signature = tuple((t.shape, t.dtype, t.device) for t in per_worker[0])
-        for i, ts in enumerate(per_worker[1:], start=1):
-            if tuple((t.shape, t.dtype, t.device) for t in ts) != signature:
-                raise RuntimeError(f"optimizer state of local worker {i} does not match worker 0's")
-        # Lazily created state can differ across processes (a parameter that got no
-        # gradient on one rank has no momentum there): check before the collective,
-        # so a mismatch is an error on every rank rather than a hang or garbage.
-        count = sum(t.numel() for t in per_worker[0])
-        checks = [torch.tensor([count, -count], dtype=torch.float64, device=self._device) for _ in per_worker]
-        comm.all_reduce_(checks, op="max", counted=False)
-        if int(checks[0][0]) != count or int(-checks[0][1]) != count:
-            raise RuntimeError(
-                "optimizer_state='average': workers hold optimizer state of different sizes "
-                f"(this worker {count} elements, others between {int(-checks[0][1])} "
-                f"and {int(checks[0][0])}); "
-                "HINT: every parameter must receive a gradient on every worker before the first sync, "
-                "or use optimizer_state='local'"
-            )
-        buckets = self._state_buckets.get(signature)
-        if buckets is None:
-            # one flat per (device, dtype) group and local worker, kept while the layout holds
-            buckets = [
-                [
-                    torch.empty(sum(t.numel() for t in group), dtype=group[0].dtype, device=group[0].device)
-                    for _ in per_worker
-                ]
-                for group in _group(per_worker[0]).values()
-            ]
-            self._state_buckets = {signature: buckets}
-        for g, group_ts in enumerate(zip(*[_group(ts).values() for ts in per_worker])):
-            flats = buckets[g]
-            for flat, ts in zip(flats, group_ts):
-                torch.cat([t.reshape(-1) for t in ts], out=flat)
-            if num_good is None or num_good == comm.num_workers:
-                comm.all_reduce_(flats, op="mean")
-            else:
-                comm.all_reduce_(flats, op="sum")
-                for flat in flats:
-                    flat.div_(num_good)
-            for flat, ts in zip(flats, group_ts):
-                offset = 0
-                for t in ts:
-                    t.copy_(flat[offset : offset + t.numel()].view_as(t))
-                    offset += t.numel()
-
-
-def batch_digest(batch: Any) -> float:
-    """A 52-bit fingerprint of a batch's tensors, exact in a float64 control message, never 0."""
-    h = hashlib.blake2b(digest_size=8)
-
-    def feed(x: Any) -> None:
-        if isinstance(x, Tensor):
-            h.update(str((x.dtype, tuple(x.shape))).encode())
-            h.update(x.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        elif isinstance(x, (list, tuple)):
-            for item in x:
-                feed(item)
-        elif isinstance(x, dict):
-            for key in sorted(x, key=str):
-                feed(x[key])
-
-    feed(batch)
-    return float(int.from_bytes(h.digest(), "little") >> 12) + 1.0
-
-
-def _check_distinct_streams(digests: list[float], step: int | None) -> None:
-    seen: dict[float, list[int]] = {}
-    for worker, d in enumerate(digests):
-        if d:
-            seen.setdefault(d, []).append(worker)
-    same = [workers for workers in seen.values() if len(workers) > 1]
-    if same:
-        raise ValueError(
-            f"workers {same[0]} trained on identical first batches (checked at the first sync, optimizer "
-            f"step {step}): they read the same data stream, and averaging identical models does nothing. "
-            "Lightning shards only map-style datasets, through its DistributedSampler; an IterableDataset, "
-            "or use_distributed_sampler=False with a loader that ignores the rank, gives every worker the "
-            "same data. HINT: shard the stream by rank (torch.distributed.get_rank() and get_world_size() "
-            "in the dataset's __iter__), or use a map-style dataset with use_distributed_sampler=True"
+        """The control message over ``comm`` (default: all workers), see :func:`localsgd.core.control.agree`;
+        the agreed flags go to ``self.agreed_flags``. Returns (workers with NaN/Inf, max value)."""
+        bad, reduced, self.agreed_flags = control.agree(
+            comm or self.comm,
+            [[b.flat for b in w] for w in self._buckets],
+            step,
+            nonfinite=nonfinite,
+            value=value,
+            digests=digests,
+            flags=flags,
         )
-
-
-def _finite(flat: Tensor) -> bool:
-    # one read pass and no model-sized temporary; a sum that overflows is checked element-wise
-    return bool(torch.isfinite(flat.sum())) or bool(torch.isfinite(flat).all())
-
-
-def fresh_optimizer_state(optimizers: Sequence[Any]) -> None:
-    """Put each parameter's optimizer state back to what a newly created optimizer of the same type
-    and hyperparameters holds before its first step: nothing for most torch optimizers (their
-    first step creates it: SGD's momentum buffer is then the gradient, NAdam's mu_product 1),
-    Adagrad's accumulators at ``initial_accumulator_value``. Zeroing tensors instead is wrong
-    for those, and keeping ``step`` while zeroing Adam's moments breaks its bias correction.
-
-    The state dicts are cleared and refilled in place: a simulated worker's are shared with
-    the optimizer that runs it. ``optimizers`` may be a simulated worker's views (their ``source``
-    is the optimizer they stand for)."""
-    for opt in optimizers:
-        source = getattr(opt, "source", opt)
-        groups = [
-            {**{k: v for k, v in theirs.items() if k != "params"}, "params": list(mine["params"])}
-            for mine, theirs in zip(opt.param_groups, source.param_groups)
-        ]
-        fresh: dict[Any, dict[str, Any]] = {}  # if it cannot be rebuilt: start empty, as torch's do
-        # the constructor's arguments too: Adagrad fills its accumulators from its own argument
-        for kwargs in (getattr(source, "defaults", {}), {}):
-            try:
-                fresh = type(source)(groups, **kwargs).state
-                break
-            except TypeError:
-                continue
-        for group in opt.param_groups:
-            for p in group["params"]:
-                state = opt.state.get(p)
-                if state is not None:
-                    state.clear()
-                    state.update(fresh.get(p, {}))
-
-
-def _state_tensors(optimizers: Sequence[Optimizer], *, include_step: bool) -> list[Tensor]:
-    """Floating-point state tensors in a rank-independent order (groups, params, sorted keys)."""
-    out: list[Tensor] = []
-    for opt in optimizers:
-        for group in opt.param_groups:
-            for p in group["params"]:
-                state = opt.state.get(p, {})
-                for key in sorted(state):
-                    value = state[key]
-                    if not isinstance(value, Tensor) or not value.is_floating_point():
-                        continue
-                    if key == "step" and not include_step:
-                        continue
-                    out.append(value)
-    return out
+        return bad, reduced

@@ -16,16 +16,16 @@ from typing import Any
 
 import yaml
 
-from localsgd.compare.config import _SHARPNESS_FIXED, _STRATEGY_FIXED, CompareConfig, RunSpec
-from localsgd.quiet import quiet_known_noise
+from localsgd.lightning.quiet import quiet_known_noise
+from localsgd.research.compare.config import _SHARPNESS_FIXED, _STRATEGY_FIXED, CompareConfig, RunSpec
 
 
 def _parser() -> Any:
     import lightning.pytorch as pl
     from jsonargparse import ArgumentParser
 
-    from localsgd.metrics import SharpnessCallback
-    from localsgd.strategy import LocalSGDStrategy
+    from localsgd.lightning.strategy import LocalSGDStrategy
+    from localsgd.research.metrics import SharpnessCallback
 
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(pl.LightningModule, "model", required=True)

@@ -18,7 +18,7 @@ from lightning.fabric.utilities.apply_func import move_data_to_device
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from localsgd.schedules import check_positive_int
+from localsgd.core.schedules import check_positive_int
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 """``loss_fn(model, batch) -> scalar loss``: the training loss on one batch."""
@@ -221,8 +221,8 @@ class SharpnessCallback(pl.Callback):
     all hold the average inside it, so the module's tensors are the average too.
 
     The loss is ``loss_fn(module, batch)`` when given, else the LightningModule's own
-    ``module.loss(batch)`` method (as :class:`localsgd.models.Classifier` and
-    :class:`localsgd.models.Regressor` have); it must be the data loss without logging
+    ``module.loss(batch)`` method (as :class:`localsgd.research.models.Classifier` and
+    :class:`localsgd.research.models.Regressor` have); it must be the data loss without logging
     (weight decay, applied by the optimizer, adds ``weight_decay * num_params`` to the trace).
 
     The evaluation batches are taken once, at the start of training: ``num_batches`` batches of

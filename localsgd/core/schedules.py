@@ -356,5 +356,5 @@ def as_schedule(value: object, name: str = "sync_every") -> SyncSchedule:
         return FunctionSchedule(value)
     raise ValueError(
         f"{name} ({value!r}) must be an integer >= 1 (the number of optimizer steps between averagings), "
-        "a localsgd.schedules.SyncSchedule, or a function (step, lr) -> bool"
+        "a localsgd.core.schedules.SyncSchedule, or a function (step, lr) -> bool"
     )

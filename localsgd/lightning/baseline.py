@@ -1,7 +1,7 @@
 """The synchronous SGD baseline: DDP with the Local SGD strategy's data, seeds and metrics.
 
-Kept apart from :mod:`localsgd.strategy` so that each file has one job; both share
-:class:`~localsgd.strategy.StrategyCommon`, so a comparison differs only in how the
+Kept apart from :mod:`localsgd.lightning.strategy` so that each file has one job; both share
+:class:`~localsgd.lightning.strategy.StrategyCommon`, so a comparison differs only in how the
 workers communicate.
 """
 
@@ -21,8 +21,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim import Optimizer
 
-from localsgd.averaging import check_choice
-from localsgd.common import StartMethod, StrategyCommon, register
+from localsgd.core.options import check_choice
+from localsgd.lightning.common import StartMethod, StrategyCommon, register
 
 
 class SGDBaselineStrategy(StrategyCommon, DDPStrategy):

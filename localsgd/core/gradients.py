@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
-from localsgd.comm import Communicator
+from localsgd.core.comm import Communicator
 
 
 class GradientAverager:

@@ -26,34 +26,24 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
-from localsgd.averaging import (
-    Averager,
-    BufferPolicy,
-    NonfinitePolicy,
-    OptimizerStatePolicy,
-    batch_digest,
-    check_choice,
-)
-from localsgd.comm import Communicator, ProcessGroupCommunicator, node_communicator
-from localsgd.common import StartMethod, StrategyCommon, raw_optimizer, register
-from localsgd.gradients import GradientAverager, gradients_of
-from localsgd.outer import OuterOptimizer
-from localsgd.resume import ExactResume
-from localsgd.schedules import SyncSchedule, as_schedule
-from localsgd.simulate import (
+from localsgd.core.averager import Averager
+from localsgd.core.comm import Communicator, ProcessGroupCommunicator, node_communicator
+from localsgd.core.control import StopRequests, batch_digest
+from localsgd.core.gradients import GradientAverager, gradients_of
+from localsgd.core.options import BufferPolicy, NonfinitePolicy, OptimizerStatePolicy, check_choice
+from localsgd.core.outer import OuterOptimizer
+from localsgd.core.replicas import WorkerReplicas
+from localsgd.core.schedules import SyncSchedule, as_schedule
+from localsgd.lightning.common import StartMethod, StrategyCommon, raw_optimizer, register
+from localsgd.lightning.resume import ExactResume
+from localsgd.lightning.simulation import (
     BatchedWorkers,
     WorkerLogs,
-    WorkerReplicas,
     check_batched,
     check_simulation,
     deal_shards,
 )
-from localsgd.stops import (
-    StopRequests,
-    act_on_agreed_stops,
-    install_sigterm_handler,
-    quiet_per_batch_broadcast,
-)
+from localsgd.lightning.stops import act_on_agreed_stops, install_sigterm_handler, quiet_per_batch_broadcast
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +56,7 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
 
     Args:
         sync_every: H, the number of optimizer steps per round (an integer >= 1), or a
-            :class:`~localsgd.schedules.SyncSchedule` (``PostLocal``, ``QSR``, ``Hierarchical``,
+            :class:`~localsgd.core.schedules.SyncSchedule` (``PostLocal``, ``QSR``, ``Hierarchical``,
             your own), or a function ``(step, lr) -> bool``. One step is one ``optimizer.step``
             call (not one per param group, not one per micro-batch under gradient accumulation).
         buffers: ``"average"`` averages floating-point buffers (BatchNorm running stats) with
@@ -75,10 +65,10 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
             ``"average"`` averages it (with ``sync_every=1`` this is exactly synchronous SGD),
             ``"reset"`` zeroes it.
         outer_optimizer: steps the global model on the pseudo-gradient ``anchor - average`` at
-            each sync across all workers (:class:`~localsgd.outer.SlowMo`,
-            :class:`~localsgd.outer.DiLoCo`, any :class:`~localsgd.outer.OuterOptimizer`);
+            each sync across all workers (:class:`~localsgd.core.outer.SlowMo`,
+            :class:`~localsgd.core.outer.DiLoCo`, any :class:`~localsgd.core.outer.OuterOptimizer`);
             ``None`` is plain averaging.
-        workers_per_device: simulated workers in each process (see :mod:`localsgd.simulate`):
+        workers_per_device: simulated workers in each process (see :mod:`localsgd.core.replicas`):
             P processes x ``workers_per_device`` = K workers, each with its own data shard
             (the one rank ``process_rank * workers_per_device + i`` of a K-process run would
             get), parameters, BatchNorm statistics, optimizer state and RNG stream. The
@@ -150,7 +140,7 @@ class LocalSGDStrategy(ExactResume, StrategyCommon, DDPStrategy):
         if outer_optimizer is not None and not isinstance(outer_optimizer, OuterOptimizer):
             raise ValueError(
                 f"outer_optimizer ({outer_optimizer!r}) must be None (plain averaging) or a "
-                "localsgd.outer.OuterOptimizer such as SlowMo or DiLoCo"
+                "localsgd.core.outer.OuterOptimizer such as SlowMo or DiLoCo"
             )
         self.outer_optimizer = outer_optimizer
         self.buffer_policy = check_choice("buffers", buffers, ("average", "local"))

@@ -150,7 +150,7 @@ class ProcessGroupCommunicator(Communicator):
     """Workers in processes: collectives over a ``torch.distributed`` process group.
 
     Each process holds ``workers_per_process`` workers (more than one when it simulates
-    several, see :mod:`localsgd.simulate`): they are reduced locally, in worker order,
+    several, see :mod:`localsgd.core.replicas`): they are reduced locally, in worker order,
     then across processes. ``mean`` is NCCL's fused average (``ReduceOp.AVG``: no separate
     division pass) on NCCL, and a SUM followed by a division by the number of workers on
     other backends (gloo has no native mean).

@@ -18,8 +18,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
 
-from localsgd.resume import ResumedLoader, is_local
-from localsgd.scaling import intrinsic_lr
+from localsgd.core.scaling import intrinsic_lr
+from localsgd.lightning.resume import ResumedLoader, is_local
 
 StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
 _CHECKPOINT_KEY = "localsgd"

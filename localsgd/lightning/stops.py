@@ -14,38 +14,12 @@ from __future__ import annotations
 import logging
 import signal
 import threading
-from collections.abc import Sequence
 from types import FrameType
 from typing import Any
 
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 log = logging.getLogger(__name__)
-
-FLAGS = ("sigterm", "preempt")
-"""The stop requests a control message carries, one slot each."""
-
-
-class StopRequests:
-    """This rank's stop requests (``local``) and what all ranks agreed on at the last sync."""
-
-    def __init__(self) -> None:
-        self.local = dict.fromkeys(FLAGS, False)
-        self.agreed = dict.fromkeys(FLAGS, False)
-
-    def request(self, name: str, value: bool = True) -> None:
-        """Ask for a stop at the next sync (``value=False`` asks nothing)."""
-        if name not in self.local:
-            raise ValueError(f"stop request {name!r} must be one of {', '.join(FLAGS)}")
-        self.local[name] = self.local[name] or bool(value)
-
-    def message(self) -> list[float]:
-        return [float(self.local[name]) for name in FLAGS]
-
-    def record(self, reduced: Sequence[float]) -> None:
-        """The control message's max over all ranks: a request of any rank is everyone's."""
-        for name, value in zip(FLAGS, reduced):
-            self.agreed[name] = self.agreed[name] or value > 0
 
 
 def quiet_per_batch_broadcast(trainer: Any) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from localsgd.compare.config import CompareConfig, RunSpec
+from localsgd.research.compare.config import CompareConfig, RunSpec
 
 # (column in metrics.csv, label, lower is better); a metric no run logged is left out
 # val/* is measured on the held-out split; the report calls it by that one name, as summary.csv does

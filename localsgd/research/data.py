@@ -12,8 +12,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from localsgd.averaging import check_choice
-from localsgd.schedules import check_positive_int
+from localsgd.core.options import check_choice
+from localsgd.core.schedules import check_positive_int
 
 
 class DigitsDataModule(pl.LightningDataModule):
@@ -354,7 +354,8 @@ class SparseRegressionDataModule(InMemoryDataModule):
     x ~ N(0, I_dim), targets y = <x, w*> with w* having ``num_nonzero`` entries equal to 1 (on a
     random support) and the rest 0. Training targets get label noise y + label_noise * xi,
     xi redrawn at every step for every worker (:class:`TargetNoise`); test targets are clean.
-    Train it with :class:`localsgd.models.DiagonalLinearNet` and :class:`localsgd.models.Regressor`.
+    Train it with :class:`localsgd.research.models.DiagonalLinearNet` and
+    :class:`localsgd.research.models.Regressor`.
 
     Args:
         dim: input dimension d.

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from localsgd.averaging import check_choice
-from localsgd.data import InMemoryDataModule, LabelNoise, Sampling
+from localsgd.core.options import check_choice
+from localsgd.research.data import InMemoryDataModule, LabelNoise, Sampling
 
 _CIFAR: dict[str, dict[str, Any]] = {
     "cifar10": {

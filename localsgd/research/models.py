@@ -16,7 +16,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 from torchmetrics.classification import MulticlassAccuracy
 
-from localsgd.averaging import check_choice
+from localsgd.core.options import check_choice
 
 
 class MLP(nn.Sequential):
@@ -195,7 +195,7 @@ class Classifier(pl.LightningModule):
 
     def loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
         """The training loss on ``batch`` (mean cross-entropy), without logging: what
-        :class:`localsgd.metrics.SharpnessCallback` takes the Hessian of."""
+        :class:`localsgd.research.metrics.SharpnessCallback` takes the Hessian of."""
         x, y = batch
         return F.cross_entropy(self(x), y)
 
