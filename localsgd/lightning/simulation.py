@@ -7,13 +7,14 @@ are :class:`localsgd.core.replicas.WorkerReplicas`.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from localsgd.core.gradients import gradients_of
 from localsgd.core.optim_state import fresh_optimizer_state
 from localsgd.core.replicas import WorkerReplicas
 
@@ -307,3 +308,132 @@ def deal_shards(dataloader: Any, *, num_processes: int, rank: int, workers_per_p
         for i in range(k)
     ]
     return WorkerLoader([_update_dataloader(dataloader, shard) for shard in shards])
+
+
+class SimulatedSteps:
+    """The part of :class:`~localsgd.LocalSGDStrategy` that runs ``workers_per_device`` > 1
+    simulated workers per process: their setup, and each step's forward/backward and optimizer
+    step on the sequential or the batched path."""
+
+    # the strategy's, used here
+    lightning_module: Any
+    precision_plugin: Any
+    root_device: torch.device
+    driver: Any
+    workers_per_device: int
+    simulation: str
+    nonfinite_policy: str
+    replicas: WorkerReplicas | None
+    batched: BatchedWorkers | None
+    _batched_step: bool
+    _worker_logs: WorkerLogs | None
+
+    def _simulated_workers(
+        self, trainer: Any, optimizers: list[Optimizer]
+    ) -> tuple[list[nn.Module], list[Any]]:
+        """This process's workers' models and optimizers (``workers_per_device`` > 1)."""
+        k = self.workers_per_device
+        check_simulation(trainer, self.lightning_module, k)
+        if getattr(self.precision_plugin, "scaler", None) is not None:
+            raise ValueError(
+                f"precision={trainer.precision!r} with workers_per_device ({k}) > 1 is not supported: "
+                "its loss scaling would need one GradScaler per simulated worker, as K processes have. "
+                "HINT: precision='bf16-mixed' (no loss scaling), or one worker per process"
+            )
+        self.replicas = WorkerReplicas(self.lightning_module, optimizers, k)
+        self._worker_logs = WorkerLogs(self.lightning_module)
+        return list(self.replicas.replicas), [list(v) for v in self.replicas.optimizer_views]
+
+    def _choose_path(self, trainer: Any, optimizers: list[Optimizer]) -> None:
+        """Point the module at worker 0 and set up the batched path if it is the one in use."""
+        assert self.replicas is not None
+        self.replicas.point_at(0)
+        path = self.simulation
+        if path == "auto":
+            path = "batched" if self.root_device.type == "cuda" else "sequential"
+        if path == "batched":
+            check_batched(trainer, optimizers)
+            if self.nonfinite_policy == "skip_worker" and type(optimizers[0]) is not torch.optim.SGD:
+                raise ValueError(
+                    f"nonfinite='skip_worker' with simulation='batched' cannot restart one worker's "
+                    f"{type(optimizers[0]).__name__} state alone: the stacked optimizer keeps one step "
+                    "count for all workers. HINT: simulation='sequential', or nonfinite='raise'"
+                )
+            averager = self.driver.averager
+            self.batched = BatchedWorkers(
+                self.lightning_module, optimizers[0], self.replicas, averager.stacked_views()
+            )
+            averager.after_reset = self.batched.reset_state
+
+    def _simulated_training_step(
+        self, step: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        assert self.replicas is not None
+        if self.batched is not None and self._batched_step:
+            batch, batch_idx = (args[0], args[1]) if len(args) > 1 else (args[0], kwargs.get("batch_idx", 0))
+            with self.precision_plugin.train_step_context():  # autocast under bf16-mixed, as K processes
+                return self.batched.forward_backward(batch, batch_idx)
+        batch = args[0] if args else kwargs.pop("batch")
+        args = (batch[self.replicas.active], *args[1:])
+        assert self._worker_logs is not None
+        with self._worker_logs.recording():
+            output = step(*args, **kwargs)
+        if self.replicas.active == self.replicas.num_workers - 1:
+            self._worker_logs.flush()  # the step's metrics: the mean over the simulated workers
+        return output
+
+    def _fingerprint(self, batch: Any) -> None:
+        """Pitfall 10: each worker's first batch of the fit, compared across workers at the first sync."""
+        if self.batched is not None and self._batched_step:
+            for i, worker_batch in enumerate(batch):
+                self.driver.note_batch(worker_batch, i)
+        elif self.replicas is None or self.replicas.active is None:
+            self.driver.note_batch(batch[0] if self.replicas is not None else batch, 0)
+        else:
+            self.driver.note_batch(batch[self.replicas.active], self.replicas.active)
+
+    def _simulated_step(self, step: Callable[[], Any], through_gradients: bool) -> Any:
+        """Every simulated worker's step; ``step`` runs the user's optimizer step (closure included)."""
+        assert self.replicas is not None
+        if self.batched is not None:
+            # the closure runs the batched forward/backward; the module's own parameters have
+            # no gradients, so the user's optimizer step is a no-op, and the stacked one steps
+            self._batched_step = True
+            try:
+                output = step()
+            finally:
+                self._batched_step = False
+            if through_gradients:
+                stacked = gradients_of(list(self.batched.trainable.values()))
+                self.driver.gradients.all_reduce(
+                    [[g[w] for g in stacked] for w in range(self.replicas.num_workers)]
+                )
+            self.batched.step()
+            return output
+        # every simulated worker runs the closure (its training_step, backward) and the step
+        for worker in range(self.replicas.num_workers):
+            self.replicas.activate(worker)
+            output = step()
+        self.replicas.deactivate()
+        return output
+
+    def _sequential_gradient_step(
+        self, closure: Callable[[], Any], step: Callable[[Callable[[], Any]], Any]
+    ) -> Any:
+        """Simulated workers, one after another, in a round of one step through the gradients:
+        every worker's forward and backward, the all-reduce, then every worker's step."""
+        assert self.replicas is not None
+        params = [p for p in self.lightning_module.parameters() if p.requires_grad]
+        outputs, grads = [], []
+        for worker in range(self.replicas.num_workers):
+            self.replicas.activate(worker)
+            outputs.append(closure())
+            grads.append(gradients_of(params))  # kept: the next activation clears .grad
+        self.driver.gradients.all_reduce(grads)
+        for worker, (out, worker_grads) in enumerate(zip(outputs, grads)):
+            self.replicas.activate(worker)
+            for p, g in zip(params, worker_grads):
+                p.grad = g
+            output = step(lambda out=out: out)
+        self.replicas.deactivate()
+        return output

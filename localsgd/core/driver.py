@@ -1,0 +1,453 @@
+"""The Local SGD driver: where every sync happens, for every front end.
+
+:class:`LocalSGD` owns the algorithm: the step counter, the sync schedule, the averager, the
+outer optimizer, the control message before each sync and its checks, the communication
+counters, and the state a checkpoint needs. It imports no training framework. A plain PyTorch
+loop uses it through a post-step hook on the optimizer (every ``optimizer.step()`` counts one
+step and syncs when the schedule says so); the Lightning and Fabric strategies are thin adapters
+that call :meth:`LocalSGD.after_step` from their own ``optimizer_step``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.optim import Optimizer
+
+from localsgd.core.averager import Averager
+from localsgd.core.comm import (
+    Communicator,
+    InProcessCommunicator,
+    ProcessGroupCommunicator,
+    node_communicator,
+)
+from localsgd.core.control import StopRequests, batch_digest
+from localsgd.core.gradients import GradientAverager, gradients_of
+from localsgd.core.options import BufferPolicy, NonfinitePolicy, OptimizerStatePolicy, check_choice
+from localsgd.core.outer import OuterOptimizer
+from localsgd.core.schedules import SyncSchedule, as_schedule
+
+log = logging.getLogger(__name__)
+
+H1Sync = Literal["auto", "gradients", "parameters"]
+SyncEvery = int | SyncSchedule | Callable[[int, float], bool]
+
+
+@dataclass(kw_only=True)
+class Options:
+    """The algorithm's settings, checked once, as every front end takes them (see :class:`LocalSGD`)."""
+
+    schedule: SyncSchedule
+    buffers: BufferPolicy = "average"
+    optimizer_state: OptimizerStatePolicy = "local"
+    outer_optimizer: OuterOptimizer | None = None
+    nonfinite: NonfinitePolicy = "raise"
+    log_divergence: bool = False
+    h1_sync: H1Sync = "auto"
+
+    @classmethod
+    def checked(
+        cls,
+        *,
+        sync_every: SyncEvery = 8,
+        buffers: str = "average",
+        optimizer_state: str = "local",
+        outer_optimizer: object = None,
+        nonfinite: str = "raise",
+        log_divergence: object = False,
+        h1_sync: str = "auto",
+    ) -> Options:
+        """The options, or a ValueError naming the first bad one and its rule."""
+        if not isinstance(log_divergence, bool):
+            raise ValueError(f"log_divergence ({log_divergence!r}) must be True or False")
+        nonfinite_ = check_choice("nonfinite", nonfinite, get_args(NonfinitePolicy))
+        h1 = check_choice("h1_sync", h1_sync, get_args(H1Sync))
+        schedule = as_schedule(sync_every, "sync_every")
+        if outer_optimizer is not None and not isinstance(outer_optimizer, OuterOptimizer):
+            raise ValueError(
+                f"outer_optimizer ({outer_optimizer!r}) must be None (plain averaging) or a "
+                "localsgd.outer.OuterOptimizer such as SlowMo or DiLoCo"
+            )
+        return cls(
+            schedule=schedule,
+            buffers=check_choice("buffers", buffers, get_args(BufferPolicy)),
+            optimizer_state=check_choice("optimizer_state", optimizer_state, get_args(OptimizerStatePolicy)),
+            outer_optimizer=outer_optimizer,
+            nonfinite=nonfinite_,
+            log_divergence=log_divergence,
+            h1_sync=h1,
+        )
+
+
+class LocalSGD:
+    """Local SGD over ``model``'s workers: every H optimizer steps their parameters are averaged.
+
+    Each rank holds ``model`` (one worker), or a list of models (that many simulated workers in
+    this process, each stepped by its own optimizer). On creation the driver makes every worker
+    equal to worker 0 (rank 0's model) and, with ``hook=True``, registers a post-step hook on the
+    optimizers: the training loop stays the user's own.
+
+    Args:
+        model: this process's model, or one model per simulated worker.
+        optimizer: its optimizer (or optimizers); with a list of models, one entry per model (an
+            optimizer or a list of them).
+        sync_every: H (an integer >= 1), a :class:`~localsgd.core.schedules.SyncSchedule`, or a
+            function ``(step, lr) -> bool``. One step is one ``optimizer.step()``; with several
+            models, one step of every model.
+        buffers: ``"average"`` averages floating-point buffers (BatchNorm statistics) at each
+            sync; ``"local"`` keeps each worker's own.
+        optimizer_state: at each sync ``"local"`` keeps each worker's optimizer state,
+            ``"average"`` averages it, ``"reset"`` restarts it as a fresh optimizer's.
+        outer_optimizer: steps the global model on ``anchor - average`` at each sync (SlowMo,
+            DiLoCo); ``None`` is plain averaging.
+        nonfinite: workers holding NaN/Inf at a sync: ``"raise"`` on every rank, or
+            ``"skip_worker"`` (left out of the average, restarted from it).
+        log_divergence: measure the workers' mean squared distance to their average at each sync
+            (:attr:`divergence`).
+        h1_sync: how a round of one step makes workers synchronous: ``"gradients"`` (all-reduce
+            them before the step), ``"parameters"`` (average after it), ``"auto"`` (gradients for
+            every optimizer but SGD).
+        comm: the communicator over all workers; by default the default process group (one
+            worker per model), or, without one, the models of this process alone.
+        local_world_size: processes per node, for ``Hierarchical`` schedules (default: the
+            ``LOCAL_WORLD_SIZE`` torchrun sets, else 1).
+        hook: register the optimizer hooks (``False``: the caller calls :meth:`after_step`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module | Sequence[nn.Module],
+        optimizer: Optimizer | Sequence[Any],
+        *,
+        sync_every: SyncEvery = 8,
+        buffers: BufferPolicy = "average",
+        optimizer_state: OptimizerStatePolicy = "local",
+        outer_optimizer: OuterOptimizer | None = None,
+        nonfinite: NonfinitePolicy = "raise",
+        log_divergence: bool = False,
+        h1_sync: H1Sync = "auto",
+        comm: Communicator | None = None,
+        local_world_size: int | None = None,
+        hook: bool = True,
+        options: Options | None = None,
+    ) -> None:
+        self.options = options or Options.checked(
+            sync_every=sync_every,
+            buffers=buffers,
+            optimizer_state=optimizer_state,
+            outer_optimizer=outer_optimizer,
+            nonfinite=nonfinite,
+            log_divergence=log_divergence,
+            h1_sync=h1_sync,
+        )
+        self.models = [model] if isinstance(model, nn.Module) else list(model)
+        if not self.models or not all(isinstance(m, nn.Module) for m in self.models):
+            raise ValueError(f"model ({model!r}) must be an nn.Module or a non-empty list of them")
+        self.optimizers = _per_worker(optimizer, len(self.models))
+        if comm is None:
+            k = len(self.models)
+            comm = (
+                ProcessGroupCommunicator(workers_per_process=k)
+                if dist.is_available() and dist.is_initialized()
+                else InProcessCommunicator(k)
+            )
+        self.comm = comm
+        self.local_world_size = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        self.node_comm: Communicator | None = None
+        """The workers of this node, built at the first ``"inner"`` sync."""
+        self.schedule = self.options.schedule
+        self.averager = Averager(
+            self.models,
+            comm,
+            buffers=self.options.buffers,
+            optimizer_state=self.options.optimizer_state,
+            optimizers=self.optimizers,
+            outer=self.options.outer_optimizer,
+        )
+        self.averager.broadcast(src=0)  # workers start equal, whatever each rank's initialization drew
+        self.gradients = GradientAverager(comm)
+        linear = all(type(o) is torch.optim.SGD for opts in self.optimizers for o in opts)
+        h1 = self.options.h1_sync
+        self.h1_gradients = h1 == "gradients" or (h1 == "auto" and not linear)
+        """Whether a round of one step all-reduces the gradients (else: averages after the step)."""
+        self.num_steps = 0
+        """Optimizer steps taken so far (rank-consistent: every rank counts every step)."""
+        self.dirty = False
+        """Whether the workers may differ from their last average (a step or a forward in train mode)."""
+        self.parameters_equal = False
+        """Whether this step's gradients were all-reduced, so the parameters are equal already."""
+        self.divergence: float | None = None
+        """The last divergence measured (``log_divergence=True``)."""
+        self.sync_divergence: float | None = None
+        """The divergence measured at this step's sync, if it synced and measured one."""
+        self.before_sync: Callable[[], None] | None = None
+        """Called before every sync's first collective (a front end's own checks)."""
+        self.stops = StopRequests()
+        """Stop requests (SIGTERM, preemption) for the next sync, and what the last one agreed on."""
+        self.timeout: object = None
+        """The collectives' timeout, named in the error when a sync fails."""
+        self._first_batches: list[float] | None = (
+            [0.0] * comm.num_local_workers if comm.num_workers > 1 else None
+        )
+        self._handles: list[Any] = []
+        self._worker_steps = [0] * len(self.models)
+        if hook:
+            self._register_hooks()
+
+    # ------------------------------------------------------------------ the step
+    def through_gradients(self) -> bool:
+        """Whether the coming step is a round of one step that all-reduces the gradients first."""
+        return self.h1_gradients and not self.dirty and self.schedule.synchronous_at(self.num_steps + 1)
+
+    def note_batch(self, batch: Any, worker: int = 0) -> None:
+        """Fingerprint local ``worker``'s first training batch, compared with the other workers' at
+        the first sync (DESIGN pitfall 10); later batches cost nothing."""
+        if self._first_batches is not None and not self._first_batches[worker]:
+            self._first_batches[worker] = batch_digest(batch)
+
+    def after_step(self, lr: float | None = None) -> str | bool:
+        """One optimizer step was taken (by every local worker): count it and sync if the schedule
+        says so. Returns the schedule's decision (falsy: no sync; ``"inner"``: inside the node)."""
+        # Counted on every rank for every call, also when AMP skipped the update, so all ranks
+        # reach the same collectives (pitfall 2).
+        self.num_steps += 1
+        self.dirty = True
+        if lr is None:
+            lr = float(self.optimizers[0][0].param_groups[0]["lr"])
+        decision = self.schedule.should_sync(self.num_steps, lr)
+        self.sync_divergence = None
+        if decision:
+            if self.before_sync is not None:
+                self.before_sync()
+            self._sync(decision)
+        self.parameters_equal = False
+        return decision
+
+    def _sync(self, decision: str | bool) -> None:
+        policy = self._schedule_policy()
+        checks: dict[str, Any] = {"step": self.num_steps, "nonfinite": self.options.nonfinite}
+        if decision == "inner":
+            with self.reported("inner sync"):
+                self.averager.average(
+                    "inner", comm=self._node_comm(), optimizer_state=policy, outer=False, **checks
+                )
+            return
+        digests, self._first_batches = self._first_batches, None
+        with self.reported("sync"):
+            divergence = self.averager.average(
+                "sync",
+                optimizer_state=policy,
+                divergence=self.options.log_divergence,
+                digests=digests,
+                flags=self.stops.message(),
+                parameters=not self.parameters_equal,
+                **checks,
+            )
+        self.stops.record(self.averager.agreed_flags)
+        self.dirty = False
+        if divergence is not None:
+            self.divergence = self.sync_divergence = divergence
+
+    def _schedule_policy(self) -> OptimizerStatePolicy | None:
+        policy = self.schedule.optimizer_state_policy(self.num_steps)
+        if policy is None:
+            return None
+        name = f"{type(self.schedule).__name__}.optimizer_state_policy({self.num_steps})"
+        return check_choice(name, policy, get_args(OptimizerStatePolicy))
+
+    def _node_comm(self) -> Communicator:
+        if self.node_comm is None:
+            # collective, but rank-consistent: every rank gets the same "inner" decision
+            self.node_comm = node_communicator(
+                self.local_world_size, workers_per_process=self.comm.num_local_workers
+            )
+        return self.node_comm
+
+    def agree(self, value: float) -> float:
+        """A decision all ranks must share (stop training?), in a control message with the step count:
+        the max of ``value`` over all workers."""
+        with self.reported("decision"):
+            _, reduced = self.averager.agree(self.num_steps, value=value)
+        return reduced
+
+    @contextlib.contextmanager
+    def reported(self, what: str) -> Iterator[None]:
+        """Say which sync failed: a timed-out or broken collective names the step and the operation."""
+        try:
+            yield
+        except (FloatingPointError, ValueError):
+            raise
+        except RuntimeError as err:
+            raise RuntimeError(
+                f"LocalSGD {what} at optimizer step {self.num_steps} failed (all-reduce of "
+                f"{self.averager.num_bytes} bytes per worker over {self.comm.num_workers} workers, "
+                f"timeout {self.timeout}): {err}. HINT: another rank stopped taking steps (it died, or "
+                "ran out of batches first: uneven data across ranks) or is much slower"
+            ) from err
+
+    # ------------------------------------------------------------------ hooks (plain loops)
+    def _register_hooks(self) -> None:
+        for worker, opts in enumerate(self.optimizers):
+            for opt in opts:
+                if not isinstance(opt, Optimizer):
+                    raise ValueError(f"optimizer ({opt!r}) must be a torch.optim.Optimizer")
+                self._handles.append(opt.register_step_pre_hook(self._pre_step_hook(worker)))
+                self._handles.append(opt.register_step_post_hook(self._post_step_hook(worker)))
+
+    def _pre_step_hook(self, worker: int) -> Callable[..., None]:
+        def pre_step(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+            if worker != 0 or self._worker_steps[0] != self.num_steps or not self.through_gradients():
+                return
+            if len(self.models) > 1:
+                raise RuntimeError(
+                    "a round of one step through the gradients (h1_sync='gradients', or 'auto' with an "
+                    "optimizer other than SGD) needs every model's gradients before the first model's step, "
+                    "which hooks cannot see with several models in one process. HINT: "
+                    "h1_sync='parameters', or one model per process"
+                )
+            trainable = [p for p in self.models[0].parameters() if p.requires_grad]
+            self.gradients.all_reduce([gradients_of(trainable)])
+            self.parameters_equal = True
+
+        return pre_step
+
+    def _post_step_hook(self, worker: int) -> Callable[..., None]:
+        def post_step(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+            self._worker_steps[worker] += 1
+            if min(self._worker_steps) > self.num_steps:
+                self.after_step(float(optimizer.param_groups[0]["lr"]))
+
+        return post_step
+
+    def close(self) -> None:
+        """Remove the hooks (the models keep their current, possibly unaveraged, parameters)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> LocalSGD:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None:
+                self.finish()
+        finally:
+            self.close()
+
+    # ------------------------------------------------------------------ what others see
+    def finish(self) -> None:
+        """The final average: every worker ends with the global model, also after a cut-short round."""
+        if self.dirty:
+            with self.reported("final average"):
+                self.averager.average(
+                    "final", optimizer_state="local", step=self.num_steps, nonfinite=self.options.nonfinite
+                )
+            self.dirty = False
+
+    @contextlib.contextmanager
+    def averaged(self, tag: str = "eval") -> Iterator[None]:
+        """The global model a sync now would give (for evaluation); each worker's own model back on exit."""
+        if not self.dirty:
+            yield
+            return
+        with self.averager.averaged(tag):
+            yield
+
+    def metrics(self) -> dict[str, float]:
+        """The ``comm/*`` counters and the schedule's current period."""
+        outer_rounds, outer_bytes = self.comm.rounds("sync"), self.comm.bytes("sync")
+        metrics: dict[str, float] = {
+            "comm/rounds": outer_rounds,
+            "comm/bytes": outer_bytes + self.comm.bytes("grad"),  # rounds of one step through gradients
+            "localsgd/sync_every": self.schedule.period,
+            "localsgd/round": outer_rounds,
+        }
+        if self.node_comm is not None:
+            inner_rounds, inner_bytes = self.node_comm.rounds("inner"), self.node_comm.bytes("inner")
+            metrics["comm/rounds"] += inner_rounds
+            metrics["comm/bytes"] += inner_bytes
+            metrics["comm/inner_rounds"] = inner_rounds
+            metrics["comm/outer_rounds"] = outer_rounds
+        return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+    def sync_state_dict(self) -> dict[str, Any]:
+        """The global sync state, equal on every rank: step count, schedule, counters, outer optimizer."""
+        return sync_state(self.options, self.num_steps, self.comm, self.node_comm)
+
+    def load_sync_state_dict(self, state: dict[str, Any]) -> None:
+        self.num_steps = int(state["num_steps"])
+        self.schedule.load_state_dict(state["schedule"])
+        self.comm.load_state_dict(state["comm"])
+        if state.get("node_comm"):
+            self._node_comm().load_state_dict(state["node_comm"])
+        outer = self.options.outer_optimizer
+        if outer is not None and state.get("outer"):
+            outer.load_state_dict(state["outer"])
+        self.dirty = False  # the averaged model; a rank's own state (if any) says otherwise
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything to resume this rank exactly: the sync state and its workers' own models and
+        optimizer states (not the average), mid-round included."""
+        with self.averager.own_models():
+            workers = [
+                {
+                    "model": {k: v.clone() for k, v in m.state_dict().items()},
+                    "optimizers": [o.state_dict() for o in opts],
+                }
+                for m, opts in zip(self.models, self.optimizers)
+            ]
+        return {"sync": self.sync_state_dict(), "workers": workers, "dirty": self.dirty}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["workers"]) != len(self.models):
+            raise ValueError(
+                f"the state holds {len(state['workers'])} workers, this driver {len(self.models)}: "
+                "resume with as many models per process"
+            )
+        self.load_sync_state_dict(state["sync"])
+        for m, opts, saved in zip(self.models, self.optimizers, state["workers"]):
+            m.load_state_dict(saved["model"])  # copies into the flat buckets
+            for o, o_state in zip(opts, saved["optimizers"]):
+                o.load_state_dict(o_state)
+        self.dirty = bool(state["dirty"])
+        self._worker_steps = [self.num_steps] * len(self.models)
+
+
+def _per_worker(optimizer: Any, num_models: int) -> list[list[Any]]:
+    """Each worker's optimizers, from one optimizer, a list for one model, or one entry per model."""
+    if isinstance(optimizer, Optimizer):
+        entries: list[Any] = [optimizer]
+    elif isinstance(optimizer, Sequence) and not isinstance(optimizer, str):
+        entries = list(optimizer)
+    else:
+        raise ValueError(f"optimizer ({optimizer!r}) must be a torch.optim.Optimizer or a list of them")
+    if num_models == 1 and all(isinstance(e, Optimizer) for e in entries):
+        return [entries]
+    if len(entries) != num_models:
+        raise ValueError(f"optimizer ({len(entries)} entries) must hold one entry per model ({num_models})")
+    return [list(e) if isinstance(e, Sequence) else [e] for e in entries]
+
+
+def sync_state(
+    options: Options, num_steps: int, comm: Communicator | None, node_comm: Communicator | None
+) -> dict[str, Any]:
+    """The layout of :meth:`LocalSGD.sync_state_dict` (also before a driver exists)."""
+    outer = options.outer_optimizer
+    return {
+        "num_steps": num_steps,
+        "schedule": options.schedule.state_dict(),
+        "comm": comm.state_dict() if comm is not None else {},
+        "node_comm": node_comm.state_dict() if node_comm is not None else {},
+        "outer": outer.state_dict() if outer is not None else {},
+        "schedule_type": type(options.schedule).__name__,
+    }
