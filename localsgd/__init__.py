@@ -1,11 +1,14 @@
-"""localsgd: Local SGD for PyTorch Lightning.
+"""localsgd: Local SGD for PyTorch.
 
-Importing the package registers the strategies ``"localsgd"`` and ``"sgd_baseline"``
-with Lightning, so ``Trainer(strategy="localsgd")`` works.
+:class:`LocalSGD`, the driver, needs PyTorch only: it hooks a plain training loop's optimizer.
+Where Lightning imports, the package also registers its front ends over the same driver:
+``Trainer(strategy="localsgd")`` and ``"sgd_baseline"`` for the Trainer, and
+``Fabric(strategy="localsgd")`` for Fabric.
 """
 
 from localsgd.core.averager import Averager
 from localsgd.core.comm import Communicator, InProcessCommunicator, ProcessGroupCommunicator
+from localsgd.core.driver import LocalSGD
 from localsgd.core.outer import DiLoCo, OuterOptimizer, SlowMo
 from localsgd.core.scaling import (
     WarmupDecayLR,
@@ -16,8 +19,28 @@ from localsgd.core.scaling import (
     sqrt_scaling_rule,
 )
 from localsgd.core.schedules import QSR, Constant, FunctionSchedule, Hierarchical, PostLocal, SyncSchedule
-from localsgd.lightning.baseline import SGDBaselineStrategy
-from localsgd.lightning.strategy import LocalSGDStrategy
+
+_FRONT_ENDS = ("LocalSGDStrategy", "SGDBaselineStrategy", "LocalSGDFabricStrategy")
+try:
+    import lightning.fabric
+    import lightning.pytorch  # noqa: F401
+except ImportError as err:  # the core works without it; the front ends say what they need
+    _no_lightning: ImportError | None = err
+else:
+    _no_lightning = None
+    from localsgd.fabric import LocalSGDFabricStrategy
+    from localsgd.lightning.baseline import SGDBaselineStrategy
+    from localsgd.lightning.strategy import LocalSGDStrategy
+
+
+def __getattr__(name: str) -> object:
+    if name in _FRONT_ENDS and _no_lightning is not None:
+        raise ImportError(
+            f"localsgd.{name} needs Lightning, which does not import here ({_no_lightning}). "
+            "HINT: pip install lightning, or use localsgd.LocalSGD in a plain PyTorch loop"
+        )
+    raise AttributeError(f"module 'localsgd' has no attribute {name!r}")
+
 
 __all__ = [
     "QSR",
@@ -28,6 +51,8 @@ __all__ = [
     "FunctionSchedule",
     "Hierarchical",
     "InProcessCommunicator",
+    "LocalSGD",
+    "LocalSGDFabricStrategy",
     "LocalSGDStrategy",
     "OuterOptimizer",
     "PostLocal",

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from localsgd import scaling
+from localsgd.core import scaling
 from localsgd.core.scaling import (
     AdamHyperparams,
     WarmupDecayLR,

@@ -174,7 +174,10 @@ class LocalSGD:
         )
         self.averager.broadcast(src=0)  # workers start equal, whatever each rank's initialization drew
         self.gradients = GradientAverager(comm)
-        linear = all(type(o) is torch.optim.SGD for opts in self.optimizers for o in opts)
+        # a simulated worker's optimizer is a view; its source is the optimizer it stands for
+        linear = all(
+            type(getattr(o, "source", o)) is torch.optim.SGD for opts in self.optimizers for o in opts
+        )
         h1 = self.options.h1_sync
         self.h1_gradients = h1 == "gradients" or (h1 == "auto" and not linear)
         """Whether a round of one step all-reduces the gradients (else: averages after the step)."""
@@ -212,6 +215,22 @@ class LocalSGD:
         the first sync (DESIGN pitfall 10); later batches cost nothing."""
         if self._first_batches is not None and not self._first_batches[worker]:
             self._first_batches[worker] = batch_digest(batch)
+
+    def before_step(self) -> None:
+        """The optimizer is about to step: in a round of one step through the gradients, all-reduce
+        them first (as DDP does), so that every worker takes the same step."""
+        if not self.through_gradients():
+            return
+        if len(self.models) > 1:
+            raise RuntimeError(
+                "a round of one step through the gradients (h1_sync='gradients', or 'auto' with an "
+                "optimizer other than SGD) needs every model's gradients before the first model's step, "
+                "which the driver cannot see with several models in one process. HINT: "
+                "h1_sync='parameters', or one model per process"
+            )
+        trainable = [p for p in self.models[0].parameters() if p.requires_grad]
+        self.gradients.all_reduce([gradients_of(trainable)])
+        self.parameters_equal = True
 
     def after_step(self, lr: float | None = None) -> str | bool:
         """One optimizer step was taken (by every local worker): count it and sync if the schedule
@@ -304,18 +323,8 @@ class LocalSGD:
 
     def _pre_step_hook(self, worker: int) -> Callable[..., None]:
         def pre_step(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-            if worker != 0 or self._worker_steps[0] != self.num_steps or not self.through_gradients():
-                return
-            if len(self.models) > 1:
-                raise RuntimeError(
-                    "a round of one step through the gradients (h1_sync='gradients', or 'auto' with an "
-                    "optimizer other than SGD) needs every model's gradients before the first model's step, "
-                    "which hooks cannot see with several models in one process. HINT: "
-                    "h1_sync='parameters', or one model per process"
-                )
-            trainable = [p for p in self.models[0].parameters() if p.requires_grad]
-            self.gradients.all_reduce([gradients_of(trainable)])
-            self.parameters_equal = True
+            if worker == 0 and self._worker_steps[0] == self.num_steps:
+                self.before_step()
 
         return pre_step
 

@@ -18,8 +18,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
 
+from localsgd.core.files import is_local
 from localsgd.core.scaling import intrinsic_lr
-from localsgd.lightning.resume import ResumedLoader, is_local
+from localsgd.lightning.resume import ResumedLoader
 
 StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
 _CHECKPOINT_KEY = "localsgd"

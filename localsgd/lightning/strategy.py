@@ -356,6 +356,12 @@ class LocalSGDStrategy(SimulatedSteps, ExactResume, StrategyCommon, DDPStrategy)
         else:
             output = self._simulated_step(step, through_gradients)
         self.driver.parameters_equal = through_gradients
+        self._after_step(optimizer)
+        return output
+
+    def _after_step(self, optimizer: Optimizer) -> None:
+        """Every sync happens here, through the driver; then what is Lightning's: stops, logging."""
+        assert self.driver is not None
         decision = self.driver.after_step(float(optimizer.param_groups[0]["lr"]))
         if decision and decision != "inner":
             act_on_agreed_stops(self, self.lightning_module.trainer, self.num_steps)
@@ -364,7 +370,6 @@ class LocalSGDStrategy(SimulatedSteps, ExactResume, StrategyCommon, DDPStrategy)
                 # repeated in every later row of the epoch, as if measured there
                 self._log_now({"localsgd/divergence": self.driver.sync_divergence})
         self._log_step(optimizer, self.driver.metrics())
-        return output
 
     def _averaging_gradients(self, closure: Callable[[], Any]) -> Callable[[], Any]:
         assert self.driver is not None and self.lightning_module is not None

@@ -1,0 +1,64 @@
+"""Local SGD under the Lightning Trainer: ``Trainer(strategy="localsgd")``.
+
+Run on 2 CPU processes (Lightning starts them):
+
+    python examples/lightning.py
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# this file is named lightning.py: keep its folder from shadowing the lightning package
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.append(str(Path(__file__).resolve().parent))  # after site-packages: for problem.py
+
+import lightning.pytorch as pl  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from problem import BATCH_SIZE, EPOCHS, SYNC_EVERY, accuracy, dataset, model, optimizer  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+import localsgd  # noqa: E402
+
+
+class Module(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = model()
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        return F.cross_entropy(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return optimizer(self.net)
+
+    def train_dataloader(self) -> DataLoader:
+        # Lightning shards it for each worker (its DistributedSampler), as the other examples do by hand
+        return DataLoader(dataset(), batch_size=BATCH_SIZE, shuffle=True, drop_last=True)
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    module = Module()
+    trainer = pl.Trainer(
+        strategy=localsgd.LocalSGDStrategy(sync_every=SYNC_EVERY),
+        accelerator="cpu",
+        devices=2,
+        max_epochs=EPOCHS,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module)  # ends with the final average
+    if trainer.is_global_zero:
+        strategy = trainer.strategy
+        steps, syncs = strategy.num_steps, strategy.comm.rounds("sync")
+        print(f"lightning_trainer: {steps} steps, {syncs} syncs, accuracy {accuracy(module.net):.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,161 @@
+"""Local SGD under Lightning Fabric: ``Fabric(strategy="localsgd")``.
+
+A Fabric strategy over the framework-free driver (:class:`localsgd.LocalSGD`): the model is not
+wrapped in DistributedDataParallel (no gradient all-reduce), and every ``optimizer.step()`` of
+the optimizer Fabric set up counts one step and syncs when the schedule says so. ``fabric.save``
+writes the averaged model to the checkpoint and each rank's own state beside it
+(``<path>.ranks/rank<R>.pt``); ``fabric.load`` restores both, so a resumed run continues exactly.
+Call :meth:`LocalSGDFabricStrategy.finish` after the loop for the final average.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any, Literal
+
+import torch
+from lightning.fabric.accelerators import Accelerator
+from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment, Precision
+from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
+from lightning.fabric.strategies import STRATEGY_REGISTRY, DDPStrategy
+from lightning.fabric.strategies.registry import _StrategyRegistry
+from lightning.fabric.utilities.types import _PATH
+from torch import nn
+from torch.optim import Optimizer
+
+from localsgd.core import files
+from localsgd.core.driver import H1Sync, LocalSGD, Options, SyncEvery
+from localsgd.core.options import BufferPolicy, NonfinitePolicy, OptimizerStatePolicy
+from localsgd.core.outer import OuterOptimizer
+
+_KEY = "localsgd"
+
+
+class LocalSGDFabricStrategy(DDPStrategy):
+    """Local SGD for Fabric: the arguments of :class:`localsgd.LocalSGD` (``sync_every``,
+    ``buffers``, ``optimizer_state``, ``outer_optimizer``, ``nonfinite``, ``log_divergence``,
+    ``h1_sync``), then Fabric's DDP arguments (``accelerator``, ``parallel_devices``,
+    ``cluster_environment``, ``checkpoint_io``, ``precision``, ``process_group_backend``,
+    ``timeout``, ``start_method``), which Fabric fills in."""
+
+    strategy_name = "localsgd"
+
+    def __init__(
+        self,
+        *,
+        sync_every: SyncEvery = 8,
+        buffers: BufferPolicy = "average",
+        optimizer_state: OptimizerStatePolicy = "local",
+        outer_optimizer: OuterOptimizer | None = None,
+        nonfinite: NonfinitePolicy = "raise",
+        log_divergence: bool = False,
+        h1_sync: H1Sync = "auto",
+        accelerator: Accelerator | None = None,
+        parallel_devices: list[torch.device] | None = None,
+        cluster_environment: ClusterEnvironment | None = None,
+        checkpoint_io: CheckpointIO | None = None,
+        precision: Precision | None = None,
+        process_group_backend: str | None = None,
+        timeout: timedelta | None = default_pg_timeout,
+        start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
+    ) -> None:
+        self.options = Options.checked(
+            sync_every=sync_every,
+            buffers=buffers,
+            optimizer_state=optimizer_state,
+            outer_optimizer=outer_optimizer,
+            nonfinite=nonfinite,
+            log_divergence=log_divergence,
+            h1_sync=h1_sync,
+        )
+        super().__init__(
+            accelerator=accelerator,
+            parallel_devices=parallel_devices,
+            cluster_environment=cluster_environment,
+            checkpoint_io=checkpoint_io,
+            precision=precision,
+            process_group_backend=process_group_backend,
+            timeout=timeout,
+            start_method=start_method,
+        )
+        self._backward_sync_control = None  # no gradient all-reduce to skip
+        self.driver: LocalSGD | None = None
+        """The algorithm, made when ``fabric.setup`` sees the model and its optimizers."""
+
+    def setup_module(self, module: nn.Module) -> nn.Module:
+        """No DistributedDataParallel wrapper: workers must not all-reduce gradients."""
+        return module
+
+    def setup_module_and_optimizers(
+        self, module: nn.Module, optimizers: list[Optimizer], scheduler: Any = None
+    ) -> tuple[nn.Module, list[Optimizer], Any]:
+        if self.driver is not None:
+            raise ValueError(
+                "Fabric(strategy='localsgd') runs one model: fabric.setup(model, optimizer) was called twice"
+            )
+        optimizers = [self.setup_optimizer(o) for o in optimizers]
+        self.driver = LocalSGD(
+            module, optimizers, options=self.options, local_world_size=self.num_processes, hook=False
+        )
+        self.driver.timeout = self._timeout
+        return module, optimizers, scheduler
+
+    def optimizer_step(self, optimizer: Any, **kwargs: Any) -> Any:
+        if self.driver is None:
+            return super().optimizer_step(optimizer, **kwargs)
+        self.driver.before_step()
+        output = super().optimizer_step(optimizer, **kwargs)
+        self.driver.after_step(float(optimizer.param_groups[0]["lr"]))
+        return output
+
+    def finish(self) -> None:
+        """The final average: every worker ends with the global model."""
+        if self.driver is not None:
+            self.driver.finish()
+
+    def save_checkpoint(
+        self,
+        path: _PATH,
+        state: dict[str, Any],
+        storage_options: Any | None = None,
+        filter: dict[str, Any] | None = None,
+    ) -> None:
+        """The averaged model in ``path`` (rank 0 writes it), each rank's own state beside it."""
+        if self.driver is None:
+            return super().save_checkpoint(path, state, storage_options, filter)
+        own = {"driver": self.driver.state_dict(), "rng": files.rng_state()}
+        files.atomic_save(own, files.rank_file(path, self.global_rank))
+        state = {**state, _KEY: {**self.driver.sync_state_dict(), "world_size": self.world_size}}
+        with self.driver.averaged("checkpoint"):
+            super().save_checkpoint(path, state, storage_options, filter)
+        self.barrier("localsgd save")  # every rank file exists before anyone loads from it
+
+    def load_checkpoint(
+        self,
+        path: _PATH,
+        state: Any = None,
+        strict: bool = True,
+        weights_only: bool | None = None,
+    ) -> dict[str, Any]:
+        remainder = super().load_checkpoint(path, state, strict=strict, weights_only=weights_only)
+        sync = remainder.pop(_KEY, None) if isinstance(remainder, dict) else None
+        if sync is None or self.driver is None:
+            return remainder
+        own_path = files.rank_file(path, self.global_rank)
+        if sync.get("world_size") == self.world_size and files.exists(own_path):
+            own = files.load(own_path, f"rank {self.global_rank}'s state file")
+            self.driver.load_state_dict(own["driver"])  # this rank's own model, not the average
+            files.set_rng_state(own["rng"])
+        else:  # another world size: every worker starts from the average in the main file
+            self.driver.load_sync_state_dict(sync)
+        return remainder
+
+    @classmethod
+    def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:
+        strategy_registry.register(
+            cls.strategy_name, cls, description="Local SGD: local optimizer steps, averaging every H steps"
+        )
+
+
+if LocalSGDFabricStrategy.strategy_name not in STRATEGY_REGISTRY:
+    LocalSGDFabricStrategy.register_strategies(STRATEGY_REGISTRY)
