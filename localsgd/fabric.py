@@ -24,8 +24,15 @@ from torch import nn
 from torch.optim import Optimizer
 
 from localsgd.core import files
-from localsgd.core.driver import H1Sync, LocalSGD, Options, SyncEvery
-from localsgd.core.options import BufferPolicy, NonfinitePolicy, OptimizerStatePolicy
+from localsgd.core.driver import LocalSGD
+from localsgd.core.options import (
+    BufferPolicy,
+    H1Sync,
+    NonfinitePolicy,
+    OptimizerStatePolicy,
+    Options,
+    SyncEvery,
+)
 from localsgd.core.outer import OuterOptimizer
 
 _KEY = "localsgd"

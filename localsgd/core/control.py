@@ -116,6 +116,30 @@ def _finite(flat: Tensor) -> bool:
     return bool(torch.isfinite(flat.sum())) or bool(torch.isfinite(flat).all())
 
 
+def check_equal_lengths(comm: Communicator, dataloader: object, device: torch.device, rank: int) -> None:
+    """Every rank's training loader must have as many batches (DESIGN pitfall 2): ranks with
+    different numbers would stop taking steps at different times, and the one still stepping
+    would wait for a sync forever. A ValueError on every rank otherwise; a loader without a
+    length is left to the step check before each sync."""
+    try:
+        count = len(dataloader)  # type: ignore[arg-type]
+    except TypeError:
+        return
+    counts = [
+        torch.tensor([count, -count], dtype=torch.float64, device=device)
+        for _ in range(comm.num_local_workers)
+    ]
+    comm.all_reduce_(counts, op="max", counted=False)
+    most, fewest = int(counts[0][0]), int(-counts[0][1])
+    if most != fewest:
+        raise ValueError(
+            f"the training dataloader has {count} batches on rank {rank}, and between "
+            f"{fewest} and {most} across ranks: every worker must take the same number of optimizer "
+            "steps per epoch. HINT: let Lightning shard the data (use_distributed_sampler=True), or "
+            "give every rank a sampler with the same length (drop_last)"
+        )
+
+
 class StopRequests:
     """This rank's stop requests (``local``) and what all ranks agreed on at the last sync."""
 

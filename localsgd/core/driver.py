@@ -14,8 +14,7 @@ import contextlib
 import logging
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import Any, get_args
 
 import torch
 import torch.distributed as dist
@@ -31,60 +30,18 @@ from localsgd.core.comm import (
 )
 from localsgd.core.control import StopRequests, batch_digest
 from localsgd.core.gradients import GradientAverager, gradients_of
-from localsgd.core.options import BufferPolicy, NonfinitePolicy, OptimizerStatePolicy, check_choice
+from localsgd.core.options import (
+    BufferPolicy,
+    H1Sync,
+    NonfinitePolicy,
+    OptimizerStatePolicy,
+    Options,
+    SyncEvery,
+    check_choice,
+)
 from localsgd.core.outer import OuterOptimizer
-from localsgd.core.schedules import SyncSchedule, as_schedule
 
 log = logging.getLogger(__name__)
-
-H1Sync = Literal["auto", "gradients", "parameters"]
-SyncEvery = int | SyncSchedule | Callable[[int, float], bool]
-
-
-@dataclass(kw_only=True)
-class Options:
-    """The algorithm's settings, checked once, as every front end takes them (see :class:`LocalSGD`)."""
-
-    schedule: SyncSchedule
-    buffers: BufferPolicy = "average"
-    optimizer_state: OptimizerStatePolicy = "local"
-    outer_optimizer: OuterOptimizer | None = None
-    nonfinite: NonfinitePolicy = "raise"
-    log_divergence: bool = False
-    h1_sync: H1Sync = "auto"
-
-    @classmethod
-    def checked(
-        cls,
-        *,
-        sync_every: SyncEvery = 8,
-        buffers: str = "average",
-        optimizer_state: str = "local",
-        outer_optimizer: object = None,
-        nonfinite: str = "raise",
-        log_divergence: object = False,
-        h1_sync: str = "auto",
-    ) -> Options:
-        """The options, or a ValueError naming the first bad one and its rule."""
-        if not isinstance(log_divergence, bool):
-            raise ValueError(f"log_divergence ({log_divergence!r}) must be True or False")
-        nonfinite_ = check_choice("nonfinite", nonfinite, get_args(NonfinitePolicy))
-        h1 = check_choice("h1_sync", h1_sync, get_args(H1Sync))
-        schedule = as_schedule(sync_every, "sync_every")
-        if outer_optimizer is not None and not isinstance(outer_optimizer, OuterOptimizer):
-            raise ValueError(
-                f"outer_optimizer ({outer_optimizer!r}) must be None (plain averaging) or a "
-                "localsgd.outer.OuterOptimizer such as SlowMo or DiLoCo"
-            )
-        return cls(
-            schedule=schedule,
-            buffers=check_choice("buffers", buffers, get_args(BufferPolicy)),
-            optimizer_state=check_choice("optimizer_state", optimizer_state, get_args(OptimizerStatePolicy)),
-            outer_optimizer=outer_optimizer,
-            nonfinite=nonfinite_,
-            log_divergence=log_divergence,
-            h1_sync=h1,
-        )
 
 
 class LocalSGD:

@@ -18,6 +18,9 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
 
+from localsgd.core.averager import Averager
+from localsgd.core.comm import Communicator
+from localsgd.core.control import StopRequests
 from localsgd.core.files import is_local
 from localsgd.core.scaling import intrinsic_lr
 from localsgd.lightning.resume import ResumedLoader
@@ -149,3 +152,49 @@ class StrategyCommon:
             f"now draws from its own random stream seeded with seed + rank ({base} + rank). Make sure "
             "your dataloader gives each worker different samples."
         )
+
+
+class DriverView:
+    """The driver's state under the names :class:`~localsgd.LocalSGDStrategy` has always shown
+    (before ``setup`` makes a driver: nothing averaged yet, step 0)."""
+
+    driver: Any
+    _stops: Any
+
+    @property
+    def averager(self) -> Averager | None:
+        return None if self.driver is None else self.driver.averager
+
+    @property
+    def node_comm(self) -> Communicator | None:
+        """The workers of this node, built at the first ``"inner"`` sync."""
+        return None if self.driver is None else self.driver.node_comm
+
+    @property
+    def num_steps(self) -> int:
+        """Optimizer steps taken so far in this fit (rank-consistent: every rank counts every call)."""
+        return 0 if self.driver is None else self.driver.num_steps
+
+    @num_steps.setter
+    def num_steps(self, value: int) -> None:
+        assert self.driver is not None
+        self.driver.num_steps = value
+
+    @property
+    def _dirty(self) -> bool:
+        return self.driver is not None and self.driver.dirty
+
+    @_dirty.setter
+    def _dirty(self, value: bool) -> None:
+        if self.driver is not None:
+            self.driver.dirty = value
+
+    @property
+    def divergence(self) -> float | None:
+        """The last ``localsgd/divergence`` measured (with ``log_divergence=True``)."""
+        return None if self.driver is None else self.driver.divergence
+
+    @property
+    def stops(self) -> StopRequests:
+        """Stop requests (SIGTERM, preemption) for the next sync, and what the last one agreed on."""
+        return self._stops if self.driver is None else self.driver.stops

@@ -26,16 +26,22 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
-from localsgd.core.averager import Averager
 from localsgd.core.comm import Communicator, ProcessGroupCommunicator
-from localsgd.core.control import StopRequests
-from localsgd.core.driver import H1Sync, LocalSGD, Options, sync_state
+from localsgd.core.control import StopRequests, check_equal_lengths
+from localsgd.core.driver import LocalSGD, sync_state
 from localsgd.core.gradients import gradients_of
-from localsgd.core.options import BufferPolicy, NonfinitePolicy, OptimizerStatePolicy, check_choice
+from localsgd.core.options import (
+    BufferPolicy,
+    H1Sync,
+    NonfinitePolicy,
+    OptimizerStatePolicy,
+    Options,
+    check_choice,
+)
 from localsgd.core.outer import OuterOptimizer
 from localsgd.core.replicas import WorkerReplicas
 from localsgd.core.schedules import SyncSchedule
-from localsgd.lightning.common import StartMethod, StrategyCommon, raw_optimizer, register
+from localsgd.lightning.common import DriverView, StartMethod, StrategyCommon, raw_optimizer, register
 from localsgd.lightning.resume import ExactResume
 from localsgd.lightning.simulation import BatchedWorkers, SimulatedSteps, WorkerLogs, deal_shards
 from localsgd.lightning.stops import act_on_agreed_stops, install_sigterm_handler, quiet_per_batch_broadcast
@@ -43,7 +49,7 @@ from localsgd.lightning.stops import act_on_agreed_stops, install_sigterm_handle
 log = logging.getLogger(__name__)
 
 
-class LocalSGDStrategy(SimulatedSteps, ExactResume, StrategyCommon, DDPStrategy):
+class LocalSGDStrategy(SimulatedSteps, DriverView, ExactResume, StrategyCommon, DDPStrategy):
     """Local SGD: each worker takes optimizer steps on its own data; every ``sync_every`` steps
     the workers average their parameters (one all-reduce per device and dtype).
 
@@ -165,45 +171,6 @@ class LocalSGDStrategy(SimulatedSteps, ExactResume, StrategyCommon, DDPStrategy)
         self._pending_local: dict[str, Any] | None = None
         self._pending_rng: dict[str, Any] | None = None
 
-    # the driver's state, as the strategy has always shown it
-    @property
-    def averager(self) -> Averager | None:
-        return None if self.driver is None else self.driver.averager
-
-    @property
-    def node_comm(self) -> Communicator | None:
-        """The workers of this node, built at the first ``"inner"`` sync."""
-        return None if self.driver is None else self.driver.node_comm
-
-    @property
-    def num_steps(self) -> int:
-        """Optimizer steps taken so far in this fit (rank-consistent: every rank counts every call)."""
-        return 0 if self.driver is None else self.driver.num_steps
-
-    @num_steps.setter
-    def num_steps(self, value: int) -> None:
-        assert self.driver is not None
-        self.driver.num_steps = value
-
-    @property
-    def _dirty(self) -> bool:
-        return self.driver is not None and self.driver.dirty
-
-    @_dirty.setter
-    def _dirty(self, value: bool) -> None:
-        if self.driver is not None:
-            self.driver.dirty = value
-
-    @property
-    def divergence(self) -> float | None:
-        """The last ``localsgd/divergence`` measured (with ``log_divergence=True``)."""
-        return None if self.driver is None else self.driver.divergence
-
-    @property
-    def stops(self) -> StopRequests:
-        """Stop requests (SIGTERM, preemption) for the next sync, and what the last one agreed on."""
-        return self._stops if self.driver is None else self.driver.stops
-
     # ------------------------------------------------------------------ setup
     def configure_ddp(self) -> None:
         """No DistributedDataParallel wrapper: workers must not all-reduce gradients."""
@@ -274,26 +241,8 @@ class LocalSGDStrategy(SimulatedSteps, ExactResume, StrategyCommon, DDPStrategy)
         return self._resumed(dataloader)
 
     def _check_batches_per_epoch(self, dataloader: object) -> None:
-        # Pitfall 2 / desync: ranks with different numbers of batches would stop taking
-        # steps at different times, and the one still stepping would wait for a sync forever.
         assert self.comm is not None
-        try:
-            count = len(dataloader)  # type: ignore[arg-type]
-        except TypeError:
-            return  # no length: the step check before each sync catches the drift instead
-        counts = [
-            torch.tensor([count, -count], dtype=torch.float64, device=self.root_device)
-            for _ in range(self.comm.num_local_workers)
-        ]
-        self.comm.all_reduce_(counts, op="max", counted=False)
-        most, fewest = int(counts[0][0]), int(-counts[0][1])
-        if most != fewest:
-            raise ValueError(
-                f"the training dataloader has {count} batches on rank {self.global_rank}, and between "
-                f"{fewest} and {most} across ranks: every worker must take the same number of optimizer "
-                "steps per epoch. HINT: let Lightning shard the data (use_distributed_sampler=True), or "
-                "give every rank a sampler with the same length (drop_last)"
-            )
+        check_equal_lengths(self.comm, dataloader, self.root_device, self.global_rank)
 
     def on_train_start(self) -> None:
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
@@ -322,16 +271,6 @@ class LocalSGDStrategy(SimulatedSteps, ExactResume, StrategyCommon, DDPStrategy)
         if self.replicas is not None and (self._batched_step or self.replicas.active is not None):
             return self._simulated_training_step(super().training_step, args, kwargs)
         return super().training_step(*args, **kwargs)
-
-    def backward(
-        self, closure_loss: torch.Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any
-    ) -> Any:
-        if self._batched_step:
-            # the batched path computed every worker's gradients already; the hooks still run
-            assert self.lightning_module is not None
-            closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
-            return self.precision_plugin.post_backward(closure_loss, self.lightning_module)
-        return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     def optimizer_step(
         self,
