@@ -65,7 +65,7 @@ def checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The repository root as a newcomer's working folder: the project's files (linked) and a
     fresh place for what the commands write (runs/)."""
     folder = tmp_path_factory.mktemp("readme")
-    for name in ("configs", "launch", "scripts", ".venv", "localsgd"):
+    for name in ("configs", "launch", "scripts", ".venv", "localsgd", "examples"):
         (folder / name).symlink_to(ROOT / name)
     return folder
 

@@ -1,11 +1,11 @@
-"""Lightning strategies: Local SGD and the synchronous SGD baseline.
+"""The Lightning Trainer front end of Local SGD: a thin adapter over :class:`localsgd.LocalSGD`.
 
-Both are DDPStrategy subclasses, so process-group setup, launchers, cluster
-environments and distributed samplers are Lightning's own. Local SGD differs in
-two places only: the model is *not* wrapped in DistributedDataParallel (no
-gradient all-reduce), and ``optimizer_step`` calls the ordinary step and then,
-when the schedule says so, averages the workers. Every sync happens in
-``LocalSGDStrategy._after_step``.
+A DDPStrategy subclass, so process-group setup, launchers, cluster environments and
+distributed samplers are Lightning's own. It differs in two places: the model is *not*
+wrapped in DistributedDataParallel (no gradient all-reduce), and ``optimizer_step`` takes the
+ordinary step and then hands it to the driver (``_after_step``), which syncs when the
+schedule says so. What is Lightning's stays here: dataloaders, the checkpoint file, callbacks,
+logging, SIGTERM handling and the simulated workers' Lightning glue.
 """
 
 from __future__ import annotations
