@@ -34,6 +34,7 @@ from localsgd.core.options import (
     SyncEvery,
 )
 from localsgd.core.outer import OuterOptimizer
+from localsgd.core.wire import Wire
 
 _KEY = "localsgd"
 
@@ -41,9 +42,9 @@ _KEY = "localsgd"
 class LocalSGDFabricStrategy(DDPStrategy):
     """Local SGD for Fabric: the arguments of :class:`localsgd.LocalSGD` (``sync_every``,
     ``buffers``, ``optimizer_state``, ``outer_optimizer``, ``nonfinite``, ``log_divergence``,
-    ``h1_sync``), then Fabric's DDP arguments (``accelerator``, ``parallel_devices``,
-    ``cluster_environment``, ``checkpoint_io``, ``precision``, ``process_group_backend``,
-    ``timeout``, ``start_method``), which Fabric fills in."""
+    ``h1_sync``, ``wire``, ``error_feedback``), then Fabric's DDP arguments (``accelerator``,
+    ``parallel_devices``, ``cluster_environment``, ``checkpoint_io``, ``precision``,
+    ``process_group_backend``, ``timeout``, ``start_method``), which Fabric fills in."""
 
     strategy_name = "localsgd"
 
@@ -57,6 +58,8 @@ class LocalSGDFabricStrategy(DDPStrategy):
         nonfinite: NonfinitePolicy = "raise",
         log_divergence: bool = False,
         h1_sync: H1Sync = "auto",
+        wire: Wire = "fp32",
+        error_feedback: bool = False,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -74,6 +77,8 @@ class LocalSGDFabricStrategy(DDPStrategy):
             nonfinite=nonfinite,
             log_divergence=log_divergence,
             h1_sync=h1_sync,
+            wire=wire,
+            error_feedback=error_feedback,
         )
         super().__init__(
             accelerator=accelerator,

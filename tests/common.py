@@ -173,3 +173,19 @@ def max_diff(a: dict[str, Tensor], b: dict[str, Tensor]) -> float:
 
 def mean_state(states: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     return {k: torch.stack([s[k].double() for s in states]).mean(0) for k in states[0]}
+
+
+def newcomer_env() -> dict[str, str]:
+    """A newcomer's shell: none of what other tests or a launcher may leave in this process's
+    environment (a stale MASTER_PORT, a rank), so that a command starts its own job."""
+    drop = (
+        "PYTHON", "VIRTUAL_ENV", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK",
+        "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "NNODES", "NPROC_PER_NODE", "RDZV_ENDPOINT",
+    )  # fmt: skip
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in drop and not k.startswith(("PYTEST", "TORCHELASTIC", "PL_", "TEST_"))
+    }
+    env["OMP_NUM_THREADS"] = "1"
+    return env

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from common import TIMEOUT, ToyNet, make_optimizer, make_trainer, snapshot
+from common import TIMEOUT, ToyNet, make_optimizer, make_trainer, newcomer_env, snapshot
 from distributed import run
 from torch import Tensor
 
@@ -297,7 +297,7 @@ sys.meta_path.insert(0, _NoLightning())
 
 def test_without_lightning_the_core_and_a_two_process_plain_run_work(tmp_path: Path) -> None:
     (tmp_path / "sitecustomize.py").write_text(BLOCK_LIGHTNING)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK")}
+    env = newcomer_env()  # no stale MASTER_PORT or rank from earlier tests
     env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
     check = textwrap.dedent(
         """
@@ -325,7 +325,7 @@ def test_without_lightning_the_core_and_a_two_process_plain_run_work(tmp_path: P
 
 @pytest.mark.parametrize("example", ["plain_torch", "fabric", "lightning_trainer"])
 def test_examples_run_on_two_processes(example: str, tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "NODE_RANK")}
+    env = newcomer_env()  # no stale MASTER_PORT or rank from earlier tests
     path = ROOT / "examples" / f"{example}.py"
     if example == "plain_torch":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(path)]

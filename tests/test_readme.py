@@ -10,13 +10,13 @@ suite's own command is this suite, so it is not run again; template lines (`conf
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 from pathlib import Path
 
 import pytest
 import yaml
+from common import newcomer_env
 from test_slurm import slurm  # noqa: F401  (the one-node Slurm fixture, for the launcher line)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,18 +40,7 @@ def readme_commands() -> list[str]:
 
 
 def _env() -> dict[str, str]:
-    # a newcomer's shell: none of what other tests or a launcher may leave in this process's environment
-    drop = (
-        "PYTHON", "VIRTUAL_ENV", "MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK",
-        "NODE_RANK", "GROUP_RANK", "LOCAL_WORLD_SIZE", "NNODES", "NPROC_PER_NODE", "RDZV_ENDPOINT",
-    )  # fmt: skip
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in drop and not k.startswith(("PYTEST", "TORCHELASTIC", "PL_", "TEST_"))
-    }
-    env["OMP_NUM_THREADS"] = "1"
-    return env
+    return newcomer_env()
 
 
 def _bash(command: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -26,6 +26,7 @@ from localsgd.core.control import NUM_FLAGS
 from localsgd.core.optim_state import StateAverager, fresh_optimizer_state
 from localsgd.core.options import BufferPolicy, NonfinitePolicy, OptimizerStatePolicy, check_choice
 from localsgd.core.outer import OuterOptimizer
+from localsgd.core.wire import CompressedMean, Wire
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,14 @@ class Averager:
         optimizer_state: OptimizerStatePolicy = "local",
         optimizers: Sequence[Sequence[Optimizer]] = (),
         outer: OuterOptimizer | None = None,
+        wire: Wire = "fp32",
+        error_feedback: bool = False,
     ) -> None:
         self.buffers = check_choice("buffers", buffers, get_args(BufferPolicy))
+        self.wire = None if wire == "fp32" else CompressedMean(comm, wire, error_feedback=error_feedback)
+        """The compressed wire of the syncs (``None``: fp32, exact)."""
+        if self.wire is not None and outer is None:
+            raise ValueError(f"wire={wire!r} sends deltas from the global model: it needs an outer optimizer")
         self.optimizer_state = check_choice(
             "optimizer_state", optimizer_state, get_args(OptimizerStatePolicy)
         )
@@ -269,8 +276,13 @@ class Averager:
         divergence = divergence and not bad and parameters
         if divergence:
             before = self._save_backup()
+        # a compressed wire carries the syncs' deltas from the global model; other rounds are exact
+        compressed = self.wire is not None and comm is self.comm and outer is True and parameters and not bad
         with comm.round(tag):
             for i in range(len(self._buckets[0])):
+                if compressed:
+                    self._compressed_round(i, comm)
+                    continue
                 flats = [w[i].flat if parameters else w[i].flat[w[i].param_numel :] for w in self._buckets]
                 if not flats[0].numel():
                     continue
@@ -306,6 +318,19 @@ class Averager:
             if self.after_reset is not None:
                 self.after_reset()
         return result
+
+    def _compressed_round(self, i: int, comm: Communicator) -> None:
+        """Bucket ``i``'s parameters become anchor + the mean of the workers' deltas from the anchor
+        (the global model of the last sync), through the wire; its buffers are averaged exactly."""
+        assert self.wire is not None and self.outer is not None
+        anchor = self.outer.anchors[i]
+        deltas = [w[i].params - anchor for w in self._buckets]
+        self.wire.mean_(deltas, key=i)
+        for w, delta in zip(self._buckets, deltas):
+            torch.add(anchor, delta, out=w[i].params)
+        rest = [w[i].flat[w[i].param_numel :] for w in self._buckets]
+        if rest[0].numel():
+            comm.all_reduce_(rest, op="mean")
 
     def _save_backup(self) -> list[list[Tensor]]:
         """Copy every local worker's flat tensors into persistent buffers (allocated once)."""

@@ -95,6 +95,20 @@ class Communicator(ABC):
         self._count(tensors[0])
         self._broadcast(tensors, src)
 
+    def exchange_(self, tensor: Tensor) -> Tensor:
+        """All-to-all across processes: row ``p`` of ``tensor`` (shape ``(processes, ...)``) goes to
+        process ``p``; row ``p`` of the result came from process ``p``. One process: itself."""
+        return tensor
+
+    def gather_(self, shard: Tensor) -> Tensor:
+        """All-gather across processes: the processes' ``shard`` tensors stacked in process order."""
+        return shard.unsqueeze(0)
+
+    def count_(self, num_bytes: int) -> None:
+        """Add ``num_bytes`` (what one worker sent) to the open round's payload."""
+        if self._open_tag is not None:
+            self.stats[self._open_tag].bytes += num_bytes
+
     @contextlib.contextmanager
     def round(self, tag: str = "sync") -> Iterator[None]:
         """Count one round under ``tag``; collectives inside add their payload to it."""
@@ -204,6 +218,17 @@ class ProcessGroupCommunicator(Communicator):
             if op == "mean" and self.num_workers > 1:
                 tensors[0].div_(self.num_workers)
         _copy_from_first(tensors)
+
+    def exchange_(self, tensor: Tensor) -> Tensor:
+        out = torch.empty_like(tensor)
+        dist.all_to_all_single(out, tensor, group=self.group)
+        return out
+
+    def gather_(self, shard: Tensor) -> Tensor:
+        out = torch.empty(self._processes * shard.numel(), dtype=shard.dtype, device=shard.device)
+        gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in 2.13
+        gather(out, shard.contiguous().view(-1), group=self.group)
+        return out.view(self._processes, *shard.shape)
 
     def _broadcast(self, tensors: Sequence[Tensor], src: int) -> None:
         src_process, src_local = divmod(src, self._per_process)

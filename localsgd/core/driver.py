@@ -40,6 +40,7 @@ from localsgd.core.options import (
     check_choice,
 )
 from localsgd.core.outer import OuterOptimizer
+from localsgd.core.wire import Wire
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,9 @@ class LocalSGD:
         h1_sync: how a round of one step makes workers synchronous: ``"gradients"`` (all-reduce
             them before the step), ``"parameters"`` (average after it), ``"auto"`` (gradients for
             every optimizer but SGD).
+        wire: what a sync sends: ``"fp32"`` (exact), or each worker's delta from the global model
+            in ``"bf16"`` or ``"int8"`` (blockwise scales), see :mod:`localsgd.core.wire`.
+        error_feedback: with a lossy wire, carry what each encoding lost into the next sync.
         comm: the communicator over all workers; by default the default process group (one
             worker per model), or, without one, the models of this process alone.
         local_world_size: processes per node, for ``Hierarchical`` schedules (default: the
@@ -91,6 +95,8 @@ class LocalSGD:
         nonfinite: NonfinitePolicy = "raise",
         log_divergence: bool = False,
         h1_sync: H1Sync = "auto",
+        wire: Wire = "fp32",
+        error_feedback: bool = False,
         comm: Communicator | None = None,
         local_world_size: int | None = None,
         hook: bool = True,
@@ -104,6 +110,8 @@ class LocalSGD:
             nonfinite=nonfinite,
             log_divergence=log_divergence,
             h1_sync=h1_sync,
+            wire=wire,
+            error_feedback=error_feedback,
         )
         self.models = [model] if isinstance(model, nn.Module) else list(model)
         if not self.models or not all(isinstance(m, nn.Module) for m in self.models):
@@ -128,6 +136,8 @@ class LocalSGD:
             optimizer_state=self.options.optimizer_state,
             optimizers=self.optimizers,
             outer=self.options.outer_optimizer,
+            wire=self.options.wire,
+            error_feedback=self.options.error_feedback,
         )
         self.averager.broadcast(src=0)  # workers start equal, whatever each rank's initialization drew
         self.gradients = GradientAverager(comm)
@@ -372,7 +382,13 @@ class LocalSGD:
                 }
                 for m, opts in zip(self.models, self.optimizers)
             ]
-        return {"sync": self.sync_state_dict(), "workers": workers, "dirty": self.dirty}
+        wire = self.averager.wire
+        return {
+            "sync": self.sync_state_dict(),
+            "workers": workers,
+            "dirty": self.dirty,
+            "wire": wire.state_dict() if wire is not None else {},
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if len(state["workers"]) != len(self.models):
@@ -386,6 +402,8 @@ class LocalSGD:
             for o, o_state in zip(opts, saved["optimizers"]):
                 o.load_state_dict(o_state)
         self.dirty = bool(state["dirty"])
+        if state.get("wire") and self.averager.wire is not None:
+            self.averager.wire.load_state_dict(state["wire"])  # error-feedback residuals
         self._worker_steps = [self.num_steps] * len(self.models)
 
 

@@ -6,8 +6,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, TypeVar, get_args
 
-from localsgd.core.outer import OuterOptimizer
+from localsgd.core.outer import OuterOptimizer, SlowMo
 from localsgd.core.schedules import SyncSchedule, as_schedule
+from localsgd.core.wire import Wire
 
 _Choice = TypeVar("_Choice", bound=str)
 BufferPolicy = Literal["average", "local"]
@@ -38,6 +39,8 @@ class Options:
     nonfinite: NonfinitePolicy = "raise"
     log_divergence: bool = False
     h1_sync: H1Sync = "auto"
+    wire: Wire = "fp32"
+    error_feedback: bool = False
 
     @classmethod
     def checked(
@@ -50,6 +53,8 @@ class Options:
         nonfinite: str = "raise",
         log_divergence: object = False,
         h1_sync: str = "auto",
+        wire: str = "fp32",
+        error_feedback: object = False,
     ) -> Options:
         """The options, or a ValueError naming the first bad one and its rule."""
         if not isinstance(log_divergence, bool):
@@ -62,6 +67,16 @@ class Options:
                 f"outer_optimizer ({outer_optimizer!r}) must be None (plain averaging) or a "
                 "localsgd.outer.OuterOptimizer such as SlowMo or DiLoCo"
             )
+        wire_ = check_choice("wire", wire, get_args(Wire))
+        if not isinstance(error_feedback, bool):
+            raise ValueError(f"error_feedback ({error_feedback!r}) must be True or False")
+        if error_feedback and wire_ == "fp32":
+            raise ValueError(
+                "error_feedback=True needs a lossy wire: wire='bf16' or 'int8' (fp32 loses nothing)"
+            )
+        if wire_ != "fp32" and outer_optimizer is None:
+            # deltas from the global model need the global model: plain averaging as an outer step
+            outer_optimizer = SlowMo(lr=1.0, momentum=0.0)
         return cls(
             schedule=schedule,
             buffers=check_choice("buffers", buffers, get_args(BufferPolicy)),
@@ -70,4 +85,6 @@ class Options:
             nonfinite=nonfinite_,
             log_divergence=log_divergence,
             h1_sync=h1,
+            wire=wire_,
+            error_feedback=error_feedback,
         )

@@ -127,6 +127,8 @@ class ExactResume:
         state: dict[str, Any] = {"dirty": self._dirty, "rng": rng_state(), "num_steps": self.num_steps}
         # each process's own loss scale (16-mixed): the main file holds rank 0's only
         state["precision"] = self.precision_plugin.state_dict()
+        if self.averager.wire is not None:  # error-feedback residuals: each rank's own
+            state["wire"] = self.averager.wire.state_dict()
         if self.replicas is not None:
             state["replicas"] = self.replicas.state_dict()
             if self.batched is not None:
@@ -186,6 +188,8 @@ class ExactResume:
             self.lightning_module.load_state_dict(local["module"])  # copies into the flat buckets
             for opt, saved in zip(self.optimizers, local["optimizers"]):
                 _raw(opt).load_state_dict(saved)
+        if local.get("wire") and self.averager.wire is not None:
+            self.averager.wire.load_state_dict(local["wire"])
         if local.get("precision"):
             self.precision_plugin.load_state_dict(local["precision"])
         self._dirty = bool(local["dirty"])

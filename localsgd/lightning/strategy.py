@@ -41,6 +41,7 @@ from localsgd.core.options import (
 from localsgd.core.outer import OuterOptimizer
 from localsgd.core.replicas import WorkerReplicas
 from localsgd.core.schedules import SyncSchedule
+from localsgd.core.wire import Wire
 from localsgd.lightning.common import DriverView, StartMethod, StrategyCommon, raw_optimizer, register
 from localsgd.lightning.resume import ExactResume
 from localsgd.lightning.simulation import BatchedWorkers, SimulatedSteps, WorkerLogs, deal_shards
@@ -89,6 +90,10 @@ class LocalSGDStrategy(SimulatedSteps, DriverView, ExactResume, StrategyCommon, 
             arithmetic: synchronous training for every optimizer), ``"parameters"`` averages the
             parameters and optimizer state after it (the same for SGD with momentum and weight
             decay, not for Adam and the like), ``"auto"``: gradients for every optimizer but SGD.
+        wire: what a sync sends: ``"fp32"`` (exact), or each worker's delta from the global model
+            in ``"bf16"`` (half the bytes) or ``"int8"`` (blockwise absmax scales, about a quarter).
+        error_feedback: with a lossy wire, each worker (and each shard of the mean) carries what
+            its encoding lost into the next sync.
         process_group_backend: ``"nccl"``, ``"gloo"``, ...; by default NCCL on GPUs, gloo on CPU.
         timeout: timeout of every collective.
         start_method: how Lightning starts the worker processes when it launches them itself.
@@ -111,6 +116,8 @@ class LocalSGDStrategy(SimulatedSteps, DriverView, ExactResume, StrategyCommon, 
         log_divergence: bool = False,
         nonfinite: NonfinitePolicy = "raise",
         h1_sync: H1Sync = "auto",
+        wire: Wire = "fp32",
+        error_feedback: bool = False,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         start_method: StartMethod = "popen",
@@ -137,6 +144,8 @@ class LocalSGDStrategy(SimulatedSteps, DriverView, ExactResume, StrategyCommon, 
             nonfinite=nonfinite,
             log_divergence=log_divergence,
             h1_sync=h1_sync,
+            wire=wire,
+            error_feedback=error_feedback,
         )
         self.schedule: SyncSchedule = self.options.schedule
         self.outer_optimizer = self.options.outer_optimizer
