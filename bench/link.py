@@ -8,16 +8,18 @@ workload is what users run: the project's CIFAR ResNet-56 (0.85M parameters) on 
 ``LocalSGDStrategy`` / ``SGDBaselineStrategy`` under Lightning (its per-step overhead included).
 
 Rows: no communication (the limit: the same strategy with no sync in the run), the SGD baseline
-(DDP), Local SGD H = 1, 4, 16, 64, DiLoCo H = 16. Columns: unthrottled, 1 Gbit/s, 100 Mbit/s,
-10 Mbit/s. A cell is samples/s per worker: the median, over windows of whole rounds after the
-first ones, of the window's throughput, and its ratio to the column's limit. Beside it, the cost
+(DDP), Local SGD H = 1, 4, 16, 64, DiLoCo H = 16, and H = 16 with a compressed wire (bf16,
+int8, int8 with error feedback; ``--rows H=16`` runs those with the limit). Columns:
+unthrottled, 1 Gbit/s, 100 Mbit/s, 10 Mbit/s. A cell is samples/s per worker: the median, over
+windows of whole rounds after the first ones, of the window's throughput, and its ratio to the
+column's limit. Beside it, the cost
 model of blocking Local SGD, ``t_step / (t_step + t_allreduce / H)``, with ``t_step`` the limit's
 step time and ``t_allreduce`` a raw all-reduce of the model's bytes across the same link, both
 measured in this run. The rows of a column run one after another, so that the machine's drift
 hits them alike. ``--straggler``: one worker's step also sleeps a seeded random 0 to 1x its
 compute time, unthrottled: DDP pays every step's worst case, Local SGD each round's.
 
-Run as root:  python bench/link.py            (about 15 minutes on 2 cores; --quick: 1 minute)
+Run as root:  python bench/link.py            (about 35 minutes on 2 cores; --quick: 1 minute)
 Writes bench/results/link.json: one record per cell (method, H, rate_mbit, samples_per_s,
 ratio_to_limit, predicted_ratio, ...).
 """
@@ -44,7 +46,7 @@ from netns import IFNAME, TwoNodes, Unavailable, check_available  # noqa: E402
 
 BATCH = 16
 RATES: list[float | None] = [None, 1000, 100, 10]
-# (name, H: None for the baseline, outer optimizer)
+# (name, H: None for the baseline, variant: outer optimizer or wire)
 ROWS: list[tuple[str, int | None, str | None]] = [
     ("no communication", 0, None),
     ("SGD baseline (DDP)", None, None),
@@ -53,7 +55,11 @@ ROWS: list[tuple[str, int | None, str | None]] = [
     ("Local SGD H=16", 16, None),
     ("Local SGD H=64", 64, None),
     ("DiLoCo H=16", 16, "diloco"),
+    ("H=16 wire=bf16", 16, "bf16"),
+    ("H=16 wire=int8", 16, "int8"),
+    ("H=16 int8 + EF", 16, "int8+ef"),
 ]
+WIRES = {"bf16": ("bf16", False), "int8": ("int8", False), "int8+ef": ("int8", True)}
 
 
 # ---------------------------------------------------------------------------- one worker
@@ -117,9 +123,12 @@ def _worker(spec: dict[str, Any]) -> None:
             block = (step - 1 - paired["first"]) // paired["block"]
             return H > 0 and step > paired["first"] and block % 2 == 1 and step % H == 0
 
+        wire, error_feedback = WIRES.get(spec["outer"], ("fp32", False))
         strategy = LocalSGDStrategy(
             sync_every=sync_every,
             outer_optimizer=DiLoCo() if spec["outer"] == "diloco" else None,
+            wire=wire,
+            error_feedback=error_feedback,
             process_group_backend="gloo",
         )
     pl.seed_everything(0, verbose=False)
@@ -255,6 +264,9 @@ def main() -> None:
     )
     parser.add_argument("--straggler", action="store_true", help="also the straggler rows (unthrottled)")
     parser.add_argument("--rates", type=float, nargs="*", help="Mbit/s columns (0 = unthrottled)")
+    parser.add_argument(
+        "--rows", nargs="*", help="only the rows whose name contains one of these (the limit always runs)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/link.json")
     args = parser.parse_args()
     if args.worker:
@@ -266,6 +278,8 @@ def main() -> None:
         sys.exit(f"bench/link.py: cannot emulate two nodes here: {why}")
     rates = RATES if args.rates is None else [r or None for r in args.rates]
     rows = ROWS
+    if args.rows:
+        rows = [ROWS[0]] + [r for r in ROWS[1:] if any(part in r[0] for part in args.rows)]
     if args.quick:
         rows = [ROWS[0], ROWS[4]]
         rates = [None, 100] if args.rates is None else rates

@@ -239,6 +239,13 @@ class ProcessGroupCommunicator(Communicator):
         _copy_from_first(tensors)
 
 
+def default_communicator(workers_per_process: int) -> Communicator:
+    """Over the default process group where one is initialized; else this process's workers alone."""
+    if dist.is_available() and dist.is_initialized():
+        return ProcessGroupCommunicator(workers_per_process=workers_per_process)
+    return InProcessCommunicator(workers_per_process)
+
+
 def node_communicator(local_world_size: int, *, workers_per_process: int = 1) -> ProcessGroupCommunicator:
     """A communicator over this process's node: consecutive ranks in groups of ``local_world_size``.
 

@@ -17,17 +17,11 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, get_args
 
 import torch
-import torch.distributed as dist
 from torch import nn
 from torch.optim import Optimizer
 
 from localsgd.core.averager import Averager
-from localsgd.core.comm import (
-    Communicator,
-    InProcessCommunicator,
-    ProcessGroupCommunicator,
-    node_communicator,
-)
+from localsgd.core.comm import Communicator, default_communicator, node_communicator
 from localsgd.core.control import StopRequests, batch_digest
 from localsgd.core.gradients import GradientAverager, gradients_of
 from localsgd.core.options import (
@@ -117,14 +111,7 @@ class LocalSGD:
         if not self.models or not all(isinstance(m, nn.Module) for m in self.models):
             raise ValueError(f"model ({model!r}) must be an nn.Module or a non-empty list of them")
         self.optimizers = _per_worker(optimizer, len(self.models))
-        if comm is None:
-            k = len(self.models)
-            comm = (
-                ProcessGroupCommunicator(workers_per_process=k)
-                if dist.is_available() and dist.is_initialized()
-                else InProcessCommunicator(k)
-            )
-        self.comm = comm
+        self.comm = comm = comm or default_communicator(len(self.models))
         self.local_world_size = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         self.node_comm: Communicator | None = None
         """The workers of this node, built at the first ``"inner"`` sync."""
