@@ -9,7 +9,8 @@ workload is what users run: the project's CIFAR ResNet-56 (0.85M parameters) on 
 
 Rows: no communication (the limit: the same strategy with no sync in the run), the SGD baseline
 (DDP), Local SGD H = 1, 4, 16, 64, DiLoCo H = 16, and H = 16 with a compressed wire (bf16,
-int8, int8 with error feedback; ``--rows H=16`` runs those with the limit). Columns:
+int8, int8 with error feedback) and overlapped (``sync_delay=8``); ``--rows H=16`` runs those
+with the limit. Columns:
 unthrottled, 1 Gbit/s, 100 Mbit/s, 10 Mbit/s. A cell is samples/s per worker: the median, over
 windows of whole rounds after the first ones, of the window's throughput, and its ratio to the
 column's limit. Beside it, the cost
@@ -58,6 +59,7 @@ ROWS: list[tuple[str, int | None, str | None]] = [
     ("H=16 wire=bf16", 16, "bf16"),
     ("H=16 wire=int8", 16, "int8"),
     ("H=16 int8 + EF", 16, "int8+ef"),
+    ("H=16 sync_delay=8", 16, "delay8"),
 ]
 WIRES = {"bf16": ("bf16", False), "int8": ("int8", False), "int8+ef": ("int8", True)}
 
@@ -129,6 +131,7 @@ def _worker(spec: dict[str, Any]) -> None:
             outer_optimizer=DiLoCo() if spec["outer"] == "diloco" else None,
             wire=wire,
             error_feedback=error_feedback,
+            sync_delay=8 if spec["outer"] == "delay8" else 0,
             process_group_backend="gloo",
         )
     pl.seed_everything(0, verbose=False)

@@ -42,7 +42,7 @@ _KEY = "localsgd"
 class LocalSGDFabricStrategy(DDPStrategy):
     """Local SGD for Fabric: the arguments of :class:`localsgd.LocalSGD` (``sync_every``,
     ``buffers``, ``optimizer_state``, ``outer_optimizer``, ``nonfinite``, ``log_divergence``,
-    ``h1_sync``, ``wire``, ``error_feedback``), then Fabric's DDP arguments (``accelerator``,
+    ``h1_sync``, ``wire``, ``error_feedback``, ``sync_delay``), then Fabric's DDP arguments (``accelerator``,
     ``parallel_devices``, ``cluster_environment``, ``checkpoint_io``, ``precision``,
     ``process_group_backend``, ``timeout``, ``start_method``), which Fabric fills in."""
 
@@ -60,6 +60,7 @@ class LocalSGDFabricStrategy(DDPStrategy):
         h1_sync: H1Sync = "auto",
         wire: Wire = "fp32",
         error_feedback: bool = False,
+        sync_delay: int = 0,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -79,6 +80,7 @@ class LocalSGDFabricStrategy(DDPStrategy):
             h1_sync=h1_sync,
             wire=wire,
             error_feedback=error_feedback,
+            sync_delay=sync_delay,
         )
         super().__init__(
             accelerator=accelerator,

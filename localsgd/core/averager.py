@@ -23,6 +23,7 @@ from localsgd.core import buckets, control
 from localsgd.core.buckets import FlatBucket, by_device_and_dtype, float_tensors
 from localsgd.core.comm import Communicator
 from localsgd.core.control import NUM_FLAGS
+from localsgd.core.delayed import DelayedRound
 from localsgd.core.optim_state import StateAverager, fresh_optimizer_state
 from localsgd.core.options import BufferPolicy, NonfinitePolicy, OptimizerStatePolicy, check_choice
 from localsgd.core.outer import OuterOptimizer
@@ -318,6 +319,32 @@ class Averager:
             if self.after_reset is not None:
                 self.after_reset()
         return result
+
+    def start_delayed(
+        self,
+        tag: str,
+        due: int,
+        *,
+        step: int,
+        digests: Sequence[float] | None = None,
+        flags: Sequence[float] = (),
+    ) -> DelayedRound:
+        """The control message (blocking; NaN/Inf raises), then this round's mean in the background,
+        to be applied at step ``due`` (see :mod:`localsgd.core.delayed`)."""
+        self._ensure_intact()
+        bad, _ = self.agree(step, nonfinite="raise", digests=digests, flags=flags)
+        if bad:
+            raise FloatingPointError(
+                f"non-finite parameters or buffers (NaN/Inf) on worker(s) {bad} of {self.comm.num_workers} "
+                f"at optimizer step {step}: refusing to average them into the others. HINT: lower the "
+                "learning rate or clip gradients"
+            )
+        return DelayedRound(self._buckets, self.comm, tag, due)
+
+    def apply_delayed(self, round_: DelayedRound) -> None:
+        """A delayed round's result, keeping each worker's progress since its snapshot."""
+        self._ensure_intact()
+        round_.apply(self._buckets, self.outer)
 
     def _compressed_round(self, i: int, comm: Communicator) -> None:
         """Bucket ``i``'s parameters become anchor + the mean of the workers' deltas from the anchor

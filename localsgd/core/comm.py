@@ -44,6 +44,21 @@ class CommStats:
     """Payload bytes one worker contributed to collectives inside those rounds."""
 
 
+class Pending:
+    """A collective started in the background; :meth:`wait` finishes it (once)."""
+
+    def __init__(self, work: Any = None, then: Any = None) -> None:
+        self._work, self._then = work, then
+
+    def wait(self) -> None:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        if self._then is not None:
+            then, self._then = self._then, None
+            then()
+
+
 class Communicator(ABC):
     """Collectives over ``num_workers`` workers, ``num_local_workers`` of them in this process."""
 
@@ -94,6 +109,12 @@ class Communicator(ABC):
             raise ValueError(f"src ({src}) must be a worker index in [0, {self.num_workers})")
         self._count(tensors[0])
         self._broadcast(tensors, src)
+
+    def all_reduce_start_(self, tensors: Sequence[Tensor], op: ReduceOpName = "mean") -> Pending:
+        """:meth:`all_reduce_`, started in the background: the result is in ``tensors`` once the
+        returned :class:`Pending` is waited on. In one process it is computed at once."""
+        self.all_reduce_(tensors, op)
+        return Pending()
 
     def exchange_(self, tensor: Tensor) -> Tensor:
         """All-to-all across processes: row ``p`` of ``tensor`` (shape ``(processes, ...)``) goes to
@@ -218,6 +239,20 @@ class ProcessGroupCommunicator(Communicator):
             if op == "mean" and self.num_workers > 1:
                 tensors[0].div_(self.num_workers)
         _copy_from_first(tensors)
+
+    def all_reduce_start_(self, tensors: Sequence[Tensor], op: ReduceOpName = "mean") -> Pending:
+        if op != "mean" or self.fused_average:
+            return super().all_reduce_start_(tensors, op)
+        self._check(tensors)
+        self._count(tensors[0])
+        _reduce_into_first(tensors, "sum")
+        work = dist.all_reduce(tensors[0], op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+
+        def then() -> None:  # gloo has no mean: the division once the sum has arrived
+            tensors[0].div_(self.num_workers)
+            _copy_from_first(tensors)
+
+        return Pending(work, then)
 
     def exchange_(self, tensor: Tensor) -> Tensor:
         out = torch.empty_like(tensor)

@@ -23,6 +23,7 @@ from torch.optim import Optimizer
 from localsgd.core.averager import Averager
 from localsgd.core.comm import Communicator, default_communicator, node_communicator
 from localsgd.core.control import StopRequests, batch_digest
+from localsgd.core.delayed import DelayedRound
 from localsgd.core.gradients import GradientAverager, gradients_of
 from localsgd.core.options import (
     BufferPolicy,
@@ -70,6 +71,8 @@ class LocalSGD:
         wire: what a sync sends: ``"fp32"`` (exact), or each worker's delta from the global model
             in ``"bf16"`` or ``"int8"`` (blockwise scales), see :mod:`localsgd.core.wire`.
         error_feedback: with a lossy wire, carry what each encoding lost into the next sync.
+        sync_delay: tau >= 0 steps between a sync's start and its result (an overlapped round,
+            see :mod:`localsgd.core.delayed`); 0 blocks.
         comm: the communicator over all workers; by default the default process group (one
             worker per model), or, without one, the models of this process alone.
         local_world_size: processes per node, for ``Hierarchical`` schedules (default: the
@@ -91,6 +94,7 @@ class LocalSGD:
         h1_sync: H1Sync = "auto",
         wire: Wire = "fp32",
         error_feedback: bool = False,
+        sync_delay: int = 0,
         comm: Communicator | None = None,
         local_world_size: int | None = None,
         hook: bool = True,
@@ -106,6 +110,7 @@ class LocalSGD:
             h1_sync=h1_sync,
             wire=wire,
             error_feedback=error_feedback,
+            sync_delay=sync_delay,
         )
         self.models = [model] if isinstance(model, nn.Module) else list(model)
         if not self.models or not all(isinstance(m, nn.Module) for m in self.models):
@@ -154,6 +159,8 @@ class LocalSGD:
         self._first_batches: list[float] | None = (
             [0.0] * comm.num_local_workers if comm.num_workers > 1 else None
         )
+        self.in_flight: DelayedRound | None = None
+        """The overlapped round whose mean is still travelling (``sync_delay`` > 0)."""
         self._handles: list[Any] = []
         self._worker_steps = [0] * len(self.models)
         if hook:
@@ -195,6 +202,8 @@ class LocalSGD:
         self.dirty = True
         if lr is None:
             lr = float(self.optimizers[0][0].param_groups[0]["lr"])
+        if self.in_flight is not None and self.in_flight.due == self.num_steps:
+            self._land()
         decision = self.schedule.should_sync(self.num_steps, lr)
         self.sync_divergence = None
         if decision:
@@ -214,6 +223,20 @@ class LocalSGD:
                 )
             return
         digests, self._first_batches = self._first_batches, None
+        if self.in_flight is not None:
+            self._land()  # never two rounds in flight: a round shorter than the delay lands now
+        delay = self.options.sync_delay
+        if delay and not self.parameters_equal:
+            with self.reported("sync"):
+                self.in_flight = self.averager.start_delayed(
+                    "sync",
+                    self.num_steps + delay,
+                    step=self.num_steps,
+                    digests=digests,
+                    flags=self.stops.message(),
+                )
+            self.stops.record(self.averager.agreed_flags)
+            return
         with self.reported("sync"):
             divergence = self.averager.average(
                 "sync",
@@ -228,6 +251,13 @@ class LocalSGD:
         self.dirty = False
         if divergence is not None:
             self.divergence = self.sync_divergence = divergence
+
+    def _land(self) -> None:
+        """The round in flight arrives: applied keeping each worker's progress since its snapshot."""
+        assert self.in_flight is not None
+        round_, self.in_flight = self.in_flight, None
+        with self.reported("delayed sync"):
+            self.averager.apply_delayed(round_)
 
     def _schedule_policy(self) -> OptimizerStatePolicy | None:
         policy = self.schedule.optimizer_state_policy(self.num_steps)
@@ -309,6 +339,8 @@ class LocalSGD:
     # ------------------------------------------------------------------ what others see
     def finish(self) -> None:
         """The final average: every worker ends with the global model, also after a cut-short round."""
+        if self.in_flight is not None:
+            self._land()
         if self.dirty:
             with self.reported("final average"):
                 self.averager.average(
@@ -375,6 +407,7 @@ class LocalSGD:
             "workers": workers,
             "dirty": self.dirty,
             "wire": wire.state_dict() if wire is not None else {},
+            "in_flight": self.in_flight.state_dict() if self.in_flight is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -391,6 +424,8 @@ class LocalSGD:
         self.dirty = bool(state["dirty"])
         if state.get("wire") and self.averager.wire is not None:
             self.averager.wire.load_state_dict(state["wire"])  # error-feedback residuals
+        in_flight = state.get("in_flight")
+        self.in_flight = DelayedRound.from_state_dict(in_flight) if in_flight else None
         self._worker_steps = [self.num_steps] * len(self.models)
 
 

@@ -6,8 +6,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal, TypeVar, get_args
 
+from localsgd.core.delayed import check_delay
 from localsgd.core.outer import OuterOptimizer, SlowMo
-from localsgd.core.schedules import SyncSchedule, as_schedule
+from localsgd.core.schedules import Constant, SyncSchedule, as_schedule
 from localsgd.core.wire import Wire
 
 _Choice = TypeVar("_Choice", bound=str)
@@ -41,6 +42,7 @@ class Options:
     h1_sync: H1Sync = "auto"
     wire: Wire = "fp32"
     error_feedback: bool = False
+    sync_delay: int = 0
 
     @classmethod
     def checked(
@@ -55,6 +57,7 @@ class Options:
         h1_sync: str = "auto",
         wire: str = "fp32",
         error_feedback: object = False,
+        sync_delay: object = 0,
     ) -> Options:
         """The options, or a ValueError naming the first bad one and its rule."""
         if not isinstance(log_divergence, bool):
@@ -74,6 +77,19 @@ class Options:
             raise ValueError(
                 "error_feedback=True needs a lossy wire: wire='bf16' or 'int8' (fp32 loses nothing)"
             )
+        period = schedule.period if isinstance(schedule, Constant) else None
+        delay = check_delay(sync_delay, period)
+        if delay:
+            for name, value, allowed in (
+                ("optimizer_state", optimizer_state, "local"),
+                ("nonfinite", nonfinite_, "raise"),
+                ("wire", wire_, "fp32"),
+            ):
+                if value != allowed:
+                    raise ValueError(
+                        f"sync_delay ({delay}) > 0 with {name}={value!r} is not supported: an overlapped "
+                        f"round keeps each worker's own progress. HINT: {name}={allowed!r}, or sync_delay=0"
+                    )
         if wire_ != "fp32" and outer_optimizer is None:
             # deltas from the global model need the global model: plain averaging as an outer step
             outer_optimizer = SlowMo(lr=1.0, momentum=0.0)
@@ -87,4 +103,5 @@ class Options:
             h1_sync=h1,
             wire=wire_,
             error_feedback=error_feedback,
+            sync_delay=delay,
         )

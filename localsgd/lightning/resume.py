@@ -18,6 +18,7 @@ from typing import Any
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
 
+from localsgd.core.delayed import DelayedRound
 from localsgd.core.files import (
     atomic_save,
     exists,
@@ -91,6 +92,7 @@ class ExactResume:
 
     # the strategy's, used here
     averager: Any
+    driver: Any
     replicas: Any
     batched: Any
     schedule: Any
@@ -129,6 +131,8 @@ class ExactResume:
         state["precision"] = self.precision_plugin.state_dict()
         if self.averager.wire is not None:  # error-feedback residuals: each rank's own
             state["wire"] = self.averager.wire.state_dict()
+        if self.driver.in_flight is not None:  # an overlapped round: its mean and this rank's snapshot
+            state["in_flight"] = self.driver.in_flight.state_dict()
         if self.replicas is not None:
             state["replicas"] = self.replicas.state_dict()
             if self.batched is not None:
@@ -190,6 +194,8 @@ class ExactResume:
                 _raw(opt).load_state_dict(saved)
         if local.get("wire") and self.averager.wire is not None:
             self.averager.wire.load_state_dict(local["wire"])
+        if local.get("in_flight"):
+            self.driver.in_flight = DelayedRound.from_state_dict(local["in_flight"])
         if local.get("precision"):
             self.precision_plugin.load_state_dict(local["precision"])
         self._dirty = bool(local["dirty"])

@@ -94,6 +94,8 @@ class LocalSGDStrategy(SimulatedSteps, DriverView, ExactResume, StrategyCommon, 
             in ``"bf16"`` (half the bytes) or ``"int8"`` (blockwise absmax scales, about a quarter).
         error_feedback: with a lossy wire, each worker (and each shard of the mean) carries what
             its encoding lost into the next sync.
+        sync_delay: tau >= 0: a sync's mean travels while the workers take tau more steps, then
+            lands keeping their progress (``theta_new + theta_now - theta_snapshot``); 0 blocks.
         process_group_backend: ``"nccl"``, ``"gloo"``, ...; by default NCCL on GPUs, gloo on CPU.
         timeout: timeout of every collective.
         start_method: how Lightning starts the worker processes when it launches them itself.
@@ -118,6 +120,7 @@ class LocalSGDStrategy(SimulatedSteps, DriverView, ExactResume, StrategyCommon, 
         h1_sync: H1Sync = "auto",
         wire: Wire = "fp32",
         error_feedback: bool = False,
+        sync_delay: int = 0,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         start_method: StartMethod = "popen",
@@ -146,6 +149,7 @@ class LocalSGDStrategy(SimulatedSteps, DriverView, ExactResume, StrategyCommon, 
             h1_sync=h1_sync,
             wire=wire,
             error_feedback=error_feedback,
+            sync_delay=sync_delay,
         )
         self.schedule: SyncSchedule = self.options.schedule
         self.outer_optimizer = self.options.outer_optimizer
