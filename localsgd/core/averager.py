@@ -9,9 +9,8 @@ averager notices at the next round and rebuilds its buckets. It also holds the e
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Literal, get_args
 
 import torch
@@ -27,12 +26,13 @@ from localsgd.core.delayed import DelayedRound
 from localsgd.core.optim_state import StateAverager, fresh_optimizer_state
 from localsgd.core.options import BufferPolicy, NonfinitePolicy, OptimizerStatePolicy, check_choice
 from localsgd.core.outer import OuterOptimizer
+from localsgd.core.swap import EvaluationSwap
 from localsgd.core.wire import CompressedMean, Wire
 
 log = logging.getLogger(__name__)
 
 
-class Averager:
+class Averager(EvaluationSwap):
     """Averages ``modules`` (one per local worker of ``comm``) and their optimizers' state.
 
     Args:
@@ -358,52 +358,6 @@ class Averager:
         rest = [w[i].flat[w[i].param_numel :] for w in self._buckets]
         if rest[0].numel():
             comm.all_reduce_(rest, op="mean")
-
-    def _save_backup(self) -> list[list[Tensor]]:
-        """Copy every local worker's flat tensors into persistent buffers (allocated once)."""
-        if not self._backup:
-            self._backup = [[torch.empty_like(b.flat) for b in w] for w in self._buckets]
-        for w, backup in zip(self._buckets, self._backup):
-            for b, copy in zip(w, backup):
-                copy.copy_(b.flat)
-        return self._backup
-
-    @contextlib.contextmanager
-    def averaged(self, tag: str = "eval") -> Iterator[None]:
-        """Temporarily hold the global model a sync at this step would produce: the average, and
-        with an outer optimizer its step from that average (its state is not advanced). Each
-        worker's own model comes back on exit."""
-        self._ensure_intact()
-        self._save_backup()
-        try:
-            self.average(tag, optimizer_state="local", outer="preview")
-            self._holding_average = True
-            yield
-        finally:
-            self._holding_average = False
-            self._copy_backup_in()
-
-    def _copy_backup_in(self) -> None:
-        for w, backup in zip(self._buckets, self._backup):
-            for b, copy in zip(w, backup):
-                b.flat.copy_(copy)
-
-    @contextlib.contextmanager
-    def own_models(self) -> Iterator[None]:
-        """Each worker's own model, also inside :meth:`averaged` (a checkpoint saved during
-        validation must store the workers' models, not the average evaluated at that moment);
-        the average comes back on exit. Outside :meth:`averaged` the models are their own already."""
-        if not self._holding_average:
-            yield
-            return
-        average = [[b.flat.clone() for b in w] for w in self._buckets]
-        self._copy_backup_in()
-        try:
-            yield
-        finally:
-            for w, saved in zip(self._buckets, average):
-                for b, copy in zip(w, saved):
-                    b.flat.copy_(copy)
 
     @property
     def _device(self) -> torch.device:

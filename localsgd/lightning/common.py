@@ -4,6 +4,7 @@ workers communicate."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any, Literal
 
@@ -156,10 +157,33 @@ class StrategyCommon:
 
 class DriverView:
     """The driver's state under the names :class:`~localsgd.LocalSGDStrategy` has always shown
-    (before ``setup`` makes a driver: nothing averaged yet, step 0)."""
+    (before ``setup`` makes a driver: nothing averaged yet, step 0), and what validation and the
+    checkpoint file see: the global model, each worker's own back afterwards."""
 
     driver: Any
     _stops: Any
+    _eval_average: contextlib.ExitStack | None
+    lightning_module: Any
+
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        if self.driver is not None and self.driver.dirty and self._eval_average is None:
+            self._eval_average = contextlib.ExitStack()
+            self._eval_average.enter_context(self.driver.averaged("eval"))
+
+    def on_validation_end(self) -> None:
+        if self._eval_average is not None:
+            self._eval_average.close()  # back to each worker's own model
+            self._eval_average = None
+        super().on_validation_end()
+
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The averaged model (each rank's local model is left as it is)."""
+        assert self.lightning_module is not None
+        if self.driver is None or not self.driver.dirty or self._eval_average is not None:
+            return self.lightning_module.state_dict()
+        with self.driver.averaged("checkpoint"):
+            return {k: v.clone() for k, v in self.lightning_module.state_dict().items()}
 
     @property
     def averager(self) -> Averager | None:

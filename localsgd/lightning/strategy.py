@@ -28,7 +28,8 @@ from torch.optim import Optimizer
 
 from localsgd.core.comm import Communicator, ProcessGroupCommunicator
 from localsgd.core.control import StopRequests, check_equal_lengths
-from localsgd.core.driver import LocalSGD, sync_state
+from localsgd.core.driver import LocalSGD
+from localsgd.core.driver_state import sync_state
 from localsgd.core.gradients import gradients_of
 from localsgd.core.options import (
     BufferPolicy,
@@ -344,18 +345,6 @@ class LocalSGDStrategy(SimulatedSteps, DriverView, ExactResume, StrategyCommon, 
         return reduced == 0.0 if all else reduced == 1.0
 
     # ------------------------------------------------------------------ what others see
-    def on_validation_start(self) -> None:
-        super().on_validation_start()
-        if self.driver is not None and self.driver.dirty and self._eval_average is None:
-            self._eval_average = contextlib.ExitStack()
-            self._eval_average.enter_context(self.driver.averaged("eval"))
-
-    def on_validation_end(self) -> None:
-        if self._eval_average is not None:
-            self._eval_average.close()  # back to each worker's own model
-            self._eval_average = None
-        super().on_validation_end()
-
     def on_train_end(self) -> None:
         super().on_train_end()
         if self.driver is None:
@@ -369,14 +358,6 @@ class LocalSGDStrategy(SimulatedSteps, DriverView, ExactResume, StrategyCommon, 
             f"LocalSGD: {self.num_steps} optimizer steps, {int(metrics['comm/rounds'])} sync rounds, "
             + (sent if self.driver.comm.num_workers > 1 else "communication: none (1 worker)")
         )
-
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        """The averaged model (each rank's local model is left as it is)."""
-        assert self.lightning_module is not None
-        if self.driver is None or not self.driver.dirty or self._eval_average is not None:
-            return self.lightning_module.state_dict()
-        with self.driver.averaged("checkpoint"):
-            return {k: v.clone() for k, v in self.lightning_module.state_dict().items()}
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
