@@ -33,6 +33,9 @@ def main() -> None:
     if fabric.global_rank == 0:
         syncs = driver.comm.rounds("sync")
         print(f"fabric: {driver.num_steps} steps, {syncs} syncs, accuracy {accuracy(net):.3f}")
+    # leave together: a rank that exits while its peer's gloo threads still talk to it aborts the peer
+    fabric.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

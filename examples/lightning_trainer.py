@@ -58,6 +58,9 @@ def main() -> None:
         strategy = trainer.strategy
         steps, syncs = strategy.num_steps, strategy.comm.rounds("sync")
         print(f"lightning_trainer: {steps} steps, {syncs} syncs, accuracy {accuracy(module.net):.3f}")
+    if torch.distributed.is_initialized():  # leave together (a rank gone early can abort its peer)
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
