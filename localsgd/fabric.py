@@ -42,9 +42,9 @@ _KEY = "localsgd"
 class LocalSGDFabricStrategy(DDPStrategy):
     """Local SGD for Fabric: the arguments of :class:`localsgd.LocalSGD` (``sync_every``,
     ``buffers``, ``optimizer_state``, ``outer_optimizer``, ``nonfinite``, ``log_divergence``,
-    ``h1_sync``, ``wire``, ``error_feedback``, ``sync_delay``), then Fabric's DDP arguments (``accelerator``,
-    ``parallel_devices``, ``cluster_environment``, ``checkpoint_io``, ``precision``,
-    ``process_group_backend``, ``timeout``, ``start_method``), which Fabric fills in."""
+    ``h1_sync``, ``wire``, ``error_feedback``, ``sync_delay``, ``num_fragments``), then Fabric's DDP
+    arguments (``accelerator``, ``parallel_devices``, ``cluster_environment``, ``checkpoint_io``,
+    ``precision``, ``process_group_backend``, ``timeout``, ``start_method``), which Fabric fills in."""
 
     strategy_name = "localsgd"
 
@@ -61,6 +61,7 @@ class LocalSGDFabricStrategy(DDPStrategy):
         wire: Wire = "fp32",
         error_feedback: bool = False,
         sync_delay: int = 0,
+        num_fragments: int = 1,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -81,6 +82,7 @@ class LocalSGDFabricStrategy(DDPStrategy):
             wire=wire,
             error_feedback=error_feedback,
             sync_delay=sync_delay,
+            num_fragments=num_fragments,
         )
         super().__init__(
             accelerator=accelerator,

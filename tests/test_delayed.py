@@ -166,7 +166,11 @@ def test_the_strategy_runs_overlapped_rounds_with_simulated_workers() -> None:
             {"sync_delay": 2, "optimizer_state": "average"},
             r"sync_delay \(2\) > 0 with optimizer_state='average'",
         ),
-        ({"sync_delay": 2, "wire": "int8"}, r"sync_delay \(2\) > 0 with wire='int8'"),
+        (
+            {"sync_every": 8, "sync_delay": 2, "num_fragments": 4},
+            r"sync_delay \(2\) must be below H / num_fragments \(2\)",
+        ),
+        ({"sync_delay": 2, "nonfinite": "skip_worker"}, r"sync_delay \(2\) > 0 with nonfinite='skip_worker'"),
     ],
 )
 def test_bad_delays_are_named(bad: dict[str, Any], message: str) -> None:

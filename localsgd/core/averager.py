@@ -19,7 +19,7 @@ from torch.nn.parameter import UninitializedTensorMixin as _Uninitialized
 from torch.optim import Optimizer
 
 from localsgd.core import buckets, control
-from localsgd.core.buckets import FlatBucket, by_device_and_dtype, float_tensors
+from localsgd.core.buckets import FlatBucket, by_device_and_dtype, float_tensors, split_fragments
 from localsgd.core.comm import Communicator
 from localsgd.core.control import NUM_FLAGS
 from localsgd.core.delayed import DelayedRound
@@ -48,6 +48,10 @@ class Averager(EvaluationSwap):
         optimizers: per local worker, the optimizers whose state the policy applies to.
         outer: an outer optimizer stepping the global model on ``anchor - average`` at each
             sync (``None``: plain averaging). Buffers are always plainly averaged.
+        wire: what a sync sends (``"fp32"``, or deltas in ``"bf16"``/``"int8"``; needs ``outer``).
+        error_feedback: with a lossy wire, carry each encoding's loss into the next sync.
+        num_fragments: the model's tensors cut into that many fragments of near-equal bytes
+            (:func:`~localsgd.core.buckets.split_fragments`); a round may average one of them.
     """
 
     def __init__(
@@ -61,7 +65,9 @@ class Averager(EvaluationSwap):
         outer: OuterOptimizer | None = None,
         wire: Wire = "fp32",
         error_feedback: bool = False,
+        num_fragments: int = 1,
     ) -> None:
+        self.num_fragments = num_fragments
         self.buffers = check_choice("buffers", buffers, get_args(BufferPolicy))
         self.wire = None if wire == "fp32" else CompressedMean(comm, wire, error_feedback=error_feedback)
         """The compressed wire of the syncs (``None``: fp32, exact)."""
@@ -115,8 +121,20 @@ class Averager(EvaluationSwap):
                     "LightningModule.setup() (or configure_model) so that lazy modules materialize before fit"
                 )
         anchors = self._anchors_by_tensor()
-        per_worker = [by_device_and_dtype(float_tensors(m, self.buffers)) for m in self.modules]
+        # buckets by (fragment, device, dtype); one fragment: the (device, dtype) order as ever
+        per_worker = [
+            {
+                (f, *key): group
+                for f, fragment in enumerate(
+                    split_fragments(float_tensors(m, self.buffers), self.num_fragments)
+                )
+                for key, group in by_device_and_dtype(fragment).items()
+            }
+            for m in self.modules
+        ]
         keys = list(per_worker[0])
+        self.bucket_fragments = [key[0] for key in keys]
+        """The fragment of each bucket."""
         for i, groups in enumerate(per_worker[1:], start=1):
             shapes0 = {k: [t.shape for t in v] for k, v in per_worker[0].items()}
             if {k: [t.shape for t in v] for k, v in groups.items()} != shapes0:
@@ -201,6 +219,12 @@ class Averager(EvaluationSwap):
         """Bytes one worker contributes to a round of parameter (and buffer) averaging."""
         return sum(b.flat.numel() * b.flat.element_size() for b in self._buckets[0])
 
+    def fragment_buckets(self, fragment: int | None) -> list[int]:
+        """The indices of ``fragment``'s buckets (``None``: every bucket)."""
+        if fragment is None:
+            return list(range(len(self._buckets[0])))
+        return [i for i, f in enumerate(self.bucket_fragments) if f == fragment]
+
     def flat_tensors(self, worker: int = 0) -> list[Tensor]:
         """The flat buckets of local ``worker``: its parameters (and averaged buffers), by (device, dtype)."""
         self._ensure_intact()
@@ -234,6 +258,7 @@ class Averager(EvaluationSwap):
         digests: Sequence[float] | None = None,
         flags: Sequence[float] = (),
         parameters: bool = True,
+        fragment: int | None = None,
     ) -> float | None:
         """One round: average the models over ``comm`` (default: all workers), take the outer
         optimizer's step if ``outer`` (``"preview"``: its result, without advancing its state),
@@ -251,8 +276,12 @@ class Averager(EvaluationSwap):
         a hang or a silently wrong average) and which of them hold NaN/Inf in their flat
         tensors: ``"raise"`` raises on every rank naming them; ``"skip_worker"`` leaves them
         out of this average, resets them to it and zeroes their optimizer state.
+
+        ``fragment``: only that fragment's tensors are averaged, and only their outer state steps
+        (the control message still checks the whole model).
         """
         self._ensure_intact()
+        indices = self.fragment_buckets(fragment)
         comm = comm or self.comm
         policy = optimizer_state or self.optimizer_state
         bad: list[int] = []
@@ -280,7 +309,7 @@ class Averager(EvaluationSwap):
         # a compressed wire carries the syncs' deltas from the global model; other rounds are exact
         compressed = self.wire is not None and comm is self.comm and outer is True and parameters and not bad
         with comm.round(tag):
-            for i in range(len(self._buckets[0])):
+            for i in indices:
                 if compressed:
                     self._compressed_round(i, comm)
                     continue
@@ -301,7 +330,7 @@ class Averager(EvaluationSwap):
             sq = []
             for w, backup in zip(self._buckets, before):
                 total = torch.zeros((), dtype=torch.float64)
-                for b, copy in zip(w, backup):
+                for b, copy in ((w[i], backup[i]) for i in indices):
                     diff = copy[: b.param_numel].sub_(b.params)
                     total += torch.dot(diff, diff).double().cpu()
                 sq.append(total.reshape(1).to(self._device))
@@ -309,10 +338,13 @@ class Averager(EvaluationSwap):
             result = float(sq[0])
         if outer and self.outer is not None:
             averages = [b.params for b in self._buckets[0]]
-            anchors = self.outer.preview(averages) if outer == "preview" else self.outer.step(averages)
+            if outer == "preview":
+                anchors = self.outer.preview(averages)
+            else:
+                anchors = self.outer.step(averages, only=None if fragment is None else indices)
             for worker in self._buckets:
-                for b, anchor in zip(worker, anchors):
-                    b.params.copy_(anchor)
+                for i in indices:
+                    worker[i].params.copy_(anchors[i])
         if policy == "reset":
             for opts in self.optimizers:
                 fresh_optimizer_state(opts)
@@ -328,9 +360,11 @@ class Averager(EvaluationSwap):
         step: int,
         digests: Sequence[float] | None = None,
         flags: Sequence[float] = (),
+        fragment: int | None = None,
     ) -> DelayedRound:
-        """The control message (blocking; NaN/Inf raises), then this round's mean in the background,
-        to be applied at step ``due`` (see :mod:`localsgd.core.delayed`)."""
+        """The control message (blocking; NaN/Inf raises), then this round's mean (of ``fragment``'s
+        tensors, or all) in the background, to be applied at step ``due`` (see
+        :mod:`localsgd.core.delayed`)."""
         self._ensure_intact()
         bad, _ = self.agree(step, nonfinite="raise", digests=digests, flags=flags)
         if bad:
@@ -339,7 +373,16 @@ class Averager(EvaluationSwap):
                 f"at optimizer step {step}: refusing to average them into the others. HINT: lower the "
                 "learning rate or clip gradients"
             )
-        return DelayedRound(self._buckets, self.comm, tag, due)
+        return DelayedRound(
+            self._buckets,
+            self.comm,
+            tag,
+            due,
+            indices=self.fragment_buckets(fragment),
+            wire=self.wire,
+            anchors=self.outer.anchors if self.wire is not None and self.outer is not None else (),
+            start=step,
+        )
 
     def apply_delayed(self, round_: DelayedRound) -> None:
         """A delayed round's result, keeping each worker's progress since its snapshot."""

@@ -104,6 +104,28 @@ def float_tensors(module: nn.Module, buffers: BufferPolicy) -> list[Tensor]:
     return tensors
 
 
+def split_fragments(tensors: Sequence[Tensor], num_fragments: int) -> list[list[Tensor]]:
+    """``tensors`` cut in their order into ``num_fragments`` runs of whole tensors with near-equal
+    bytes: a tensor joins the fragment its middle byte falls in. Every rank cuts the same model
+    the same way."""
+    if num_fragments == 1:
+        return [list(tensors)]
+    sizes = [t.numel() * t.element_size() for t in tensors]
+    total, before = sum(sizes), 0
+    fragments: list[list[Tensor]] = [[] for _ in range(num_fragments)]
+    for t, size in zip(tensors, sizes):
+        fragments[min(num_fragments - 1, (2 * before + size) * num_fragments // (2 * total))].append(t)
+        before += size
+    empty = [f for f, ts in enumerate(fragments) if not ts]
+    if empty:
+        raise ValueError(
+            f"num_fragments ({num_fragments}) leaves fragment(s) {empty} without a tensor: the model's "
+            f"{len(tensors)} tensors ({sizes} bytes) do not split into {num_fragments} parts of near-equal "
+            "bytes. HINT: fewer fragments"
+        )
+    return fragments
+
+
 def by_device_and_dtype(tensors: Sequence[Tensor]) -> dict[tuple[str, str], list[Tensor]]:
     groups: dict[tuple[str, str], list[Tensor]] = {}
     for t in tensors:

@@ -125,6 +125,14 @@ class Communicator(ABC):
         """All-gather across processes: the processes' ``shard`` tensors stacked in process order."""
         return shard.unsqueeze(0)
 
+    def exchange_start_(self, tensor: Tensor) -> tuple[Tensor, Pending]:
+        """:meth:`exchange_` started in the background: the result is valid once waited on."""
+        return self.exchange_(tensor), Pending()
+
+    def gather_start_(self, shard: Tensor) -> tuple[Tensor, Pending]:
+        """:meth:`gather_` started in the background: the result is valid once waited on."""
+        return self.gather_(shard), Pending()
+
     def count_(self, num_bytes: int) -> None:
         """Add ``num_bytes`` (what one worker sent) to the open round's payload."""
         if self._open_tag is not None:
@@ -255,15 +263,25 @@ class ProcessGroupCommunicator(Communicator):
         return Pending(work, then)
 
     def exchange_(self, tensor: Tensor) -> Tensor:
-        out = torch.empty_like(tensor)
-        dist.all_to_all_single(out, tensor, group=self.group)
+        out, pending = self.exchange_start_(tensor)
+        pending.wait()
         return out
 
     def gather_(self, shard: Tensor) -> Tensor:
+        out, pending = self.gather_start_(shard)
+        pending.wait()
+        return out
+
+    def exchange_start_(self, tensor: Tensor) -> tuple[Tensor, Pending]:
+        out = torch.empty_like(tensor)
+        work = dist.all_to_all_single(out, tensor, group=self.group, async_op=True)
+        return out, Pending(work)
+
+    def gather_start_(self, shard: Tensor) -> tuple[Tensor, Pending]:
         out = torch.empty(self._processes * shard.numel(), dtype=shard.dtype, device=shard.device)
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in 2.13
-        gather(out, shard.contiguous().view(-1), group=self.group)
-        return out.view(self._processes, *shard.shape)
+        work = gather(out, shard.contiguous().view(-1), group=self.group, async_op=True)
+        return out.view(self._processes, *shard.shape), Pending(work)
 
     def _broadcast(self, tensors: Sequence[Tensor], src: int) -> None:
         src_process, src_local = divmod(src, self._per_process)

@@ -11,24 +11,78 @@ snapshots, so that a resumed run applies the same numbers at the same step.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from localsgd.core.comm import Communicator, Pending
+from localsgd.core.wire import CompressedMean, CompressedRound
 
 
 class DelayedRound:
-    """One round in flight over ``buckets`` (per local worker, its flat buckets), applied at ``due``."""
+    """One round in flight over ``buckets`` (per local worker, its flat buckets), applied at ``due``.
 
-    def __init__(self, buckets: list[list[Any]], comm: Communicator, tag: str, due: int) -> None:
+    ``indices``: the buckets of this round (one fragment's; ``None``: all). With a compressed
+    ``wire``, what travels is each snapshot's delta from ``anchors`` (the global model), in the
+    wire's two collectives: the all-to-all starts with the round, the all-gather at
+    :attr:`reduce_at`, halfway to ``due``.
+    """
+
+    def __init__(
+        self,
+        buckets: list[list[Any]],
+        comm: Communicator,
+        tag: str,
+        due: int,
+        *,
+        indices: Sequence[int] | None = None,
+        wire: CompressedMean | None = None,
+        anchors: Sequence[Tensor] = (),
+        start: int | None = None,
+    ) -> None:
         self.due = due
-        self.snapshots = [[b.flat.detach().clone() for b in w] for w in buckets]
-        self.means = [[b.flat.detach().clone() for b in w] for w in buckets]
+        self.indices = list(range(len(buckets[0]))) if indices is None else list(indices)
+        chosen = [[w[i] for i in self.indices] for w in buckets]
+        self.snapshots = [[b.flat.detach().clone() for b in w] for w in chosen]
+        self.means = [[s.clone() for s in w] for w in self.snapshots]
+        self._pending: list[Pending] = []
+        self._compressed: list[CompressedRound] = []
+        self.reduce_at: int | None = None
+        """The step at which a compressed round's second collective starts (``None``: fp32)."""
         with comm.round(tag):
-            self._pending: list[Pending] = [
-                comm.all_reduce_start_([w[i] for w in self.means], op="mean") for i in range(len(buckets[0]))
-            ]
+            for j, i in enumerate(self.indices):
+                k = chosen[0][j].param_numel
+                if wire is None:
+                    self._pending.append(comm.all_reduce_start_([w[j] for w in self.means], op="mean"))
+                    continue
+                deltas = [w[j][:k] - anchors[i] for w in self.snapshots]
+                self._compressed.append(wire.start(deltas, key=i))
+                if self.means[0][j].numel() > k:  # the buffers travel exactly
+                    self._pending.append(comm.all_reduce_start_([w[j][k:] for w in self.means], op="mean"))
+        if wire is not None:
+            assert start is not None
+            self.reduce_at = start + (due - start + 1) // 2
+            self._anchors = [anchors[i] for i in self.indices]
+
+    def reduce(self) -> None:
+        """A compressed round's second stage (its all-gather) starts."""
+        for c in self._compressed:
+            c.reduce()
+
+    @torch.no_grad()
+    def wait(self) -> None:
+        """Everything has arrived: :attr:`means` holds the round's mean of every bucket."""
+        for p in self._pending:
+            p.wait()
+        self._pending = []
+        for j, c in enumerate(self._compressed):
+            k = c.numel
+            mean = torch.add(self._anchors[j], c.result())
+            for w in self.means:
+                w[j][:k].copy_(mean)
+        self._compressed = []
 
     @torch.no_grad()
     def apply(self, buckets: list[list[Any]], outer: Any) -> None:
@@ -36,21 +90,20 @@ class DelayedRound:
         self.wait()
         new = [m.clone() for m in self.means[0]]
         if outer is not None:
-            param_numel = [b.param_numel for b in buckets[0]]
-            anchors = outer.step([n[:k] for n, k in zip(new, param_numel)])
-            for n, a, k in zip(new, anchors, param_numel):
-                n[:k].copy_(a)
+            param_numel = [buckets[0][i].param_numel for i in self.indices]
+            averages = list(outer.anchors)
+            for n, i, k in zip(new, self.indices, param_numel):
+                averages[i] = n[:k]
+            anchors = outer.step(averages, only=self.indices)
+            for n, i, k in zip(new, self.indices, param_numel):
+                n[:k].copy_(anchors[i])
         for w, snaps in zip(buckets, self.snapshots):
-            for b, n, snap in zip(w, new, snaps):
-                b.flat.add_(n - snap)
-
-    def wait(self) -> None:
-        for p in self._pending:
-            p.wait()
+            for i, n, snap in zip(self.indices, new, snaps):
+                w[i].flat.add_(n - snap)
 
     def state_dict(self) -> dict[str, Any]:
         self.wait()  # the mean is what the uninterrupted run will apply: the same numbers later
-        return {"due": self.due, "snapshots": self.snapshots, "means": self.means}
+        return {"due": self.due, "indices": self.indices, "snapshots": self.snapshots, "means": self.means}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> DelayedRound:
@@ -58,17 +111,19 @@ class DelayedRound:
         round_.due = int(state["due"])
         round_.snapshots = [[t.clone() for t in w] for w in state["snapshots"]]
         round_.means = [[t.clone() for t in w] for w in state["means"]]
-        round_._pending = []
+        round_.indices = list(state.get("indices", range(len(round_.means[0]))))
+        round_._pending, round_._compressed, round_.reduce_at = [], [], None
         return round_
 
 
-def check_delay(sync_delay: object, period: int | None = None) -> int:
-    """``sync_delay`` as an int >= 0 (and below the round's H, where it is known)."""
+def check_delay(sync_delay: object, period: int | None = None, gap: str = "the round's H") -> int:
+    """``sync_delay`` as an int >= 0 (and below ``period``, the steps between two rounds' starts,
+    where it is known)."""
     if isinstance(sync_delay, bool) or not isinstance(sync_delay, int) or sync_delay < 0:
         raise ValueError(f"sync_delay ({sync_delay!r}) must be an integer >= 0")
     if period is not None and sync_delay >= period:
         raise ValueError(
-            f"sync_delay ({sync_delay}) must be below the round's H ({period}): a round's result must "
+            f"sync_delay ({sync_delay}) must be below {gap} ({period}): a round's result must "
             "arrive before the next round starts"
         )
     return sync_delay

@@ -74,6 +74,8 @@ class LocalSGD(DriverState):
         error_feedback: with a lossy wire, carry what each encoding lost into the next sync.
         sync_delay: tau >= 0 steps between a sync's start and its result (an overlapped round,
             see :mod:`localsgd.core.delayed`); 0 blocks.
+        num_fragments: F >= 1 (dividing a constant H): the model's tensors cut into F fragments of
+            near-equal bytes; fragment f syncs every H steps, offset by f * H / F (streaming).
         comm: the communicator over all workers; by default the default process group (one
             worker per model), or, without one, the models of this process alone.
         local_world_size: processes per node, for ``Hierarchical`` schedules (default: the
@@ -96,6 +98,7 @@ class LocalSGD(DriverState):
         wire: Wire = "fp32",
         error_feedback: bool = False,
         sync_delay: int = 0,
+        num_fragments: int = 1,
         comm: Communicator | None = None,
         local_world_size: int | None = None,
         hook: bool = True,
@@ -112,6 +115,7 @@ class LocalSGD(DriverState):
             wire=wire,
             error_feedback=error_feedback,
             sync_delay=sync_delay,
+            num_fragments=num_fragments,
         )
         self.models = [model] if isinstance(model, nn.Module) else list(model)
         if not self.models or not all(isinstance(m, nn.Module) for m in self.models):
@@ -131,6 +135,7 @@ class LocalSGD(DriverState):
             outer=self.options.outer_optimizer,
             wire=self.options.wire,
             error_feedback=self.options.error_feedback,
+            num_fragments=self.options.num_fragments,
         )
         self.averager.broadcast(src=0)  # workers start equal, whatever each rank's initialization drew
         self.gradients = GradientAverager(comm)
@@ -203,18 +208,41 @@ class LocalSGD(DriverState):
         self.dirty = True
         if lr is None:
             lr = float(self.optimizers[0][0].param_groups[0]["lr"])
-        if self.in_flight is not None and self.in_flight.due == self.num_steps:
-            self._land()
-        decision = self.schedule.should_sync(self.num_steps, lr)
+        if self.in_flight is not None:
+            if self.in_flight.reduce_at == self.num_steps:
+                self.in_flight.reduce()  # a compressed round's second collective
+            if self.in_flight.due == self.num_steps:
+                self._land()
         self.sync_divergence = None
-        if decision:
-            if self.before_sync is not None:
-                self.before_sync()
-            self._sync(decision)
+        decision: str | bool
+        if self.options.num_fragments > 1:
+            decision = self._sync_fragments(lr)
+        else:
+            decision = self.schedule.should_sync(self.num_steps, lr)
+            if decision:
+                if self.before_sync is not None:
+                    self.before_sync()
+                self._sync(decision)
         self.parameters_equal = False
         return decision
 
-    def _sync(self, decision: str | bool) -> None:
+    def _sync_fragments(self, lr: float) -> bool:
+        """Streaming: fragment f syncs where the schedule would sync f * H / F steps later, so that
+        with ``Constant(H)`` each fragment syncs every H steps and some fragment every H / F."""
+        shift = self.schedule.period // self.options.num_fragments
+        due = [
+            f
+            for f in range(self.options.num_fragments)
+            if self.schedule.should_sync(self.num_steps + f * shift, lr)
+        ]
+        for fragment in due:
+            if self.before_sync is not None:
+                self.before_sync()
+            self._sync(True, fragment)
+        self.dirty = True  # the other fragments still differ
+        return bool(due)
+
+    def _sync(self, decision: str | bool, fragment: int | None = None) -> None:
         policy = self._schedule_policy()
         checks: dict[str, Any] = {"step": self.num_steps, "nonfinite": self.options.nonfinite}
         if decision == "inner":
@@ -235,6 +263,7 @@ class LocalSGD(DriverState):
                     step=self.num_steps,
                     digests=digests,
                     flags=self.stops.message(),
+                    fragment=fragment,
                 )
             self.stops.record(self.averager.agreed_flags)
             return
@@ -246,6 +275,7 @@ class LocalSGD(DriverState):
                 digests=digests,
                 flags=self.stops.message(),
                 parameters=not self.parameters_equal,
+                fragment=fragment,
                 **checks,
             )
         self.stops.record(self.averager.agreed_flags)

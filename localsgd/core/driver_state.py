@@ -55,13 +55,15 @@ class DriverState:
                 }
                 for m, opts in zip(self.models, self.optimizers)
             ]
+        # a round in flight first: waiting for it may advance the error-feedback residuals
+        in_flight = self.in_flight.state_dict() if self.in_flight is not None else None
         wire = self.averager.wire
         return {
             "sync": self.sync_state_dict(),
             "workers": workers,
             "dirty": self.dirty,
             "wire": wire.state_dict() if wire is not None else {},
-            "in_flight": self.in_flight.state_dict() if self.in_flight is not None else None,
+            "in_flight": in_flight,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:

@@ -43,6 +43,7 @@ class Options:
     wire: Wire = "fp32"
     error_feedback: bool = False
     sync_delay: int = 0
+    num_fragments: int = 1
 
     @classmethod
     def checked(
@@ -58,6 +59,7 @@ class Options:
         wire: str = "fp32",
         error_feedback: object = False,
         sync_delay: object = 0,
+        num_fragments: object = 1,
     ) -> Options:
         """The options, or a ValueError naming the first bad one and its rule."""
         if not isinstance(log_divergence, bool):
@@ -78,17 +80,27 @@ class Options:
                 "error_feedback=True needs a lossy wire: wire='bf16' or 'int8' (fp32 loses nothing)"
             )
         period = schedule.period if isinstance(schedule, Constant) else None
-        delay = check_delay(sync_delay, period)
-        if delay:
+        fragments = check_fragments(num_fragments, schedule)
+        if fragments == 1:
+            delay = check_delay(sync_delay, period)
+        else:  # fragments > 1 means a Constant schedule
+            assert period is not None
+            delay = check_delay(sync_delay, period // fragments, "H / num_fragments")
+        for knob, on, why in (
+            (f"sync_delay ({delay}) > 0", delay > 0, "an overlapped round keeps each worker's own progress"),
+            (
+                f"num_fragments ({fragments}) > 1",
+                fragments > 1,
+                "a fragment's round averages only its tensors",
+            ),
+        ):
             for name, value, allowed in (
                 ("optimizer_state", optimizer_state, "local"),
                 ("nonfinite", nonfinite_, "raise"),
-                ("wire", wire_, "fp32"),
             ):
-                if value != allowed:
+                if on and value != allowed:
                     raise ValueError(
-                        f"sync_delay ({delay}) > 0 with {name}={value!r} is not supported: an overlapped "
-                        f"round keeps each worker's own progress. HINT: {name}={allowed!r}, or sync_delay=0"
+                        f"{knob} with {name}={value!r} is not supported: {why}. HINT: {name}={allowed!r}"
                     )
         if wire_ != "fp32" and outer_optimizer is None:
             # deltas from the global model need the global model: plain averaging as an outer step
@@ -104,4 +116,24 @@ class Options:
             wire=wire_,
             error_feedback=error_feedback,
             sync_delay=delay,
+            num_fragments=fragments,
         )
+
+
+def check_fragments(num_fragments: object, schedule: SyncSchedule) -> int:
+    """``num_fragments`` as an int >= 1; above 1 only with a constant H that it divides."""
+    if isinstance(num_fragments, bool) or not isinstance(num_fragments, int) or num_fragments < 1:
+        raise ValueError(f"num_fragments ({num_fragments!r}) must be an integer >= 1")
+    if num_fragments == 1:
+        return 1
+    if not isinstance(schedule, Constant):
+        raise ValueError(
+            f"num_fragments ({num_fragments}) > 1 needs a constant H (sync_every=<int> or Constant), "
+            f"not {schedule!r}: fragment f syncs every H steps, offset by f*H/F"
+        )
+    if schedule.period % num_fragments:
+        raise ValueError(
+            f"num_fragments ({num_fragments}) must divide H ({schedule.period}): fragment f syncs every "
+            "H steps, offset by f*H/F steps"
+        )
+    return num_fragments

@@ -65,16 +65,27 @@ class OuterOptimizer:
         if not isinstance(self.optimizer, Optimizer):
             raise ValueError(f"optimizer built {type(self.optimizer).__name__}, not a torch.optim.Optimizer")
 
-    def step(self, averages: Sequence[Tensor]) -> list[Tensor]:
-        """One outer step from this round's ``averages``; returns the new anchors (the new global model)."""
+    def step(self, averages: Sequence[Tensor], only: Sequence[int] | None = None) -> list[Tensor]:
+        """One outer step from this round's ``averages``; returns the new anchors (the new global
+        model). ``only``: the anchors of this round's fragment; the others, and their optimizer
+        state, are left as they are (each fragment has its own outer state)."""
         if self.optimizer is None:
             raise RuntimeError("OuterOptimizer.step() before bind()")
         if [a.shape for a in averages] != [a.shape for a in self.anchors]:
             raise RuntimeError("the averaged model no longer has the anchor's layout")
-        for anchor, average in zip(self.anchors, averages):
+        stepped = set(range(len(self.anchors)) if only is None else only)
+        grads = [a.grad for a in self.anchors]
+        for i, (anchor, average) in enumerate(zip(self.anchors, averages)):
             assert anchor.grad is not None
-            torch.sub(anchor, average, out=anchor.grad)
-        self.optimizer.step()
+            if i in stepped:
+                torch.sub(anchor, average, out=anchor.grad)
+            else:
+                anchor.grad = None  # torch optimizers skip a tensor without a gradient
+        try:
+            self.optimizer.step()
+        finally:
+            for anchor, grad in zip(self.anchors, grads):
+                anchor.grad = grad
         return self.anchors
 
     def preview(self, averages: Sequence[Tensor]) -> list[Tensor]:

@@ -77,46 +77,22 @@ class CompressedMean:
     def mean_(self, deltas: Sequence[Tensor], key: int = 0) -> None:
         """Replace every local worker's ``deltas[w]`` (fp32, flat) with the workers' mean; ``key``
         names the tensor for its error-feedback state."""
-        comm, k = self.comm, len(deltas)
-        processes = comm.num_workers // k
-        n = deltas[0].numel()
-        padded, shard = self._padded(n)
-        sent_values, sent_scales = [], []
-        residuals = self.residuals.setdefault(key, [torch.zeros(n, device=deltas[0].device) for _ in deltas])
-        for w, delta in enumerate(deltas):
-            x = torch.zeros(padded, device=delta.device)
-            x[:n] = delta
-            if self.error_feedback:
-                x[:n] += residuals[w]
-            values, scales = encode(x, self.wire)
-            if self.error_feedback:
-                residuals[w].copy_(x[:n] - decode(values, scales)[:n])
-            sent_values.append(values.view(processes, shard))
-            if scales is not None:
-                sent_scales.append(scales.view(processes, shard // BLOCK))
-        # [to process p][local worker w]: after the exchange, [from process p][its worker w]
-        values = comm.exchange_(torch.stack(sent_values, dim=1).contiguous())
-        scales = comm.exchange_(torch.stack(sent_scales, dim=1).contiguous()) if sent_scales else None
-        comm.count_(sum(t.numel() * t.element_size() for t in (values, scales) if t is not None) // k)
-        received = [
-            decode(values[p, w], None if scales is None else scales[p, w])
-            for p in range(processes)
-            for w in range(k)
-        ]
-        total = received[0].clone()
-        for r in received[1:]:  # fp32, in global worker order: the same sum in one process or many
-            total += r
-        total /= comm.num_workers
-        if self.error_feedback:
-            total += self.shard_residuals.setdefault(key, torch.zeros_like(total))
-        mine_values, mine_scales = encode(total, self.wire)
-        if self.error_feedback:
-            self.shard_residuals[key].copy_(total - decode(mine_values, mine_scales))
-        full_values = comm.gather_(mine_values)
-        full_scales = comm.gather_(mine_scales) if mine_scales is not None else None
-        mean = decode(full_values.view(-1), None if full_scales is None else full_scales.view(-1))[:n]
+        mean = self.start(deltas, key).result()
         for delta in deltas:
             delta.copy_(mean)
+
+    def start(self, deltas: Sequence[Tensor], key: int = 0) -> CompressedRound:
+        """The mean of ``deltas`` in stages (:class:`CompressedRound`): encoded and sent now."""
+        return CompressedRound(self, deltas, key)
+
+    def _encoded(self, x: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """``x`` (padded) plus the residual carried in, encoded; the residual becomes what was lost."""
+        if residual is not None:
+            x[: residual.numel()] += residual
+        values, scales = encode(x, self.wire)
+        if residual is not None:
+            residual.copy_(x[: residual.numel()] - decode(values, scales)[: residual.numel()])
+        return values, scales
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -127,3 +103,92 @@ class CompressedMean:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.residuals = {int(k): [t.clone() for t in v] for k, v in state["residuals"].items()}
         self.shard_residuals = {int(k): t.clone() for k, t in state["shard_residuals"].items()}
+
+
+class CompressedRound:
+    """One compressed mean in its three stages, so that an overlapped round can let each travel in
+    the background: built, every worker's delta is encoded and the all-to-all starts;
+    :meth:`reduce` sums this process's shard and starts the all-gather; :meth:`result` waits for
+    it and decodes the whole mean."""
+
+    @torch.no_grad()
+    def __init__(self, mean: CompressedMean, deltas: Sequence[Tensor], key: int) -> None:
+        comm, k = mean.comm, len(deltas)
+        self.mean, self.key, self.numel = mean, key, deltas[0].numel()
+        processes = comm.num_workers // k
+        padded, shard = mean._padded(self.numel)
+        feedback = mean.error_feedback
+        residuals = mean.residuals.setdefault(
+            key, [torch.zeros(self.numel, device=deltas[0].device) for _ in deltas]
+        )
+        sent_values, sent_scales = [], []
+        for w, delta in enumerate(deltas):
+            x = torch.zeros(padded, device=delta.device)
+            x[: self.numel] = delta
+            values, scales = mean._encoded(x, residuals[w] if feedback else None)
+            sent_values.append(values.view(processes, shard))
+            if scales is not None:
+                sent_scales.append(scales.view(processes, shard // BLOCK))
+        # [to process p][local worker w]: after the exchange, [from process p][its worker w]
+        self._values, pending_values = comm.exchange_start_(torch.stack(sent_values, dim=1).contiguous())
+        self._pending = [pending_values]
+        self._scales: Tensor | None = None
+        if sent_scales:
+            self._scales, pending_scales = comm.exchange_start_(torch.stack(sent_scales, dim=1).contiguous())
+            self._pending.append(pending_scales)
+        comm.count_(
+            sum(t.numel() * t.element_size() for t in (self._values, self._scales) if t is not None) // k
+        )
+        self._gathered: tuple[Tensor, Tensor | None] | None = None
+        self._mean: Tensor | None = None
+
+    def _wait(self) -> None:
+        for p in self._pending:
+            p.wait()
+        self._pending = []
+
+    @torch.no_grad()
+    def reduce(self) -> None:
+        """Decode and sum this process's shard in fp32, in global worker order (the same sum in one
+        process or many), encode its mean, start the all-gather. Once; later calls do nothing."""
+        if self._gathered is not None or self._mean is not None:
+            return
+        self._wait()
+        mean, comm = self.mean, self.mean.comm
+        values, scales = self._values, self._scales
+        processes, k = values.shape[0], values.shape[1]
+        received = [
+            decode(values[p, w], None if scales is None else scales[p, w])
+            for p in range(processes)
+            for w in range(k)
+        ]
+        total = received[0].clone()
+        for r in received[1:]:
+            total += r
+        total /= comm.num_workers
+        residual = (
+            mean.shard_residuals.setdefault(self.key, torch.zeros_like(total))
+            if mean.error_feedback
+            else None
+        )
+        mine_values, mine_scales = mean._encoded(total, residual)
+        full_values, pending_values = comm.gather_start_(mine_values)
+        self._pending = [pending_values]
+        full_scales = None
+        if mine_scales is not None:
+            full_scales, pending_scales = comm.gather_start_(mine_scales)
+            self._pending.append(pending_scales)
+        self._gathered = (full_values, full_scales)
+
+    @torch.no_grad()
+    def result(self) -> Tensor:
+        """The workers' mean delta (fp32, flat), waiting for whatever is still travelling."""
+        if self._mean is None:
+            self.reduce()
+            self._wait()
+            assert self._gathered is not None
+            full_values, full_scales = self._gathered
+            scales = None if full_scales is None else full_scales.view(-1)
+            self._mean = decode(full_values.view(-1), scales)[: self.numel]
+            self._gathered = None
+        return self._mean

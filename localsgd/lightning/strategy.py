@@ -97,6 +97,9 @@ class LocalSGDStrategy(SimulatedSteps, DriverView, ExactResume, StrategyCommon, 
             its encoding lost into the next sync.
         sync_delay: tau >= 0: a sync's mean travels while the workers take tau more steps, then
             lands keeping their progress (``theta_new + theta_now - theta_snapshot``); 0 blocks.
+        num_fragments: F >= 1 dividing a constant H: the model cut into F fragments of near-equal
+            bytes, fragment f syncing every H steps offset by f * H / F (streaming: each sync
+            sends about 1/F of the model).
         process_group_backend: ``"nccl"``, ``"gloo"``, ...; by default NCCL on GPUs, gloo on CPU.
         timeout: timeout of every collective.
         start_method: how Lightning starts the worker processes when it launches them itself.
@@ -122,6 +125,7 @@ class LocalSGDStrategy(SimulatedSteps, DriverView, ExactResume, StrategyCommon, 
         wire: Wire = "fp32",
         error_feedback: bool = False,
         sync_delay: int = 0,
+        num_fragments: int = 1,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         start_method: StartMethod = "popen",
@@ -151,6 +155,7 @@ class LocalSGDStrategy(SimulatedSteps, DriverView, ExactResume, StrategyCommon, 
             wire=wire,
             error_feedback=error_feedback,
             sync_delay=sync_delay,
+            num_fragments=num_fragments,
         )
         self.schedule: SyncSchedule = self.options.schedule
         self.outer_optimizer = self.options.outer_optimizer
