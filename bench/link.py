@@ -9,8 +9,8 @@ workload is what users run: the project's CIFAR ResNet-56 (0.85M parameters) on 
 
 Rows: no communication (the limit: the same strategy with no sync in the run), the SGD baseline
 (DDP), Local SGD H = 1, 4, 16, 64, DiLoCo H = 16, and H = 16 with a compressed wire (bf16,
-int8, int8 with error feedback) and overlapped (``sync_delay=8``); ``--rows H=16`` runs those
-with the limit. Columns:
+int8, int8 with error feedback), overlapped (``sync_delay``), streamed in 4 fragments
+(``num_fragments=4``) and combinations of them; ``--rows H=16`` runs those with the limit. Columns:
 unthrottled, 1 Gbit/s, 100 Mbit/s, 10 Mbit/s. A cell is samples/s per worker: the median, over
 windows of whole rounds after the first ones, of the window's throughput, and its ratio to the
 column's limit. Beside it, the cost
@@ -47,7 +47,7 @@ from netns import IFNAME, TwoNodes, Unavailable, check_available  # noqa: E402
 
 BATCH = 16
 RATES: list[float | None] = [None, 1000, 100, 10]
-# (name, H: None for the baseline, variant: outer optimizer or wire)
+# (name, H: None for the baseline, variant: a key of VARIANTS)
 ROWS: list[tuple[str, int | None, str | None]] = [
     ("no communication", 0, None),
     ("SGD baseline (DDP)", None, None),
@@ -60,8 +60,27 @@ ROWS: list[tuple[str, int | None, str | None]] = [
     ("H=16 wire=int8", 16, "int8"),
     ("H=16 int8 + EF", 16, "int8+ef"),
     ("H=16 sync_delay=8", 16, "delay8"),
+    ("H=16 sync_delay=15", 16, "delay15"),
+    ("H=16 F=4", 16, "F4"),
+    ("H=16 F=4 sync_delay=3", 16, "F4+delay3"),
+    ("H=16 int8+EF delay=8", 16, "int8+ef+delay8"),
+    ("H=16 int8+EF delay=15", 16, "int8+ef+delay15"),
+    ("H=16 int8+EF F=4 delay=3", 16, "int8+ef+F4+delay3"),
 ]
-WIRES = {"bf16": ("bf16", False), "int8": ("int8", False), "int8+ef": ("int8", True)}
+_INT8_EF = {"wire": "int8", "error_feedback": True}
+VARIANTS: dict[str, dict[str, Any]] = {
+    "bf16": {"wire": "bf16"},
+    "int8": {"wire": "int8"},
+    "int8+ef": _INT8_EF,
+    "delay8": {"sync_delay": 8},
+    "delay15": {"sync_delay": 15},
+    "F4": {"num_fragments": 4},
+    "F4+delay3": {"num_fragments": 4, "sync_delay": 3},
+    "int8+ef+delay8": _INT8_EF | {"sync_delay": 8},
+    "int8+ef+delay15": _INT8_EF | {"sync_delay": 15},
+    "int8+ef+F4+delay3": _INT8_EF | {"num_fragments": 4, "sync_delay": 3},
+}
+"""The strategy's arguments of each variant (DiLoCo's outer optimizer is built in the worker)."""
 
 
 # ---------------------------------------------------------------------------- one worker
@@ -74,6 +93,7 @@ def _worker(spec: dict[str, Any]) -> None:
     from torch.utils.data import DataLoader, Dataset
 
     from localsgd import DiLoCo, LocalSGDStrategy, SGDBaselineStrategy
+    from localsgd.core.schedules import Constant
     from localsgd.research.models import resnet
 
     torch.set_num_threads(1)
@@ -121,18 +141,25 @@ def _worker(spec: dict[str, Any]) -> None:
     else:
         paired = spec["paired"]  # blocks of steps: no sync in the even ones, every H in the odd ones
 
-        def sync_every(step: int, lr: float) -> bool:
-            block = (step - 1 - paired["first"]) // paired["block"]
-            return H > 0 and step > paired["first"] and block % 2 == 1 and step % H == 0
+        def block_of(step: int) -> int:
+            return (step - 1 - paired["first"]) // paired["block"]
 
-        wire, error_feedback = WIRES.get(spec["outer"], ("fp32", False))
+        def sync_every(step: int, lr: float) -> bool:
+            return H > 0 and step > paired["first"] and block_of(step) % 2 == 1 and step % H == 0
+
+        class Paired(Constant):
+            """H steps per round in the odd blocks only; fragment f is asked at step + f * H / F,
+            so a round counts only where every fragment's own step lies in the same odd block."""
+
+            def should_sync(self, step: int, lr: float) -> bool:
+                return sync_every(step, lr) and block_of(step - (H - H // 4)) == block_of(step)
+
+        variant = VARIANTS.get(spec["outer"] or "", {})
         strategy = LocalSGDStrategy(
-            sync_every=sync_every,
+            sync_every=Paired(H) if "num_fragments" in variant else sync_every,
             outer_optimizer=DiLoCo() if spec["outer"] == "diloco" else None,
-            wire=wire,
-            error_feedback=error_feedback,
-            sync_delay=8 if spec["outer"] == "delay8" else 0,
             process_group_backend="gloo",
+            **variant,
         )
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(
@@ -148,13 +175,18 @@ def _worker(spec: dict[str, Any]) -> None:
         callbacks=[Timer()],
     )
     module = Net()
-    sync_parts: dict[str, list[float]] = {"agree": [], "average": []}
+    sync_parts: dict[str, list[float]] = {
+        "agree": [],
+        "average": [],
+        "start_delayed": [],
+        "apply_delayed": [],
+    }
     if H:  # how a sync's time splits: waiting for the peer (the control message) and the rest
 
         class Timed(pl.Callback):
             def on_train_start(self, trainer: Any, *args: Any) -> None:
                 averager = trainer.strategy.averager
-                for name in ("agree", "average"):
+                for name in sync_parts:
                     inner = getattr(averager, name)
 
                     def timed(*a: Any, _inner: Any = inner, _name: str = name, **k: Any) -> Any:
