@@ -28,6 +28,7 @@ ratio_to_limit, predicted_ratio, ...).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import random
@@ -175,19 +176,18 @@ def _worker(spec: dict[str, Any]) -> None:
         callbacks=[Timer()],
     )
     module = Net()
-    sync_parts: dict[str, list[float]] = {
-        "agree": [],
-        "average": [],
-        "start_delayed": [],
-        "apply_delayed": [],
-    }
-    if H:  # how a sync's time splits: waiting for the peer (the control message) and the rest
+    # how a sync's time splits: the control message (waiting for the peer), blocking rounds,
+    # and an overlapped round's start (snapshot, collective started) and landing (wait, apply)
+    parts = ("agree", "average", "start_delayed", "apply_delayed", "comm.all_reduce_start_")
+    sync_parts: dict[str, list[float]] = {name: [] for name in parts}
+    if H:
 
         class Timed(pl.Callback):
             def on_train_start(self, trainer: Any, *args: Any) -> None:
                 averager = trainer.strategy.averager
                 for name in sync_parts:
-                    inner = getattr(averager, name)
+                    owner = averager.comm if name.startswith("comm.") else averager
+                    inner = getattr(owner, name.removeprefix("comm."))
 
                     def timed(*a: Any, _inner: Any = inner, _name: str = name, **k: Any) -> Any:
                         start = time.perf_counter()
@@ -196,7 +196,7 @@ def _worker(spec: dict[str, Any]) -> None:
                         finally:
                             sync_parts[_name].append(time.perf_counter() - start)
 
-                    setattr(averager, name, timed)
+                    setattr(owner, name.removeprefix("comm."), timed)
 
         trainer.callbacks.append(Timed())
     trainer.fit(module)
@@ -264,6 +264,7 @@ def run_cell(
                 raise RuntimeError(f"a worker failed (H={H}, rate {nodes.rate_mbit}):\n{log[-3000:]}")
         results = [json.loads(Path(f"{folder}/rank{r}.json").read_text()) for r in (0, 1)]
     rates: dict[str, list[float]] = {"alone": [], "synced": []}
+    steps_ms: dict[str, list[float]] = {"alone": [], "synced": []}  # rank 0's median step, per block
     for k in range(2 * pairs):
         start, end = first + k * block, first + (k + 1) * block
         # the job's pace: a block runs from the moment both workers finished the previous one to
@@ -274,6 +275,8 @@ def run_cell(
         rate = BATCH * block / (ended - began)
         kind = "synced" if H is None or (H and k % 2 == 1) else "alone"
         rates[kind].append(rate)
+        ticks = results[0]["times"][start - 1 : end]
+        steps_ms[kind].append(1e3 * statistics.median(b - a for a, b in itertools.pairwise(ticks)))
     parts = {
         f"rank{r}_{name}_ms": 1e3 * statistics.median(v)
         for r, res in enumerate(results)
@@ -288,6 +291,7 @@ def run_cell(
         "bytes": results[0]["bytes"],
         "steps": steps,
         "sync_parts_ms": parts,
+        "median_step_ms": steps_ms,
     }
 
 
@@ -359,6 +363,7 @@ def main() -> None:
                 "steps": cell["steps"],
                 "block_samples_per_s": cell["block_samples_per_s"],
                 "sync_parts_ms": cell["sync_parts_ms"],
+                "median_step_ms": cell["median_step_ms"],
             }
             mode = "straggler " if straggler else ""
             ratio = record["ratio_to_limit"]

@@ -202,3 +202,39 @@ def test_a_lightning_checkpoint_with_a_round_in_flight_resumes_bitwise(tmp_path:
     assert rank_file["in_flight"]["due"] == 6
     assert max_diff(runs["first"], runs["full"]) > 1e-4
     assert max_diff(runs["resumed"], runs["full"]) == 0.0
+
+
+def test_the_control_message_travels_with_the_round_and_is_read_when_it_lands() -> None:
+    nets = [_net() for _ in range(K)]
+    opts = [torch.optim.SGD(n.parameters(), lr=0.1) for n in nets]
+    ls = LocalSGD(nets, opts, sync_every=H, sync_delay=TAU, comm=InProcessCommunicator(K))
+    batches = [_batches(k) for k in range(K)]
+    ls.stops.request("sigterm")
+    for s in range(1, H + TAU):
+        for k in range(K):
+            _step(nets[k], opts[k], batches[k][s - 1])
+        assert not ls.stops.agreed["sigterm"], f"step {s}: the stop request is still travelling"
+    assert ls.in_flight is not None
+    for k in range(K):
+        _step(nets[k], opts[k], batches[k][H + TAU - 1])
+    assert ls.in_flight is None and ls.stops.agreed["sigterm"], "agreed at the landing"
+    # NaN at a round's start: raised where it lands, before anything is applied
+    for s in range(H + TAU + 1, 2 * H):
+        for k in range(K):
+            _step(nets[k], opts[k], batches[k][s - 1])
+    with torch.no_grad():
+        next(nets[1].parameters()).view(-1)[0] = float("nan")
+    for k in range(K):
+        _step(nets[k], opts[k], batches[k][2 * H - 1])  # the round of step 2H starts without a wait
+    assert ls.in_flight is not None
+    before = [_flat(n).clone() for n in nets]
+    with pytest.raises(
+        FloatingPointError, match=r"worker\(s\) \[1\] of 2 at optimizer step 16 \(an overlapped"
+    ):
+        for s in range(2 * H + 1, 2 * H + TAU + 1):
+            for k in range(K):
+                _step(nets[k], opts[k], batches[k][s - 1])
+    finite = [torch.isfinite(b) for b in before]
+    assert not torch.equal(_flat(nets[0])[finite[0]], before[0][finite[0]]), "worker 0 took its steps"
+    assert torch.isfinite(_flat(nets[0])).all(), "nothing of the bad worker was averaged into worker 0"
+    ls.close()

@@ -21,7 +21,7 @@ from torch.optim import Optimizer
 from localsgd.core import buckets, control
 from localsgd.core.buckets import FlatBucket, by_device_and_dtype, float_tensors, split_fragments
 from localsgd.core.comm import Communicator
-from localsgd.core.control import NUM_FLAGS
+from localsgd.core.control import NUM_FLAGS, ControlMessage
 from localsgd.core.delayed import DelayedRound
 from localsgd.core.optim_state import StateAverager, fresh_optimizer_state
 from localsgd.core.options import BufferPolicy, NonfinitePolicy, OptimizerStatePolicy, check_choice
@@ -362,17 +362,17 @@ class Averager(EvaluationSwap):
         flags: Sequence[float] = (),
         fragment: int | None = None,
     ) -> DelayedRound:
-        """The control message (blocking; NaN/Inf raises), then this round's mean (of ``fragment``'s
-        tensors, or all) in the background, to be applied at step ``due`` (see
-        :mod:`localsgd.core.delayed`)."""
+        """The control message and this round's mean (of ``fragment``'s tensors, or all) in the
+        background, to be applied at step ``due`` (see :mod:`localsgd.core.delayed`)."""
         self._ensure_intact()
-        bad, _ = self.agree(step, nonfinite="raise", digests=digests, flags=flags)
-        if bad:
-            raise FloatingPointError(
-                f"non-finite parameters or buffers (NaN/Inf) on worker(s) {bad} of {self.comm.num_workers} "
-                f"at optimizer step {step}: refusing to average them into the others. HINT: lower the "
-                "learning rate or clip gradients"
-            )
+        control = ControlMessage(
+            self.comm,
+            [[b.flat for b in w] for w in self._buckets],
+            step,
+            nonfinite="raise",
+            digests=digests,
+            flags=flags,
+        )
         return DelayedRound(
             self._buckets,
             self.comm,
@@ -382,11 +382,22 @@ class Averager(EvaluationSwap):
             wire=self.wire,
             anchors=self.outer.anchors if self.wire is not None and self.outer is not None else (),
             start=step,
+            control=control,
         )
 
     def apply_delayed(self, round_: DelayedRound) -> None:
-        """A delayed round's result, keeping each worker's progress since its snapshot."""
+        """A delayed round's result, keeping each worker's progress since its snapshot; its control
+        message's flags go to ``self.agreed_flags`` (NaN/Inf at its start raises, nothing applied)."""
         self._ensure_intact()
+        bad, flags = round_.agreement()
+        if flags:
+            self.agreed_flags = flags
+        if bad:
+            raise FloatingPointError(
+                f"non-finite parameters or buffers (NaN/Inf) on worker(s) {bad} of {self.comm.num_workers} "
+                f"at optimizer step {round_.started} (an overlapped round's start, found at its landing): "
+                "refusing to average them into the others. HINT: lower the learning rate or clip gradients"
+            )
         round_.apply(self._buckets, self.outer)
 
     def _compressed_round(self, i: int, comm: Communicator) -> None:

@@ -110,10 +110,12 @@ class Communicator(ABC):
         self._count(tensors[0])
         self._broadcast(tensors, src)
 
-    def all_reduce_start_(self, tensors: Sequence[Tensor], op: ReduceOpName = "mean") -> Pending:
+    def all_reduce_start_(
+        self, tensors: Sequence[Tensor], op: ReduceOpName = "mean", *, counted: bool = True
+    ) -> Pending:
         """:meth:`all_reduce_`, started in the background: the result is in ``tensors`` once the
         returned :class:`Pending` is waited on. In one process it is computed at once."""
-        self.all_reduce_(tensors, op)
+        self.all_reduce_(tensors, op, counted=counted)
         return Pending()
 
     def exchange_(self, tensor: Tensor) -> Tensor:
@@ -248,16 +250,23 @@ class ProcessGroupCommunicator(Communicator):
                 tensors[0].div_(self.num_workers)
         _copy_from_first(tensors)
 
-    def all_reduce_start_(self, tensors: Sequence[Tensor], op: ReduceOpName = "mean") -> Pending:
-        if op != "mean" or self.fused_average:
-            return super().all_reduce_start_(tensors, op)
+    def all_reduce_start_(
+        self, tensors: Sequence[Tensor], op: ReduceOpName = "mean", *, counted: bool = True
+    ) -> Pending:
+        if op == "mean" and self.fused_average:
+            return super().all_reduce_start_(tensors, op, counted=counted)
         self._check(tensors)
-        self._count(tensors[0])
-        _reduce_into_first(tensors, "sum")
-        work = dist.all_reduce(tensors[0], op=dist.ReduceOp.SUM, group=self.group, async_op=True)
+        if op not in ("mean", "sum", "max"):
+            raise ValueError(f"op ({op!r}) must be one of 'mean', 'sum', 'max'")
+        if counted:
+            self._count(tensors[0])
+        _reduce_into_first(tensors, "sum" if op == "mean" else op)
+        dist_op = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
+        work = dist.all_reduce(tensors[0], op=dist_op, group=self.group, async_op=True)
 
         def then() -> None:  # gloo has no mean: the division once the sum has arrived
-            tensors[0].div_(self.num_workers)
+            if op == "mean" and self.num_workers > 1:
+                tensors[0].div_(self.num_workers)
             _copy_from_first(tensors)
 
         return Pending(work, then)

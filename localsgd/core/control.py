@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from localsgd.core.comm import Communicator
+from localsgd.core.comm import Communicator, Pending
 
 NUM_FLAGS = 4
 """Slots for flags (stop requests) in every control message: one layout at every control point."""
@@ -45,34 +45,70 @@ def agree(
     which makes averaging a no-op (DESIGN pitfall 10), and every rank raises a ValueError naming
     them. ``flags`` (at most :data:`NUM_FLAGS`, e.g. stop requests) are max-reduced.
     """
-    if len(flags) > NUM_FLAGS:
-        raise ValueError(f"a control message carries at most {NUM_FLAGS} flags, got {len(flags)}")
-    n = comm.num_workers
-    device = next((t.device for w in workers for t in w), torch.device("cpu"))
-    messages = []
-    for i, tensors in enumerate(workers):
-        t = torch.zeros(2 * n + 3 + NUM_FLAGS, dtype=torch.float64, device=device)
-        if nonfinite is not None and not all(_finite(x) for x in tensors):
-            t[comm.first_local_worker + i] = 1.0
-        if step is not None:
-            t[n], t[n + 1] = step, -step
-        t[n + 2] = value
-        if digests is not None:
-            t[n + 3 + comm.first_local_worker + i] = digests[i]
-        for j, flag in enumerate(flags):
-            t[2 * n + 3 + j] = flag
-        messages.append(t)
-    comm.all_reduce_(messages, op="max", counted=False)
-    f = messages[0].cpu()
-    _check_distinct_streams(f[n + 3 : 2 * n + 3].tolist(), step)
-    if step is not None and (int(f[n]) != step or int(-f[n + 1]) != step):
-        raise RuntimeError(
-            f"workers are out of step: this one is at optimizer step {step}, others between "
-            f"{int(-f[n + 1])} and {int(f[n])}. Every worker must take the same number of optimizer "
-            "steps (HINT: uneven dataloaders or a custom sampler that gives ranks different numbers "
-            "of batches; let Lightning's DistributedSampler shard the data)"
-        )
-    return [w for w in range(n) if f[w] > 0], float(f[n + 2]), f[2 * n + 3 :].tolist()
+    message = ControlMessage(
+        comm, workers, step, nonfinite=nonfinite, value=value, digests=digests, flags=flags
+    )
+    message.start().wait()
+    return message.read()
+
+
+class ControlMessage:
+    """The control message of :func:`agree` in two halves: :meth:`start` sends it (an overlapped
+    round lets it travel with its mean, so that no worker waits for the others at the round's
+    start), :meth:`read` checks and returns what all workers sent."""
+
+    def __init__(
+        self,
+        comm: Communicator,
+        workers: Sequence[Sequence[Tensor]],
+        step: int | None,
+        *,
+        nonfinite: str | None = None,
+        value: float = 0.0,
+        digests: Sequence[float] | None = None,
+        flags: Sequence[float] = (),
+    ) -> None:
+        if len(flags) > NUM_FLAGS:
+            raise ValueError(f"a control message carries at most {NUM_FLAGS} flags, got {len(flags)}")
+        self.comm, self.step = comm, step
+        n = comm.num_workers
+        device = next((t.device for w in workers for t in w), torch.device("cpu"))
+        self._messages = []
+        for i, tensors in enumerate(workers):
+            t = torch.zeros(2 * n + 3 + NUM_FLAGS, dtype=torch.float64, device=device)
+            if nonfinite is not None and not all(_finite(x) for x in tensors):
+                t[comm.first_local_worker + i] = 1.0
+            if step is not None:
+                t[n], t[n + 1] = step, -step
+            t[n + 2] = value
+            if digests is not None:
+                t[n + 3 + comm.first_local_worker + i] = digests[i]
+            for j, flag in enumerate(flags):
+                t[2 * n + 3 + j] = flag
+            self._messages.append(t)
+        self._pending: Pending | None = None
+
+    def start(self) -> Pending:
+        """Send it (in the background where the communicator can)."""
+        self._pending = self.comm.all_reduce_start_(self._messages, op="max", counted=False)
+        return self._pending
+
+    def read(self) -> tuple[list[int], float, list[float]]:
+        """Wait for it; raise if the workers are out of step or share a data stream; return
+        (workers with NaN/Inf, max value, the flags' max)."""
+        assert self._pending is not None, "read() before start()"
+        self._pending.wait()
+        n, step = self.comm.num_workers, self.step
+        f = self._messages[0].cpu()
+        _check_distinct_streams(f[n + 3 : 2 * n + 3].tolist(), step)
+        if step is not None and (int(f[n]) != step or int(-f[n + 1]) != step):
+            raise RuntimeError(
+                f"workers are out of step: this one is at optimizer step {step}, others between "
+                f"{int(-f[n + 1])} and {int(f[n])}. Every worker must take the same number of optimizer "
+                "steps (HINT: uneven dataloaders or a custom sampler that gives ranks different numbers "
+                "of batches; let Lightning's DistributedSampler shard the data)"
+            )
+        return [w for w in range(n) if f[w] > 0], float(f[n + 2]), f[2 * n + 3 :].tolist()
 
 
 def batch_digest(batch: Any) -> float:

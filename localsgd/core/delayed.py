@@ -4,9 +4,12 @@ At a sync step every worker's parameters and averaged buffers are snapshotted an
 is started in the background; ``tau`` steps later it is waited on and applied keeping the local
 progress made meanwhile (DESIGN pitfall 14): ``theta <- theta_new + (theta_now - theta_snapshot)``,
 where ``theta_new`` is the mean of the snapshots, or with an outer optimizer its step from that
-mean. The step agreement, NaN/Inf check and stop flags still travel in a small blocking control
-message at the round's start. A checkpoint in flight waits for the mean and stores it with the
-snapshots, so that a resumed run applies the same numbers at the same step.
+mean. The control message (step agreement, NaN/Inf check, stop flags) travels with the mean and
+is read when the round lands, so that no worker waits for the others at the round's start: a
+worker up to tau steps behind costs nothing. A failed check raises at the landing, before
+anything is applied. A checkpoint in flight waits for the mean and stores it with the snapshots
+and the control message's result, so that a resumed run applies the same numbers at the same
+step.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 from torch import Tensor
 
 from localsgd.core.comm import Communicator, Pending
+from localsgd.core.control import ControlMessage
 from localsgd.core.wire import CompressedMean, CompressedRound
 
 
@@ -41,8 +45,14 @@ class DelayedRound:
         wire: CompressedMean | None = None,
         anchors: Sequence[Tensor] = (),
         start: int | None = None,
+        control: ControlMessage | None = None,
     ) -> None:
         self.due = due
+        self.started = due if start is None else start
+        """The step at which the round started."""
+        self._control = control
+        self.agreed: tuple[list[int], list[float]] | None = None
+        """The control message's result once read: (workers with NaN/Inf, the agreed flags)."""
         self.indices = list(range(len(buckets[0]))) if indices is None else list(indices)
         chosen = [[w[i] for i in self.indices] for w in buckets]
         self.snapshots = [[b.flat.detach().clone() for b in w] for w in chosen]
@@ -51,6 +61,8 @@ class DelayedRound:
         self._compressed: list[CompressedRound] = []
         self.reduce_at: int | None = None
         """The step at which a compressed round's second collective starts (``None``: fp32)."""
+        if control is not None:
+            control.start()
         with comm.round(tag):
             for j, i in enumerate(self.indices):
                 k = chosen[0][j].param_numel
@@ -71,9 +83,20 @@ class DelayedRound:
         for c in self._compressed:
             c.reduce()
 
+    def agreement(self) -> tuple[list[int], list[float]]:
+        """The control message's result: (workers with NaN/Inf, the agreed flags); raises if the
+        workers were out of step."""
+        if self.agreed is None:
+            bad, flags = [], []
+            if self._control is not None:
+                bad, _, flags = self._control.read()
+            self.agreed = (bad, flags)
+        return self.agreed
+
     @torch.no_grad()
     def wait(self) -> None:
         """Everything has arrived: :attr:`means` holds the round's mean of every bucket."""
+        self.agreement()
         for p in self._pending:
             p.wait()
         self._pending = []
@@ -103,16 +126,27 @@ class DelayedRound:
 
     def state_dict(self) -> dict[str, Any]:
         self.wait()  # the mean is what the uninterrupted run will apply: the same numbers later
-        return {"due": self.due, "indices": self.indices, "snapshots": self.snapshots, "means": self.means}
+        return {
+            "due": self.due,
+            "started": self.started,
+            "indices": self.indices,
+            "snapshots": self.snapshots,
+            "means": self.means,
+            "agreed": self.agreed,
+        }
 
     @classmethod
     def from_state_dict(cls, state: dict[str, Any]) -> DelayedRound:
         round_ = cls.__new__(cls)
         round_.due = int(state["due"])
+        round_.started = int(state.get("started", round_.due))
         round_.snapshots = [[t.clone() for t in w] for w in state["snapshots"]]
         round_.means = [[t.clone() for t in w] for w in state["means"]]
         round_.indices = list(state.get("indices", range(len(round_.means[0]))))
         round_._pending, round_._compressed, round_.reduce_at = [], [], None
+        round_._control = None
+        agreed = state.get("agreed")
+        round_.agreed = (list(agreed[0]), list(agreed[1])) if agreed is not None else None
         return round_
 
 

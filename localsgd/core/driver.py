@@ -265,8 +265,7 @@ class LocalSGD(DriverState):
                     flags=self.stops.message(),
                     fragment=fragment,
                 )
-            self.stops.record(self.averager.agreed_flags)
-            return
+            return  # its control message's flags are recorded when it lands
         with self.reported("sync"):
             divergence = self.averager.average(
                 "sync",
@@ -289,6 +288,7 @@ class LocalSGD(DriverState):
         round_, self.in_flight = self.in_flight, None
         with self.reported("delayed sync"):
             self.averager.apply_delayed(round_)
+        self.stops.record(self.averager.agreed_flags)
 
     def _schedule_policy(self) -> OptimizerStatePolicy | None:
         policy = self.schedule.optimizer_state_policy(self.num_steps)
