@@ -247,3 +247,16 @@ def test_every_method_gets_its_own_line_style_and_marker() -> None:
     styles = [line_style(m) for m in range(8)]
     assert len(set(styles)) == 8  # two equal curves in two colours still show both (dashes, markers)
     assert len({s for s, _ in styles[:4]}) == 4 and len({m for _, m in styles}) == 8
+
+
+def test_a_run_that_fails_while_training_leaves_its_traceback_in_its_log(tmp_path: Path) -> None:
+    config = json.loads(json.dumps(_TINY))
+    config.update(seeds=[0], max_steps=2, eval_every=2, jobs=1, sharpness=None)
+    # builds (the strategy's arguments are valid), fails in fit: the MLP has 4 tensors, not 8
+    config["methods"] = {"too many fragments": {"strategy": {"sync_every": 8, "num_fragments": 8}}}
+    with pytest.raises(RuntimeError, match=r"1 run\(s\) failed; their output is in"):
+        run_all(load_config(_write(tmp_path, config)), progress=False)
+    log = (tmp_path / "out" / "runs" / "too-many-fragments" / "seed0" / "log.txt").read_text()
+    assert "Traceback" in log and "ValueError: num_fragments (8) must be at most the number" in log, log[
+        -2000:
+    ]

@@ -105,25 +105,39 @@ def float_tensors(module: nn.Module, buffers: BufferPolicy) -> list[Tensor]:
 
 
 def split_fragments(tensors: Sequence[Tensor], num_fragments: int) -> list[list[Tensor]]:
-    """``tensors`` cut in their order into ``num_fragments`` runs of whole tensors with near-equal
-    bytes: a tensor joins the fragment its middle byte falls in. Every rank cuts the same model
-    the same way."""
+    """``tensors`` cut in their order into ``num_fragments`` non-empty runs of whole tensors, the
+    largest run as small as it can be (near-equal bytes; a tensor bigger than an equal share is a
+    fragment of its own). Every rank cuts the same model the same way."""
     if num_fragments == 1:
         return [list(tensors)]
-    sizes = [t.numel() * t.element_size() for t in tensors]
-    total, before = sum(sizes), 0
-    fragments: list[list[Tensor]] = [[] for _ in range(num_fragments)]
-    for t, size in zip(tensors, sizes):
-        fragments[min(num_fragments - 1, (2 * before + size) * num_fragments // (2 * total))].append(t)
-        before += size
-    empty = [f for f, ts in enumerate(fragments) if not ts]
-    if empty:
+    if len(tensors) < num_fragments:
         raise ValueError(
-            f"num_fragments ({num_fragments}) leaves fragment(s) {empty} without a tensor: the model's "
-            f"{len(tensors)} tensors ({sizes} bytes) do not split into {num_fragments} parts of near-equal "
-            "bytes. HINT: fewer fragments"
+            f"num_fragments ({num_fragments}) must be at most the number of the model's averaged "
+            f"tensors ({len(tensors)}): a fragment holds whole tensors. HINT: fewer fragments"
         )
-    return fragments
+    sizes = [t.numel() * t.element_size() for t in tensors]
+
+    def cut(capacity: int) -> list[int]:
+        """Where each run starts, filling runs up to ``capacity`` bytes; a run also ends where the
+        tensors left are just enough for one per fragment left."""
+        starts, run = [0], 0
+        for i, size in enumerate(sizes):
+            left = len(sizes) - i
+            if i and (run + size > capacity or left == num_fragments - len(starts)):
+                starts.append(i)
+                run = 0
+            run += size
+        return starts
+
+    low, high = max(sizes), sum(sizes)  # the smallest capacity that needs no more runs than fragments
+    while low < high:
+        mid = (low + high) // 2
+        if len(cut(mid)) <= num_fragments:
+            high = mid
+        else:
+            low = mid + 1
+    starts = cut(low)
+    return [list(tensors[a:b]) for a, b in zip(starts, [*starts[1:], len(tensors)])]
 
 
 def by_device_and_dtype(tensors: Sequence[Tensor]) -> dict[tuple[str, str], list[Tensor]]:

@@ -153,12 +153,13 @@ def _child(run: RunSpec, queue: Any, index: int, threads: int) -> None:
     for name in _RENDEZVOUS:
         os.environ.pop(name, None)
     run.folder.mkdir(parents=True, exist_ok=True)
-    with open(run.folder / "log.txt", "w") as log:
-        os.dup2(log.fileno(), 1)
-        os.dup2(log.fileno(), 2)
-        sys.stdout = sys.stderr = log
-        quiet_known_noise()
-        train(run, queue=queue, index=index, threads=threads)
+    # open for the process's life: a failed run's traceback, printed on the way out, lands here too
+    log = open(run.folder / "log.txt", "w", buffering=1)
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    sys.stdout = sys.stderr = log
+    quiet_known_noise()
+    train(run, queue=queue, index=index, threads=threads)
 
 
 def finished(run: RunSpec) -> bool:
