@@ -303,7 +303,7 @@ class Averager(EvaluationSwap):
             for b in self._buckets[i]:
                 b.flat.zero_()
             fresh_optimizer_state(self.optimizers[i])  # restarts as with a new optimizer
-        divergence = divergence and not bad and parameters
+        divergence = divergence and not bad and parameters and fragment is None  # not of one fragment
         if divergence:
             before = self._save_backup()
         # a compressed wire carries the syncs' deltas from the global model; other rounds are exact
