@@ -26,36 +26,30 @@ FLAGS = ("sigterm", "preempt")
 
 
 def agree(
-    comm: Communicator,
-    workers: Sequence[Sequence[Tensor]],
-    step: int | None,
-    *,
-    nonfinite: str | None = None,
-    value: float = 0.0,
-    digests: Sequence[float] | None = None,
-    flags: Sequence[float] = (),
+    comm: Communicator, workers: Sequence[Sequence[Tensor]], step: int | None, **options: Any
 ) -> tuple[list[int], float, list[float]]:
-    """One small control all-reduce over ``comm``: the workers check that they are all at optimizer
-    step ``step`` (a RuntimeError on every rank otherwise), learn which of them hold NaN/Inf in
-    their tensors ``workers[i]`` (if ``nonfinite``), and reduce ``value`` with max. Returns (workers
-    with NaN/Inf, max value, the flags' max over all workers).
-
-    ``digests`` (one per local worker, see :func:`batch_digest`; 0 for none) are compared across
-    all workers: two workers that drew the same first training batch read the same data stream,
-    which makes averaging a no-op (DESIGN pitfall 10), and every rank raises a ValueError naming
-    them. ``flags`` (at most :data:`NUM_FLAGS`, e.g. stop requests) are max-reduced.
-    """
-    message = ControlMessage(
-        comm, workers, step, nonfinite=nonfinite, value=value, digests=digests, flags=flags
-    )
+    """One small control all-reduce over ``comm`` (a :class:`ControlMessage` with ``options``:
+    ``nonfinite``, ``value``, ``digests``, ``flags``), sent and read at once. Returns (workers with
+    NaN/Inf, max value, the flags' max over all workers)."""
+    message = ControlMessage(comm, workers, step, **options)
     message.start().wait()
     return message.read()
 
 
 class ControlMessage:
-    """The control message of :func:`agree` in two halves: :meth:`start` sends it (an overlapped
-    round lets it travel with its mean, so that no worker waits for the others at the round's
-    start), :meth:`read` checks and returns what all workers sent."""
+    """One control message over ``comm``: the workers check that they are all at optimizer step
+    ``step`` (a RuntimeError on every rank otherwise), learn which of them hold NaN/Inf in their
+    tensors ``workers[i]`` (if ``nonfinite``), and reduce ``value`` with max.
+
+    ``digests`` (one per local worker, see :func:`batch_digest`; 0 for none) are compared across
+    all workers: two workers that drew the same first training batch read the same data stream,
+    which makes averaging a no-op (DESIGN pitfall 10), and every rank raises a ValueError naming
+    them. ``flags`` (at most :data:`NUM_FLAGS`, e.g. stop requests) are max-reduced.
+
+    In two halves: :meth:`start` sends it (an overlapped round lets it travel with its mean, so
+    that no worker waits for the others at the round's start), :meth:`read` checks and returns
+    what all workers sent.
+    """
 
     def __init__(
         self,

@@ -87,7 +87,8 @@ class DelayedRound:
         """The control message's result: (workers with NaN/Inf, the agreed flags); raises if the
         workers were out of step."""
         if self.agreed is None:
-            bad, flags = [], []
+            bad: list[int] = []
+            flags: list[float] = []
             if self._control is not None:
                 bad, _, flags = self._control.read()
             self.agreed = (bad, flags)
