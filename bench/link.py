@@ -222,7 +222,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _plan(H: int | None, quick: bool) -> tuple[int, int, int]:
+def _plan(H: int | None, quick: bool, pairs: int = 2) -> tuple[int, int, int]:
     """(first timed step, block, pairs of blocks). Local SGD runs alternate a block without syncs
     (the limit, in the same processes a moment apart: the machine's drift cancels) with a block
     that syncs every H steps (whole rounds); the baseline times blocks of its own."""
@@ -230,13 +230,20 @@ def _plan(H: int | None, quick: bool) -> tuple[int, int, int]:
         return 8, 8, 2
     if quick:  # checks that it runs: two short pairs
         return 16, max(32, H or 32), 2
-    return 32, 32 if H == 4 else max(64, H or 64), 2
+    return 32, 32 if H == 4 else max(64, H or 64), pairs
 
 
 def run_cell(
-    nodes: TwoNodes, H: int | None, outer: str | None, *, quick: bool, straggler: bool, t_compute: float
+    nodes: TwoNodes,
+    H: int | None,
+    outer: str | None,
+    *,
+    quick: bool,
+    straggler: bool,
+    t_compute: float,
+    pairs: int = 2,
 ) -> dict[str, Any]:
-    first, block, pairs = _plan(H, quick)
+    first, block, pairs = _plan(H, quick, pairs)
     steps = first + 2 * block * pairs
     port = _free_port()
     with tempfile.TemporaryDirectory() as folder:
@@ -306,6 +313,9 @@ def main() -> None:
     parser.add_argument(
         "--rows", nargs="*", help="only the rows whose name contains one of these (the limit always runs)"
     )
+    parser.add_argument(
+        "--pairs", type=int, default=2, help="pairs of blocks (without, with syncs) per Local SGD row"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "bench/results/link.json")
     args = parser.parse_args()
     if args.worker:
@@ -335,7 +345,9 @@ def main() -> None:
         for rate, (name, H, outer), straggler in grid:
             if nodes.rate_mbit != rate:
                 nodes.set_rate(rate)
-            cell = run_cell(nodes, H, outer, quick=args.quick, straggler=straggler, t_compute=t_compute)
+            cell = run_cell(
+                nodes, H, outer, quick=args.quick, straggler=straggler, t_compute=t_compute, pairs=args.pairs
+            )
             if H == 0:
                 limits[(rate, straggler)] = cell
                 if rate is None and not straggler:
