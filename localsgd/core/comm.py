@@ -21,7 +21,9 @@ The wire traffic of a ring all-reduce is about ``2 (K - 1) / K`` times the paylo
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import functools
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -224,6 +226,7 @@ class ProcessGroupCommunicator(Communicator):
         self._rank = dist.get_rank(group)
         self.fused_average = dist.get_backend(group) == "nccl"
         """Whether ``mean`` uses the backend's ``ReduceOp.AVG``."""
+        _destroy_at_exit()
 
     @property
     def num_workers(self) -> int:
@@ -299,6 +302,22 @@ class ProcessGroupCommunicator(Communicator):
         global_src = dist.get_global_rank(self.group, src_process) if self.group is not None else src_process
         dist.broadcast(tensors[0], src=global_src, group=self.group)
         _copy_from_first(tensors)
+
+
+@functools.cache
+def _destroy_at_exit() -> None:
+    """Destroy the default process group when the program exits, while the interpreter is still
+    whole (Lightning does so for NCCL only). Left to interpreter finalization, a gloo worker
+    thread can still hold a finished background collective's tensors, whose release then needs a
+    GIL that is gone: the process aborts ("terminate called without an active exception") after
+    training has ended. Destroying it is local (no collective); a group already destroyed is left
+    alone."""
+    atexit.register(_destroy_default_group)
+
+
+def _destroy_default_group() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def default_communicator(workers_per_process: int) -> Communicator:
