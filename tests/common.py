@@ -15,6 +15,24 @@ from torch.utils.data import DataLoader, TensorDataset
 TIMEOUT = timedelta(seconds=60)
 
 
+def toy_batches(worker: int, n: int, classes: int = 4) -> list[tuple[Tensor, Tensor]]:
+    """``n`` batches of 8 toy samples for ``worker`` (its own seeded stream, the same in every test)."""
+    g = torch.Generator().manual_seed(100 + worker)
+    return [(torch.randn(8, 8, generator=g), torch.randint(0, classes, (8,), generator=g)) for _ in range(n)]
+
+
+def train_step(net: nn.Module, opt: Any, batch: tuple[Tensor, Tensor]) -> None:
+    """One optimizer step of ``net`` on ``batch`` (cross-entropy)."""
+    opt.zero_grad()
+    F.cross_entropy(net(batch[0]), batch[1]).backward()
+    opt.step()
+
+
+def flat_params(net: nn.Module) -> Tensor:
+    """``net``'s parameters, detached, as one flat tensor."""
+    return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+
+
 def toy_dataset(n: int = 256, d: int = 8, classes: int = 4) -> TensorDataset:
     g = torch.Generator().manual_seed(1234)
     x = torch.randn(n, d, generator=g)

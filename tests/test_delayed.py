@@ -12,8 +12,9 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from common import TIMEOUT, ToyNet, make_optimizer
+from common import TIMEOUT, ToyNet, make_optimizer, toy_batches
+from common import flat_params as _flat
+from common import train_step as _step
 from distributed import free_port, run
 from torch import Tensor
 
@@ -23,10 +24,7 @@ H, TAU, ROUNDS, K = 8, 2, 4, 2
 
 
 def _batches(worker: int) -> list[tuple[Tensor, Tensor]]:
-    g = torch.Generator().manual_seed(100 + worker)
-    return [
-        (torch.randn(8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(H * ROUNDS)
-    ]
+    return toy_batches(worker, H * ROUNDS)
 
 
 def _net() -> ToyNet:
@@ -34,21 +32,11 @@ def _net() -> ToyNet:
     return ToyNet()
 
 
-def _flat(net: ToyNet) -> Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
-
-
 def _set_flat(net: ToyNet, value: Tensor) -> None:
     offset = 0
     for p in net.parameters():
         p.data.copy_(value[offset : offset + p.numel()].view_as(p))
         offset += p.numel()
-
-
-def _step(net: ToyNet, opt: Any, batch: tuple[Tensor, Tensor]) -> None:
-    opt.zero_grad()
-    F.cross_entropy(net(batch[0]), batch[1]).backward()
-    opt.step()
 
 
 @pytest.mark.parametrize("diloco", [False, True], ids=["averaging", "diloco"])

@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from common import TIMEOUT, make_optimizer
+from common import TIMEOUT, make_optimizer, toy_batches
+from common import flat_params as _flat
+from common import train_step as _step
 from distributed import run
 from torch import Tensor, nn
 
@@ -30,14 +31,7 @@ def _net() -> nn.Sequential:
 
 
 def _batches(worker: int, n: int) -> list[tuple[Tensor, Tensor]]:
-    g = torch.Generator().manual_seed(100 + worker)
-    return [(torch.randn(8, 8, generator=g), torch.randint(0, 8, (8,), generator=g)) for _ in range(n)]
-
-
-def _step(net: nn.Module, opt: Any, batch: tuple[Tensor, Tensor]) -> None:
-    opt.zero_grad()
-    F.cross_entropy(net(batch[0]), batch[1]).backward()
-    opt.step()
+    return toy_batches(worker, n, classes=8)
 
 
 def _layer(net: nn.Sequential, f: int) -> Tensor:
@@ -159,10 +153,6 @@ def _in_process(k: int, knobs: str = "every-knob") -> tuple[LocalSGD, list[nn.Se
     nets = [_net() for _ in range(k)]
     opts = [make_optimizer(n.parameters(), 0.1, 0.9, 1e-3) for n in nets]
     return LocalSGD(nets, opts, comm=InProcessCommunicator(k), **_knobs(knobs)), nets, opts
-
-
-def _flat(net: nn.Module) -> Tensor:
-    return torch.cat([p.detach().reshape(-1) for p in net.parameters()])
 
 
 def _processes(rank: int, steps: int, knobs: str) -> Tensor:

@@ -16,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from common import TIMEOUT, ToyNet, make_optimizer, make_trainer, newcomer_env, snapshot
+from common import TIMEOUT, ToyNet, make_optimizer, make_trainer, newcomer_env, snapshot, toy_batches
 from distributed import run
 from torch import Tensor
 
@@ -30,10 +30,7 @@ H, ROUNDS = 4, 3
 
 def _batches(rank: int) -> list[tuple[Tensor, Tensor]]:
     """Rank ``rank``'s batches, the same for every front end."""
-    g = torch.Generator().manual_seed(100 + rank)
-    return [
-        (torch.randn(8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(H * ROUNDS)
-    ]
+    return toy_batches(rank, H * ROUNDS)
 
 
 def _net() -> ToyNet:

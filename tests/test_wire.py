@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from common import TIMEOUT, ToyNet, make_optimizer, snapshot
+from common import TIMEOUT, ToyNet, make_optimizer, snapshot, toy_batches
 from distributed import run
 from torch import Tensor
 
@@ -70,8 +70,7 @@ def _net() -> ToyNet:
 
 
 def _batches(worker: int, n: int = 12) -> list[tuple[Tensor, Tensor]]:
-    g = torch.Generator().manual_seed(100 + worker)
-    return [(torch.randn(8, 8, generator=g), torch.randint(0, 4, (8,), generator=g)) for _ in range(n)]
+    return toy_batches(worker, n)
 
 
 def _train(ls: LocalSGD, nets: list[ToyNet], opts: list[Any], batches: list[list[Any]], steps: range) -> None:

@@ -97,11 +97,7 @@ class Communicator(ABC):
         ``counted=False`` marks a control message (a flag, a size check): it is not model
         traffic and is left out of the round's bytes.
         """
-        self._check(tensors)
-        if op not in ("mean", "sum", "max"):
-            raise ValueError(f"op ({op!r}) must be one of 'mean', 'sum', 'max'")
-        if counted:
-            self._count(tensors[0])
+        self._prepare(tensors, op, counted)
         self._all_reduce(tensors, op)
 
     def broadcast_(self, tensors: Sequence[Tensor], src: int = 0) -> None:
@@ -117,8 +113,19 @@ class Communicator(ABC):
     ) -> Pending:
         """:meth:`all_reduce_`, started in the background: the result is in ``tensors`` once the
         returned :class:`Pending` is waited on. In one process it is computed at once."""
-        self.all_reduce_(tensors, op, counted=counted)
+        self._prepare(tensors, op, counted)
+        return self._all_reduce_start(tensors, op)
+
+    def _all_reduce_start(self, tensors: Sequence[Tensor], op: ReduceOpName) -> Pending:
+        self._all_reduce(tensors, op)
         return Pending()
+
+    def _prepare(self, tensors: Sequence[Tensor], op: ReduceOpName, counted: bool) -> None:
+        self._check(tensors)
+        if op not in ("mean", "sum", "max"):
+            raise ValueError(f"op ({op!r}) must be one of 'mean', 'sum', 'max'")
+        if counted:
+            self._count(tensors[0])
 
     def exchange_(self, tensor: Tensor) -> Tensor:
         """All-to-all across processes: row ``p`` of ``tensor`` (shape ``(processes, ...)``) goes to
@@ -241,34 +248,21 @@ class ProcessGroupCommunicator(Communicator):
         return self._rank * self._per_process
 
     def _all_reduce(self, tensors: Sequence[Tensor], op: ReduceOpName) -> None:
+        self._all_reduce_start(tensors, op).wait()  # what a blocking collective does inside c10d
+
+    def _all_reduce_start(self, tensors: Sequence[Tensor], op: ReduceOpName) -> Pending:
         _reduce_into_first(tensors, op)
+        divide = op == "mean" and self.num_workers > 1
         if op == "mean" and self.fused_average:
             if len(tensors) > 1:  # every process holds as many workers: the mean of the means
                 tensors[0].div_(len(tensors))
-            dist.all_reduce(tensors[0], op=dist.ReduceOp.AVG, group=self.group)
+            dist_op, divide = dist.ReduceOp.AVG, False
         else:
             dist_op = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
-            dist.all_reduce(tensors[0], op=dist_op, group=self.group)
-            if op == "mean" and self.num_workers > 1:
-                tensors[0].div_(self.num_workers)
-        _copy_from_first(tensors)
-
-    def all_reduce_start_(
-        self, tensors: Sequence[Tensor], op: ReduceOpName = "mean", *, counted: bool = True
-    ) -> Pending:
-        if op == "mean" and self.fused_average:
-            return super().all_reduce_start_(tensors, op, counted=counted)
-        self._check(tensors)
-        if op not in ("mean", "sum", "max"):
-            raise ValueError(f"op ({op!r}) must be one of 'mean', 'sum', 'max'")
-        if counted:
-            self._count(tensors[0])
-        _reduce_into_first(tensors, "sum" if op == "mean" else op)
-        dist_op = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
         work = dist.all_reduce(tensors[0], op=dist_op, group=self.group, async_op=True)
 
         def then() -> None:  # gloo has no mean: the division once the sum has arrived
-            if op == "mean" and self.num_workers > 1:
+            if divide:
                 tensors[0].div_(self.num_workers)
             _copy_from_first(tensors)
 

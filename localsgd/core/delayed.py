@@ -112,7 +112,7 @@ class DelayedRound:
     def apply(self, buckets: list[list[Any]], outer: Any) -> None:
         """Wait for the mean, take the outer step from it, and move every worker by ``new - snapshot``."""
         self.wait()
-        new = [m.clone() for m in self.means[0]]
+        new = self.means[0]  # the round is over: its mean becomes the new global model in place
         if outer is not None:
             param_numel = [buckets[0][i].param_numel for i in self.indices]
             averages = list(outer.anchors)

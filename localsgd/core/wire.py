@@ -117,15 +117,18 @@ class CompressedRound:
         self.mean, self.key, self.numel = mean, key, deltas[0].numel()
         processes = comm.num_workers // k
         padded, shard = mean._padded(self.numel)
-        feedback = mean.error_feedback
-        residuals = mean.residuals.setdefault(
-            key, [torch.zeros(self.numel, device=deltas[0].device) for _ in deltas]
-        )
+        residuals: list[Tensor | None] = [None] * k
+        if mean.error_feedback:
+            residuals = list(
+                mean.residuals.setdefault(
+                    key, [torch.zeros(self.numel, device=deltas[0].device) for _ in deltas]
+                )
+            )
         sent_values, sent_scales = [], []
-        for w, delta in enumerate(deltas):
+        for delta, residual in zip(deltas, residuals):
             x = torch.zeros(padded, device=delta.device)
             x[: self.numel] = delta
-            values, scales = mean._encoded(x, residuals[w] if feedback else None)
+            values, scales = mean._encoded(x, residual)
             sent_values.append(values.view(processes, shard))
             if scales is not None:
                 sent_scales.append(scales.view(processes, shard // BLOCK))
