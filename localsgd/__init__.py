@@ -19,6 +19,7 @@ from localsgd.core.scaling import (
     sqrt_scaling_rule,
 )
 from localsgd.core.schedules import QSR, Constant, FunctionSchedule, Hierarchical, PostLocal, SyncSchedule
+from localsgd.ft import FaultTolerance, FaultTolerantCommunicator  # torchft imports only when used
 
 _FRONT_ENDS = ("LocalSGDStrategy", "SGDBaselineStrategy", "LocalSGDFabricStrategy")
 try:
@@ -48,6 +49,8 @@ __all__ = [
     "Communicator",
     "Constant",
     "DiLoCo",
+    "FaultTolerance",
+    "FaultTolerantCommunicator",
     "FunctionSchedule",
     "Hierarchical",
     "InProcessCommunicator",

@@ -90,6 +90,8 @@ class Averager(EvaluationSwap):
         self._holding_average = False
         self.agreed_flags: list[float] = [0.0] * NUM_FLAGS
         """The flags of the last control message, max over all workers."""
+        self.agreed_absent: list[int] = []
+        """The workers that took no part in the last control message's round (they healed)."""
         self.after_reset: Callable[[], None] | None = None
         """Called after every worker's optimizer state was reset (the batched path's stacked state)."""
         self._state_averager = StateAverager()
@@ -259,6 +261,7 @@ class Averager(EvaluationSwap):
         flags: Sequence[float] = (),
         parameters: bool = True,
         fragment: int | None = None,
+        absent: bool = False,
     ) -> float | None:
         """One round: average the models over ``comm`` (default: all workers), take the outer
         optimizer's step if ``outer`` (``"preview"``: its result, without advancing its state),
@@ -279,20 +282,30 @@ class Averager(EvaluationSwap):
 
         ``fragment``: only that fragment's tensors are averaged, and only their outer state steps
         (the control message still checks the whole model).
+
+        ``absent``: this process's workers take no part (they just healed from a peer, see
+        :mod:`localsgd.core.elastic`): like skipped workers they contribute nothing and receive the
+        others' average, their optimizer state fresh.
         """
         self._ensure_intact()
         indices = self.fragment_buckets(fragment)
         comm = comm or self.comm
         policy = optimizer_state or self.optimizer_state
         bad: list[int] = []
-        if step is not None or nonfinite is not None or digests is not None or flags:
-            bad, _ = self.agree(step, comm=comm, nonfinite=nonfinite, digests=digests, flags=flags)
+        away: list[int] = []
+        if step is not None or nonfinite is not None or digests is not None or flags or absent:
+            bad, _ = self.agree(
+                step, comm=comm, nonfinite=nonfinite, digests=digests, flags=flags, absent=absent
+            )
+            away = self.agreed_absent
         if bad and nonfinite == "raise":
             raise FloatingPointError(
                 f"non-finite parameters or buffers (NaN/Inf) on worker(s) {bad} of {comm.num_workers} at "
                 f"optimizer step {step}: refusing to average them into the others. HINT: lower the "
                 "learning rate or clip gradients, or LocalSGDStrategy(nonfinite='skip_worker')"
             )
+        if away:  # absent workers, like skipped ones, contribute nothing and receive the average
+            bad = sorted({*bad, *away})
         num_good = comm.num_workers - len(bad)
         if num_good == 0:
             raise FloatingPointError(f"every worker holds NaN/Inf parameters at optimizer step {step}")
@@ -336,6 +349,20 @@ class Averager(EvaluationSwap):
                 sq.append(total.reshape(1).to(self._device))
             comm.all_reduce_(sq, op="mean", counted=False)
             result = float(sq[0])
+        self.conclude(outer=outer, optimizer_state=policy, fragment=fragment)
+        return result
+
+    def conclude(
+        self,
+        *,
+        outer: bool | Literal["preview"] = True,
+        optimizer_state: OptimizerStatePolicy | None = None,
+        fragment: int | None = None,
+    ) -> None:
+        """A round's end, once its average is in every worker: the outer optimizer's step from it
+        (``"preview"``: its result, without advancing its state), then the optimizer-state policy's
+        reset (averaging the state is part of the round's collectives)."""
+        indices = self.fragment_buckets(fragment)
         if outer and self.outer is not None:
             averages = [b.params for b in self._buckets[0]]
             if outer == "preview":
@@ -345,12 +372,11 @@ class Averager(EvaluationSwap):
             for worker in self._buckets:
                 for i in indices:
                     worker[i].params.copy_(anchors[i])
-        if policy == "reset":
+        if (optimizer_state or self.optimizer_state) == "reset":
             for opts in self.optimizers:
                 fresh_optimizer_state(opts)
             if self.after_reset is not None:
                 self.after_reset()
-        return result
 
     def start_delayed(
         self,
@@ -427,10 +453,12 @@ class Averager(EvaluationSwap):
         value: float = 0.0,
         digests: Sequence[float] | None = None,
         flags: Sequence[float] = (),
+        absent: bool = False,
     ) -> tuple[list[int], float]:
         """The control message over ``comm`` (default: all workers), see :func:`localsgd.core.control.agree`;
-        the agreed flags go to ``self.agreed_flags``. Returns (workers with NaN/Inf, max value)."""
-        bad, reduced, self.agreed_flags = control.agree(
+        the agreed flags go to ``self.agreed_flags``, the absent workers to ``self.agreed_absent``.
+        Returns (workers with NaN/Inf, max value)."""
+        bad, reduced, self.agreed_flags, self.agreed_absent = control.agree(
             comm or self.comm,
             [[b.flat for b in w] for w in self._buckets],
             step,
@@ -438,5 +466,6 @@ class Averager(EvaluationSwap):
             value=value,
             digests=digests,
             flags=flags,
+            absent=absent,
         )
         return bad, reduced

@@ -25,7 +25,7 @@ import atexit
 import contextlib
 import functools
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -61,12 +61,37 @@ class Pending:
             then()
 
 
+class RoundFailed(RuntimeError):
+    """A collective of an elastic communicator failed (a peer was lost): the round is skipped."""
+
+
 class Communicator(ABC):
-    """Collectives over ``num_workers`` workers, ``num_local_workers`` of them in this process."""
+    """Collectives over ``num_workers`` workers, ``num_local_workers`` of them in this process.
+
+    An *elastic* communicator (:mod:`localsgd.ft`) may change its workers from round to round:
+    :meth:`begin_round` forms a round's membership, a collective may raise :class:`RoundFailed`,
+    and :meth:`commit_round` says whether the round's result may be applied.
+    """
+
+    elastic = False
+    group: Communicator | None = None
+    """The processes of this worker (an elastic worker may be a group of devices)."""
 
     def __init__(self) -> None:
         self.stats: dict[str, CommStats] = {}
         self._open_tag: str | None = None
+
+    def begin_round(self) -> dict[str, Any] | None:
+        """Form the coming round's membership; the state a peer sent for this worker to take first
+        (it rejoined, or fell behind), else ``None``."""
+        return None
+
+    def commit_round(self, ok: bool = True) -> bool:
+        """Whether every worker may apply the round (``ok``: this one's collectives succeeded)."""
+        return ok
+
+    def serve_state(self, state: Callable[[], dict[str, Any]]) -> None:  # noqa: B027
+        """What this worker sends a peer that needs to heal (only an elastic communicator does)."""
 
     @property
     @abstractmethod

@@ -23,17 +23,19 @@ NUM_FLAGS = 4
 """Slots for flags (stop requests) in every control message: one layout at every control point."""
 FLAGS = ("sigterm", "preempt")
 """The stop requests a control message carries, one slot each."""
+ABSENT = 2.0
+"""A worker's NaN/Inf slot when it takes no part in the round (it heals from a peer meanwhile)."""
 
 
 def agree(
     comm: Communicator, workers: Sequence[Sequence[Tensor]], step: int | None, **options: Any
-) -> tuple[list[int], float, list[float]]:
+) -> tuple[list[int], float, list[float], list[int]]:
     """One small control all-reduce over ``comm`` (a :class:`ControlMessage` with ``options``:
-    ``nonfinite``, ``value``, ``digests``, ``flags``), sent and read at once. Returns (workers with
-    NaN/Inf, max value, the flags' max over all workers)."""
+    ``nonfinite``, ``value``, ``digests``, ``flags``, ``absent``), sent and read at once. Returns
+    (workers with NaN/Inf, max value, the flags' max over all workers, the absent workers)."""
     message = ControlMessage(comm, workers, step, **options)
     message.start().wait()
-    return message.read()
+    return (*message.read(), message.absent)
 
 
 class ControlMessage:
@@ -44,7 +46,8 @@ class ControlMessage:
     ``digests`` (one per local worker, see :func:`batch_digest`; 0 for none) are compared across
     all workers: two workers that drew the same first training batch read the same data stream,
     which makes averaging a no-op (DESIGN pitfall 10), and every rank raises a ValueError naming
-    them. ``flags`` (at most :data:`NUM_FLAGS`, e.g. stop requests) are max-reduced.
+    them. ``flags`` (at most :data:`NUM_FLAGS`, e.g. stop requests) are max-reduced. ``absent``:
+    this process's workers take no part in the round (they heal from a peer), see :attr:`absent`.
 
     In two halves: :meth:`start` sends it (an overlapped round lets it travel with its mean, so
     that no worker waits for the others at the round's start), :meth:`read` checks and returns
@@ -61,6 +64,7 @@ class ControlMessage:
         value: float = 0.0,
         digests: Sequence[float] | None = None,
         flags: Sequence[float] = (),
+        absent: bool = False,
     ) -> None:
         if len(flags) > NUM_FLAGS:
             raise ValueError(f"a control message carries at most {NUM_FLAGS} flags, got {len(flags)}")
@@ -70,7 +74,9 @@ class ControlMessage:
         self._messages = []
         for i, tensors in enumerate(workers):
             t = torch.zeros(2 * n + 3 + NUM_FLAGS, dtype=torch.float64, device=device)
-            if nonfinite is not None and not all(_finite(x) for x in tensors):
+            if absent:  # no contribution: its model is a peer's, not its own
+                t[comm.first_local_worker + i] = ABSENT
+            elif nonfinite is not None and not all(_finite(x) for x in tensors):
                 t[comm.first_local_worker + i] = 1.0
             if step is not None:
                 t[n], t[n + 1] = step, -step
@@ -81,6 +87,8 @@ class ControlMessage:
                 t[2 * n + 3 + j] = flag
             self._messages.append(t)
         self._pending: Pending | None = None
+        self.absent: list[int] = []
+        """Once read: the workers that take no part in this round (``absent``)."""
 
     def start(self) -> Pending:
         """Send it (in the background where the communicator can)."""
@@ -102,7 +110,8 @@ class ControlMessage:
                 "steps (HINT: uneven dataloaders or a custom sampler that gives ranks different numbers "
                 "of batches; let Lightning's DistributedSampler shard the data)"
             )
-        return [w for w in range(n) if f[w] > 0], float(f[n + 2]), f[2 * n + 3 :].tolist()
+        self.absent = [w for w in range(n) if f[w] == ABSENT]
+        return [w for w in range(n) if 0 < f[w] < ABSENT], float(f[n + 2]), f[2 * n + 3 :].tolist()
 
 
 def batch_digest(batch: Any) -> float:

@@ -25,7 +25,9 @@ from localsgd.core.comm import Communicator, default_communicator, node_communic
 from localsgd.core.control import StopRequests, batch_digest
 from localsgd.core.delayed import DelayedRound
 from localsgd.core.driver_state import DriverState
+from localsgd.core.elastic import ElasticRounds
 from localsgd.core.gradients import GradientAverager, gradients_of
+from localsgd.core.hooks import OptimizerHooks, per_worker
 from localsgd.core.options import (
     BufferPolicy,
     H1Sync,
@@ -41,7 +43,7 @@ from localsgd.core.wire import Wire
 log = logging.getLogger(__name__)
 
 
-class LocalSGD(DriverState):
+class LocalSGD(OptimizerHooks, DriverState):
     """Local SGD over ``model``'s workers: every H optimizer steps their parameters are averaged.
 
     Each rank holds ``model`` (one worker), or a list of models (that many simulated workers in
@@ -77,7 +79,9 @@ class LocalSGD(DriverState):
         num_fragments: F >= 1 (dividing a constant H): the model's tensors cut into F fragments of
             near-equal bytes; fragment f syncs every H steps, offset by f * H / F (streaming).
         comm: the communicator over all workers; by default the default process group (one
-            worker per model), or, without one, the models of this process alone.
+            worker per model), or, without one, the models of this process alone. An elastic one
+            (:class:`localsgd.ft.FaultTolerantCommunicator`) makes every sync a round whose workers
+            may change (:mod:`localsgd.core.elastic`); this process joins its run on creation.
         local_world_size: processes per node, for ``Hierarchical`` schedules (default: the
             ``LOCAL_WORLD_SIZE`` torchrun sets, else 1).
         hook: register the optimizer hooks (``False``: the caller calls :meth:`after_step`).
@@ -120,7 +124,7 @@ class LocalSGD(DriverState):
         self.models = [model] if isinstance(model, nn.Module) else list(model)
         if not self.models or not all(isinstance(m, nn.Module) for m in self.models):
             raise ValueError(f"model ({model!r}) must be an nn.Module or a non-empty list of them")
-        self.optimizers = _per_worker(optimizer, len(self.models))
+        self.optimizers = per_worker(optimizer, len(self.models))
         self.comm = comm = comm or default_communicator(len(self.models))
         self.local_world_size = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         self.node_comm: Communicator | None = None
@@ -139,6 +143,9 @@ class LocalSGD(DriverState):
         )
         self.averager.broadcast(src=0)  # workers start equal, whatever each rank's initialization drew
         self.gradients = GradientAverager(comm)
+        group = comm.group
+        self.group_gradients = GradientAverager(group) if group and group.num_workers > 1 else None
+        """A worker that is a group of processes: its gradients all-reduced inside it every step."""
         # a simulated worker's optimizer is a view; its source is the optimizer it stands for
         linear = all(
             type(getattr(o, "source", o)) is torch.optim.SGD for opts in self.optimizers for o in opts
@@ -169,6 +176,11 @@ class LocalSGD(DriverState):
         """The overlapped round whose mean is still travelling (``sync_delay`` > 0)."""
         self._handles: list[Any] = []
         self._worker_steps = [0] * len(self.models)
+        self.elastic = ElasticRounds(self) if comm.elastic else None
+        """The rounds of an elastic communicator (fault tolerance), else ``None``."""
+        if self.elastic is not None:
+            self.h1_gradients = False  # a round of one step averages the parameters
+            self.elastic.join()
         if hook:
             self._register_hooks()
 
@@ -185,7 +197,10 @@ class LocalSGD(DriverState):
 
     def before_step(self) -> None:
         """The optimizer is about to step: in a round of one step through the gradients, all-reduce
-        them first (as DDP does), so that every worker takes the same step."""
+        them first (as DDP does), so that every worker takes the same step. A worker that is a
+        group of processes all-reduces its gradients inside the group at every step."""
+        if self.group_gradients is not None:
+            self.average_group_gradients()
         if not self.through_gradients():
             return
         if len(self.models) > 1:
@@ -198,6 +213,13 @@ class LocalSGD(DriverState):
         trainable = [p for p in self.models[0].parameters() if p.requires_grad]
         self.gradients.all_reduce([gradients_of(trainable)])
         self.parameters_equal = True
+
+    def average_group_gradients(self) -> None:
+        """Inside a worker that is a group of processes (a replica group of devices), the mean of
+        their gradients, as DDP computes it, before every step."""
+        assert self.group_gradients is not None
+        trainable = [p for p in self.models[0].parameters() if p.requires_grad]
+        self.group_gradients.all_reduce([gradients_of(trainable)], tag="group")
 
     def after_step(self, lr: float | None = None) -> str | bool:
         """One optimizer step was taken (by every local worker): count it and sync if the schedule
@@ -267,16 +289,26 @@ class LocalSGD(DriverState):
                 )
             return  # its control message's flags are recorded when it lands
         with self.reported("sync"):
-            divergence = self.averager.average(
-                "sync",
-                optimizer_state=policy,
-                divergence=self.options.log_divergence,
-                digests=digests,
-                flags=self.stops.message(),
-                parameters=not self.parameters_equal,
-                fragment=fragment,
-                **checks,
-            )
+            if self.elastic is not None:
+                committed, divergence = self.elastic.sync(
+                    divergence=self.options.log_divergence, digests=digests, flags=self.stops.message()
+                )
+            else:
+                committed, divergence = (
+                    True,
+                    self.averager.average(
+                        "sync",
+                        optimizer_state=policy,
+                        divergence=self.options.log_divergence,
+                        digests=digests,
+                        flags=self.stops.message(),
+                        parameters=not self.parameters_equal,
+                        fragment=fragment,
+                        **checks,
+                    ),
+                )
+        if not committed:
+            return  # skipped: every worker keeps its own model
         self.stops.record(self.averager.agreed_flags)
         self.dirty = False
         if divergence is not None:
@@ -307,7 +339,13 @@ class LocalSGD(DriverState):
 
     def agree(self, value: float) -> float:
         """A decision all ranks must share (stop training?), in a control message with the step count:
-        the max of ``value`` over all workers."""
+        the max of ``value`` over all workers (with fault tolerance: over this worker's processes)."""
+        if self.elastic is not None:
+            if self.comm.group is None:
+                return value
+            with self.reported("decision"):
+                _, reduced = self.averager.agree(self.num_steps, value=value, comm=self.comm.group)
+            return reduced
         with self.reported("decision"):
             _, reduced = self.averager.agree(self.num_steps, value=value)
         return reduced
@@ -327,46 +365,6 @@ class LocalSGD(DriverState):
                 "ran out of batches first: uneven data across ranks) or is much slower"
             ) from err
 
-    # ------------------------------------------------------------------ hooks (plain loops)
-    def _register_hooks(self) -> None:
-        for worker, opts in enumerate(self.optimizers):
-            for opt in opts:
-                if not isinstance(opt, Optimizer):
-                    raise ValueError(f"optimizer ({opt!r}) must be a torch.optim.Optimizer")
-                self._handles.append(opt.register_step_pre_hook(self._pre_step_hook(worker)))
-                self._handles.append(opt.register_step_post_hook(self._post_step_hook(worker)))
-
-    def _pre_step_hook(self, worker: int) -> Callable[..., None]:
-        def pre_step(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-            if worker == 0 and self._worker_steps[0] == self.num_steps:
-                self.before_step()
-
-        return pre_step
-
-    def _post_step_hook(self, worker: int) -> Callable[..., None]:
-        def post_step(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-            self._worker_steps[worker] += 1
-            if min(self._worker_steps) > self.num_steps:
-                self.after_step(float(optimizer.param_groups[0]["lr"]))
-
-        return post_step
-
-    def close(self) -> None:
-        """Remove the hooks (the models keep their current, possibly unaveraged, parameters)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
-    def __enter__(self) -> LocalSGD:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            if exc[0] is None:
-                self.finish()
-        finally:
-            self.close()
-
     # ------------------------------------------------------------------ what others see
     def finish(self) -> None:
         """The final average: every worker ends with the global model, also after a cut-short round."""
@@ -374,9 +372,15 @@ class LocalSGD(DriverState):
             self._land()
         if self.dirty:
             with self.reported("final average"):
-                self.averager.average(
-                    "final", optimizer_state="local", step=self.num_steps, nonfinite=self.options.nonfinite
-                )
+                if self.elastic is not None:
+                    if not self.elastic.sync("final")[0]:
+                        log.warning("LocalSGD: the final average failed: each worker keeps its own model")
+                        return
+                else:
+                    options = self.options
+                    self.averager.average(
+                        "final", optimizer_state="local", step=self.num_steps, nonfinite=options.nonfinite
+                    )
             self.dirty = False
 
     @contextlib.contextmanager
@@ -385,7 +389,8 @@ class LocalSGD(DriverState):
         if not self.dirty:
             yield
             return
-        with self.averager.averaged(tag):
+        swap = self.elastic.averaged() if self.elastic is not None else self.averager.averaged(tag)
+        with swap:
             yield
 
     def metrics(self) -> dict[str, float]:
@@ -397,6 +402,9 @@ class LocalSGD(DriverState):
             "localsgd/sync_every": self.schedule.period,
             "localsgd/round": outer_rounds,
         }
+        if self.elastic is not None:
+            metrics["ft/participants"] = self.comm.num_workers  # in the last round
+            metrics["ft/skipped_rounds"] = self.elastic.skipped
         if self.node_comm is not None:
             inner_rounds, inner_bytes = self.node_comm.rounds("inner"), self.node_comm.bytes("inner")
             metrics["comm/rounds"] += inner_rounds
@@ -404,18 +412,3 @@ class LocalSGD(DriverState):
             metrics["comm/inner_rounds"] = inner_rounds
             metrics["comm/outer_rounds"] = outer_rounds
         return metrics
-
-
-def _per_worker(optimizer: Any, num_models: int) -> list[list[Any]]:
-    """Each worker's optimizers, from one optimizer, a list for one model, or one entry per model."""
-    if isinstance(optimizer, Optimizer):
-        entries: list[Any] = [optimizer]
-    elif isinstance(optimizer, Sequence) and not isinstance(optimizer, str):
-        entries = list(optimizer)
-    else:
-        raise ValueError(f"optimizer ({optimizer!r}) must be a torch.optim.Optimizer or a list of them")
-    if num_models == 1 and all(isinstance(e, Optimizer) for e in entries):
-        return [entries]
-    if len(entries) != num_models:
-        raise ValueError(f"optimizer ({len(entries)} entries) must hold one entry per model ({num_models})")
-    return [list(e) if isinstance(e, Sequence) else [e] for e in entries]

@@ -47,6 +47,22 @@ class EvaluationSwap:
             self._holding_average = False
             self._copy_backup_in()
 
+    @contextlib.contextmanager
+    def holding(self, flats: list[Tensor]) -> Iterator[None]:
+        """Temporarily hold ``flats`` (one tensor per bucket: a global model kept elsewhere, such as
+        the last committed round's) in every worker; each worker's own model back on exit."""
+        self._ensure_intact()
+        self._save_backup()
+        try:
+            for w in self._buckets:
+                for b, flat in zip(w, flats):
+                    b.flat.copy_(flat)
+            self._holding_average = True
+            yield
+        finally:
+            self._holding_average = False
+            self._copy_backup_in()
+
     def _copy_backup_in(self) -> None:
         for w, backup in zip(self._buckets, self._backup):
             for b, copy in zip(w, backup):

@@ -26,7 +26,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
-from localsgd.core.comm import Communicator, ProcessGroupCommunicator
+from localsgd.core.comm import Communicator
 from localsgd.core.control import StopRequests, check_equal_lengths
 from localsgd.core.driver import LocalSGD
 from localsgd.core.driver_state import sync_state
@@ -44,6 +44,7 @@ from localsgd.core.replicas import WorkerReplicas
 from localsgd.core.schedules import SyncSchedule
 from localsgd.core.wire import Wire
 from localsgd.lightning.common import DriverView, StartMethod, StrategyCommon, raw_optimizer, register
+from localsgd.lightning.ft import FaultTolerantJob, checked_fault_tolerance
 from localsgd.lightning.resume import ExactResume
 from localsgd.lightning.simulation import BatchedWorkers, SimulatedSteps, WorkerLogs, deal_shards
 from localsgd.lightning.stops import act_on_agreed_stops, install_sigterm_handler, quiet_per_batch_broadcast
@@ -51,7 +52,9 @@ from localsgd.lightning.stops import act_on_agreed_stops, install_sigterm_handle
 log = logging.getLogger(__name__)
 
 
-class LocalSGDStrategy(SimulatedSteps, DriverView, ExactResume, StrategyCommon, DDPStrategy):
+class LocalSGDStrategy(
+    FaultTolerantJob, SimulatedSteps, DriverView, ExactResume, StrategyCommon, DDPStrategy
+):
     """Local SGD: each worker takes optimizer steps on its own data; every ``sync_every`` steps
     the workers average their parameters (one all-reduce per device and dtype).
 
@@ -100,6 +103,10 @@ class LocalSGDStrategy(SimulatedSteps, DriverView, ExactResume, StrategyCommon, 
         num_fragments: F >= 1 dividing a constant H: the model cut into F fragments of near-equal
             bytes, fragment f syncing every H steps offset by f * H / F (streaming: each sync
             sends about 1/F of the model).
+        fault_tolerance: a :class:`localsgd.ft.FaultTolerance` (needs ``pip install 'localsgd[ft]'``):
+            this Trainer is one replica group of a run that goes on through lost groups; its
+            processes all-reduce their gradients every step, and the syncs across groups run
+            through torchft (see README, "Training through a lost worker").
         process_group_backend: ``"nccl"``, ``"gloo"``, ...; by default NCCL on GPUs, gloo on CPU.
         timeout: timeout of every collective.
         start_method: how Lightning starts the worker processes when it launches them itself.
@@ -126,6 +133,7 @@ class LocalSGDStrategy(SimulatedSteps, DriverView, ExactResume, StrategyCommon, 
         error_feedback: bool = False,
         sync_delay: int = 0,
         num_fragments: int = 1,
+        fault_tolerance: Any = None,
         process_group_backend: str | None = None,
         timeout: timedelta | None = default_pg_timeout,
         start_method: StartMethod = "popen",
@@ -158,6 +166,7 @@ class LocalSGDStrategy(SimulatedSteps, DriverView, ExactResume, StrategyCommon, 
             num_fragments=num_fragments,
         )
         self.schedule: SyncSchedule = self.options.schedule
+        self.fault_tolerance = checked_fault_tolerance(fault_tolerance, self.options, workers_per_device)
         self.outer_optimizer = self.options.outer_optimizer
         self.buffer_policy = self.options.buffers
         self.optimizer_state_policy = self.options.optimizer_state
@@ -207,7 +216,7 @@ class LocalSGDStrategy(SimulatedSteps, DriverView, ExactResume, StrategyCommon, 
         assert self.lightning_module is not None
         optimizers = [raw_optimizer(o) for o in self.optimizers]
         k = self.workers_per_device
-        self.comm = ProcessGroupCommunicator(workers_per_process=k)
+        self.comm = self._communicator(k)
         self.replicas, self.batched = None, None
         if k > 1:
             modules, worker_optimizers = self._simulated_workers(trainer, optimizers)
@@ -221,6 +230,7 @@ class LocalSGDStrategy(SimulatedSteps, DriverView, ExactResume, StrategyCommon, 
             local_world_size=self.num_processes,
             hook=False,  # Lightning's optimizer_step calls the driver, once per step of all workers
         )
+        self._continue_where_healed(trainer)
         self.driver.timeout = self._timeout
         if self.replicas is not None:
             self.driver.before_sync = self.replicas.check_unchanged
@@ -261,7 +271,9 @@ class LocalSGDStrategy(SimulatedSteps, DriverView, ExactResume, StrategyCommon, 
 
     def _check_batches_per_epoch(self, dataloader: object) -> None:
         assert self.comm is not None
-        check_equal_lengths(self.comm, dataloader, self.root_device, self.global_rank)
+        comm = self.comm.group if self.comm.elastic else self.comm  # across groups: the step check
+        if comm is not None:
+            check_equal_lengths(comm, dataloader, self.root_device, self.global_rank)
 
     def on_train_start(self) -> None:
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
@@ -307,6 +319,8 @@ class LocalSGDStrategy(SimulatedSteps, DriverView, ExactResume, StrategyCommon, 
         def step(closure: Callable[[], Any] = closure) -> Any:
             return super(LocalSGDStrategy, self).optimizer_step(optimizer, closure, model, **kwargs)
 
+        if self.driver.group_gradients is not None:  # a replica group: DDP's mean inside it, every step
+            closure = _then(closure, self.driver.average_group_gradients)
         if self.replicas is None:
             output = step(self._averaging_gradients(closure) if through_gradients else closure)
         elif through_gradients and self.batched is None:
@@ -364,6 +378,10 @@ class LocalSGDStrategy(SimulatedSteps, DriverView, ExactResume, StrategyCommon, 
             + (sent if self.driver.comm.num_workers > 1 else "communication: none (1 worker)")
         )
 
+    def teardown(self) -> None:
+        self._leave()  # a replica group leaves the fault-tolerant run
+        super().teardown()
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict[str, Any]:
         """The sync state: step count, schedule and communication counters."""
@@ -395,6 +413,15 @@ class LocalSGDStrategy(SimulatedSteps, DriverView, ExactResume, StrategyCommon, 
             )
             return
         self.driver.load_sync_state_dict(state)
+
+
+def _then(closure: Callable[[], Any], after: Callable[[], None]) -> Callable[[], Any]:
+    def closure_then() -> Any:
+        output = closure()  # forward and backward
+        after()
+        return output
+
+    return closure_then
 
 
 register(LocalSGDStrategy)

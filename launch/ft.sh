@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Fault-tolerant Local SGD (torchft, `pip install -e ".[ft]"`): a Lighthouse, and replica groups that
+# each restart themselves. See README, "Training through a lost worker".
+#
+#   launch/ft.sh lighthouse
+#       The Lighthouse (one per run, on a machine every group reaches): forms the quorum of live groups
+#       at every sync. LIGHTHOUSE_PORT (29510), MIN_REPLICAS (1: a single live group goes on),
+#       JOIN_TIMEOUT_MS (how long a quorum waits for a heartbeating group that has not asked yet; more
+#       than one round's duration: 600000), HEARTBEAT_TIMEOUT_MS (after this long without a heartbeat a
+#       group counts as lost: 5000).
+#
+#   REPLICA_GROUP_ID=<0..K-1> NUM_REPLICA_GROUPS=K TORCHFT_LIGHTHOUSE=http://HOST:29510 \
+#       launch/ft.sh group NPROC SCRIPT [ARGS...]
+#       One replica group: torchrun starts NPROC processes of SCRIPT on this machine (a Lightning job
+#       whose LocalSGDStrategy gets fault_tolerance=FaultTolerance.from_env(), as
+#       examples/fault_tolerant.py does) and restarts the group, up to MAX_RESTARTS (100) times, when
+#       one of its processes dies. The restarted group heals from a live group at their next sync.
+#
+# On SLURM: one job (or one array task) per group, each running `launch/ft.sh group ...` with
+# REPLICA_GROUP_ID=$SLURM_ARRAY_TASK_ID, and the Lighthouse in a job of its own (or on a login node);
+# `scontrol requeue` or `--requeue` brings back a group whose node was lost, and it heals the same way.
+# PYTHON: the interpreter with localsgd installed (default: the project's .venv/bin/python, else python3).
+set -euo pipefail
+
+if [ -z "${PYTHON:-}" ]; then
+    ROOT=$(cd "$(dirname "$0")/.." && pwd)
+    PYTHON=python3
+    [ -x "$ROOT/.venv/bin/python" ] && PYTHON=$ROOT/.venv/bin/python
+fi
+BIN=$(dirname "$PYTHON")
+usage() {
+    echo "usage: $0 lighthouse | $0 group NPROC SCRIPT [ARGS...]  (see the header of $0)" >&2
+    exit 2
+}
+need_int() {
+    if ! [[ ${!1} =~ ^[0-9]+$ ]] || { [ "$2" = 1 ] && [ "${!1}" -lt 1 ]; }; then
+        echo "$0: $1 (${!1}) must be an integer >= $2" >&2
+        exit 2
+    fi
+}
+
+case "${1:-}" in
+lighthouse)
+    LIGHTHOUSE=$BIN/torchft_lighthouse
+    [ -x "$LIGHTHOUSE" ] || LIGHTHOUSE=$(command -v torchft_lighthouse || true)
+    if [ -z "$LIGHTHOUSE" ]; then
+        echo "$0: torchft_lighthouse is not installed. HINT: pip install -e '.[ft]'" >&2
+        exit 2
+    fi
+    LIGHTHOUSE_PORT=${LIGHTHOUSE_PORT:-29510} MIN_REPLICAS=${MIN_REPLICAS:-1}
+    JOIN_TIMEOUT_MS=${JOIN_TIMEOUT_MS:-600000} HEARTBEAT_TIMEOUT_MS=${HEARTBEAT_TIMEOUT_MS:-5000}
+    for name in LIGHTHOUSE_PORT MIN_REPLICAS JOIN_TIMEOUT_MS HEARTBEAT_TIMEOUT_MS; do need_int $name 1; done
+    exec "$LIGHTHOUSE" --bind "[::]:$LIGHTHOUSE_PORT" --min_replicas "$MIN_REPLICAS" \
+        --join_timeout_ms "$JOIN_TIMEOUT_MS" --heartbeat_timeout_ms "$HEARTBEAT_TIMEOUT_MS" --quorum_tick_ms 100
+    ;;
+group)
+    [ $# -ge 3 ] || usage
+    NPROC=$2 SCRIPT=$3
+    shift 3
+    need_int NPROC 1
+    [ -f "$SCRIPT" ] || { echo "$0: SCRIPT ($SCRIPT) is not a file" >&2; exit 2; }
+    for name in REPLICA_GROUP_ID NUM_REPLICA_GROUPS TORCHFT_LIGHTHOUSE; do
+        if [ -z "${!name:-}" ]; then
+            echo "$0: group: set $name (see the header of $0)" >&2
+            exit 2
+        fi
+    done
+    need_int REPLICA_GROUP_ID 0
+    need_int NUM_REPLICA_GROUPS 1
+    MAX_RESTARTS=${MAX_RESTARTS:-100}
+    need_int MAX_RESTARTS 0
+    export REPLICA_GROUP_ID NUM_REPLICA_GROUPS TORCHFT_LIGHTHOUSE
+    # a fresh store for each attempt of this group (see launch/torchrun.sh)
+    export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
+    exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node="$NPROC" \
+        --max-restarts="$MAX_RESTARTS" --monitor-interval=0.5 "$SCRIPT" "$@"
+    ;;
+*)
+    usage
+    ;;
+esac
