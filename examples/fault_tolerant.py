@@ -153,6 +153,10 @@ def main() -> None:
     )
     module = Module(args.sleep)
     trainer.fit(module)
+    elastic = strategy.driver.elastic if strategy.driver is not None else None
+    if elastic is not None:
+        healed = f", joined by healing at step {elastic.healed_at}" if elastic.healed_at else ""
+        print(f"  {name} (start {attempt + 1}) ended at optimizer step {trainer.global_step}{healed}")
     if args.record is not None:
         torch.save(module.net.state_dict(), args.record / f"final.{name}.pt")
 

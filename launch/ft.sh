@@ -16,6 +16,10 @@
 #       examples/fault_tolerant.py does) and restarts the group, up to MAX_RESTARTS (100) times, when
 #       one of its processes dies. The restarted group heals from a live group at their next sync.
 #
+#   launch/ft.sh demo K SCRIPT [ARGS...]
+#       All of it on this machine: a Lighthouse on a free port and K one-process groups of SCRIPT,
+#       each under its own torchrun; logs in DEMO_DIR (runs/ft_demo); the Lighthouse stops at the end.
+#
 # On SLURM: one job (or one array task) per group, each running `launch/ft.sh group ...` with
 # REPLICA_GROUP_ID=$SLURM_ARRAY_TASK_ID, and the Lighthouse in a job of its own (or on a login node);
 # `scontrol requeue` or `--requeue` brings back a group whose node was lost, and it heals the same way.
@@ -29,7 +33,7 @@ if [ -z "${PYTHON:-}" ]; then
 fi
 BIN=$(dirname "$PYTHON")
 usage() {
-    echo "usage: $0 lighthouse | $0 group NPROC SCRIPT [ARGS...]  (see the header of $0)" >&2
+    echo "usage: $0 lighthouse | $0 group NPROC SCRIPT [ARGS...] | $0 demo K SCRIPT [ARGS...]  (see $0's header)" >&2
     exit 2
 }
 need_int() {
@@ -74,6 +78,35 @@ group)
     export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
     exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node="$NPROC" \
         --max-restarts="$MAX_RESTARTS" --monitor-interval=0.5 "$SCRIPT" "$@"
+    ;;
+demo)
+    [ $# -ge 3 ] || usage
+    K=$2 SCRIPT=$3
+    shift 3
+    need_int K 1
+    DEMO_DIR=${DEMO_DIR:-runs/ft_demo}
+    mkdir -p "$DEMO_DIR"
+    PORT=$("$PYTHON" -c "import socket; s = socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])")
+    LIGHTHOUSE_PORT=$PORT JOIN_TIMEOUT_MS=60000 HEARTBEAT_TIMEOUT_MS=1000 "$0" lighthouse >"$DEMO_DIR/lighthouse.log" 2>&1 &
+    LIGHTHOUSE_PID=$!
+    GROUP_PIDS=()
+    trap 'kill "${GROUP_PIDS[@]}" "$LIGHTHOUSE_PID" 2>/dev/null || true' EXIT
+    export TORCHFT_LIGHTHOUSE=http://localhost:$PORT NUM_REPLICA_GROUPS=$K
+    for ((g = 0; g < K; g++)); do
+        REPLICA_GROUP_ID=$g "$0" group 1 "$SCRIPT" "$@" >"$DEMO_DIR/group$g.log" 2>&1 &
+        GROUP_PIDS+=($!)
+    done
+    status=0
+    for ((g = 0; g < K; g++)); do
+        if wait "${GROUP_PIDS[$g]}"; then
+            echo "replica group $g: finished; log $DEMO_DIR/group$g.log"
+            grep -h "ended at optimizer step" "$DEMO_DIR/group$g.log" || true
+        else
+            echo "replica group $g: FAILED; log $DEMO_DIR/group$g.log" >&2
+            status=1
+        fi
+    done
+    exit $status
     ;;
 *)
     usage

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -225,3 +226,37 @@ def test_without_faults_equals_ordinary_processes(tmp_path: Path) -> None:
         assert not torch.equal(value, initial[key])  # it trained
         for name in ft:
             assert torch.allclose(ft[name][key], value, rtol=0, atol=1e-6), (name, key)
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "message"),
+    [
+        ([], {}, "usage: .*lighthouse .* group NPROC SCRIPT"),
+        (["group", "1", "examples/fault_tolerant.py"], {}, r"group: set REPLICA_GROUP_ID"),
+        (
+            ["group", "0", "examples/fault_tolerant.py"],
+            {"REPLICA_GROUP_ID": "0", "NUM_REPLICA_GROUPS": "2", "TORCHFT_LIGHTHOUSE": "http://x:1"},
+            r"NPROC \(0\) must be an integer >= 1",
+        ),
+        (
+            ["group", "1", "missing.py"],
+            {"REPLICA_GROUP_ID": "0", "NUM_REPLICA_GROUPS": "2", "TORCHFT_LIGHTHOUSE": "http://x:1"},
+            r"SCRIPT \(missing.py\) is not a file",
+        ),
+        (["lighthouse"], {"MIN_REPLICAS": "none"}, r"MIN_REPLICAS \(none\) must be an integer >= 1"),
+        (["demo", "zero", "examples/fault_tolerant.py"], {}, r"K \(zero\) must be an integer >= 1"),
+    ],
+)
+def test_launch_script_names_what_is_wrong(args: list[str], env: dict[str, str], message: str) -> None:
+    clean = {k: v for k, v in os.environ.items() if k not in ("REPLICA_GROUP_ID", "NUM_REPLICA_GROUPS")}
+    clean.pop("TORCHFT_LIGHTHOUSE", None)
+    proc = subprocess.run(
+        ["bash", str(ROOT / "launch" / "ft.sh"), *args],
+        cwd=ROOT,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert re.search(message, proc.stderr), proc.stderr

@@ -21,18 +21,18 @@ from torch.optim import Optimizer
 from localsgd.core import buckets, control
 from localsgd.core.buckets import FlatBucket, by_device_and_dtype, float_tensors, split_fragments
 from localsgd.core.comm import Communicator
-from localsgd.core.control import NUM_FLAGS, ControlMessage
-from localsgd.core.delayed import DelayedRound
+from localsgd.core.control import NUM_FLAGS
 from localsgd.core.optim_state import StateAverager, fresh_optimizer_state
 from localsgd.core.options import BufferPolicy, NonfinitePolicy, OptimizerStatePolicy, check_choice
 from localsgd.core.outer import OuterOptimizer
+from localsgd.core.round_kinds import OverlappedAndCompressed
 from localsgd.core.swap import EvaluationSwap
 from localsgd.core.wire import CompressedMean, Wire
 
 log = logging.getLogger(__name__)
 
 
-class Averager(EvaluationSwap):
+class Averager(OverlappedAndCompressed, EvaluationSwap):
     """Averages ``modules`` (one per local worker of ``comm``) and their optimizers' state.
 
     Args:
@@ -377,67 +377,6 @@ class Averager(EvaluationSwap):
                 fresh_optimizer_state(opts)
             if self.after_reset is not None:
                 self.after_reset()
-
-    def start_delayed(
-        self,
-        tag: str,
-        due: int,
-        *,
-        step: int,
-        digests: Sequence[float] | None = None,
-        flags: Sequence[float] = (),
-        fragment: int | None = None,
-    ) -> DelayedRound:
-        """The control message and this round's mean (of ``fragment``'s tensors, or all) in the
-        background, to be applied at step ``due`` (see :mod:`localsgd.core.delayed`)."""
-        self._ensure_intact()
-        control = ControlMessage(
-            self.comm,
-            [[b.flat for b in w] for w in self._buckets],
-            step,
-            nonfinite="raise",
-            digests=digests,
-            flags=flags,
-        )
-        return DelayedRound(
-            self._buckets,
-            self.comm,
-            tag,
-            due,
-            indices=self.fragment_buckets(fragment),
-            wire=self.wire,
-            anchors=self.outer.anchors if self.wire is not None and self.outer is not None else (),
-            start=step,
-            control=control,
-        )
-
-    def apply_delayed(self, round_: DelayedRound) -> None:
-        """A delayed round's result, keeping each worker's progress since its snapshot; its control
-        message's flags go to ``self.agreed_flags`` (NaN/Inf at its start raises, nothing applied)."""
-        self._ensure_intact()
-        bad, flags = round_.agreement()
-        if flags:
-            self.agreed_flags = flags
-        if bad:
-            raise FloatingPointError(
-                f"non-finite parameters or buffers (NaN/Inf) on worker(s) {bad} of {self.comm.num_workers} "
-                f"at optimizer step {round_.started} (an overlapped round's start, found at its landing): "
-                "refusing to average them into the others. HINT: lower the learning rate or clip gradients"
-            )
-        round_.apply(self._buckets, self.outer)
-
-    def _compressed_round(self, i: int, comm: Communicator) -> None:
-        """Bucket ``i``'s parameters become anchor + the mean of the workers' deltas from the anchor
-        (the global model of the last sync), through the wire; its buffers are averaged exactly."""
-        assert self.wire is not None and self.outer is not None
-        anchor = self.outer.anchors[i]
-        deltas = [w[i].params - anchor for w in self._buckets]
-        self.wire.mean_(deltas, key=i)
-        for w, delta in zip(self._buckets, deltas):
-            torch.add(anchor, delta, out=w[i].params)
-        rest = [w[i].flat[w[i].param_numel :] for w in self._buckets]
-        if rest[0].numel():
-            comm.all_reduce_(rest, op="mean")
 
     @property
     def _device(self) -> torch.device:
