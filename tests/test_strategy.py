@@ -147,3 +147,38 @@ def test_one_worker_warns_that_it_is_plain_sgd_and_reports_no_communication(capl
         trainer.fit(ToyModule())
     assert not [w for w in caught if "one worker" in str(w.message)]
     assert "bytes per worker" in caplog.text
+
+
+def test_the_baseline_destroys_the_process_group_at_exit() -> None:
+    # DDP's gradient all-reduces run in the background as overlapped rounds do; left to interpreter
+    # finalization, the gloo group aborted a spawned quickstart process after its fit ("terminate
+    # called without an active exception", seen in CI). A handler registered before the fit runs
+    # after the strategy's own (atexit is last in, first out) and sees the group gone.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from distributed import free_port
+
+    code = """
+import atexit, torch, torch.distributed as dist, lightning.pytorch as pl
+atexit.register(lambda: print("initialized at exit:", dist.is_initialized()))
+import sys; sys.path.insert(0, "tests")
+from common import ToyModule, make_trainer
+from localsgd import SGDBaselineStrategy
+make_trainer(SGDBaselineStrategy(), max_steps=2).fit(ToyModule())
+print("fit done, initialized:", dist.is_initialized())
+"""
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())},
+        cwd=Path(__file__).resolve().parents[1],
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "fit done, initialized: True" in done.stdout, done.stdout  # the group outlives the fit
+    assert "initialized at exit: False" in done.stdout, done.stdout

@@ -258,7 +258,7 @@ class ProcessGroupCommunicator(Communicator):
         self._rank = dist.get_rank(group)
         self.fused_average = dist.get_backend(group) == "nccl"
         """Whether ``mean`` uses the backend's ``ReduceOp.AVG``."""
-        _destroy_at_exit()
+        destroy_at_exit()
 
     @property
     def num_workers(self) -> int:
@@ -337,7 +337,7 @@ class ProcessGroupCommunicator(Communicator):
 
 
 @functools.cache
-def _destroy_at_exit() -> None:
+def destroy_at_exit() -> None:
     """Destroy the default process group when the program exits, while the interpreter is still
     whole (Lightning does so for NCCL only). Left to interpreter finalization, a gloo worker
     thread can still hold a finished background collective's tensors, whose release then needs a

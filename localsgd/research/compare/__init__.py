@@ -18,6 +18,12 @@ The run folder (``out``) holds::
 Lightning checkpoint's model weights, with a fresh optimizer, lr schedule and sync state: the
 papers' "from a common SGD checkpoint" comparisons.
 
+``sweep: {lr: [...], max_steps: [...]}`` (keys ``lr``, ``max_steps``, ``model.<arg>``,
+``data.<arg>``) trains every cell of the grid x method x seed, each cell in ``cells/<cell>/``
+with its own report, and writes ``sweep.md``, ``sweep.csv`` and ``sweep.png``: per cell the
+final test loss, accuracy and Hessian trace, and each method's gain over ``baseline`` (default:
+the first method) with its standard error (:mod:`localsgd.research.compare.sweep`).
+
 A run counts as finished when its ``result.json`` exists and was written for the same run
 settings; running the command again skips finished runs and only redraws the report (a
 changed method, or a run that was interrupted, is trained again from the start).
@@ -38,6 +44,7 @@ from collections.abc import Sequence
 from localsgd.research.compare.config import CompareConfig, RunSpec, load_config, slug
 from localsgd.research.compare.report import print_table, read_metrics, report
 from localsgd.research.compare.run import build, finished, run_all, train
+from localsgd.research.compare.sweep import sweep_report
 
 __all__ = [
     "CompareConfig",
@@ -50,6 +57,7 @@ __all__ = [
     "report",
     "run_all",
     "slug",
+    "sweep_report",
     "train",
 ]
 
@@ -83,6 +91,6 @@ def main(argv: Sequence[str]) -> None:
     except ValueError as error:
         parser.exit(2, f"localsgd compare: error: {error}\n")
     command = f"localsgd compare --config {args.config}"  # the run folder and flags aside
-    paths = report(config, results, command)
+    paths = sweep_report(config, results, command) if config.sweep else report(config, results, command)
     print_table(paths["markdown"])
     print(f"\nwrote {paths['markdown']}, {paths['plot']}, {paths['summary']} and runs/ under {config.out}")

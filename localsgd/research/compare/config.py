@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
+import itertools
 import json
 import re
 from dataclasses import dataclass, field
@@ -30,7 +32,11 @@ _TOP_KEYS = {
     "sharpness",
     "methods",
     "init_from",
+    "sweep",
+    "baseline",
 }
+# What a sweep may vary: the learning rate, the training length, any model or data argument.
+_SWEEP_SHORT = {"lr": "model.lr", "max_steps": "max_steps"}
 # LocalSGDStrategy arguments the runner sets itself (or the Trainer fills in)
 _STRATEGY_FIXED = {
     "workers_per_device",
@@ -61,6 +67,8 @@ class RunSpec:
     sharpness: dict[str, Any] | None
     init_from: str | None = None
     """A Lightning checkpoint whose model weights (``state_dict``) the run starts from."""
+    cell: dict[str, Any] = field(default_factory=dict)
+    """The sweep cell the run belongs to (``{}`` without a sweep); its values are in the settings."""
 
     def settings(self) -> dict[str, Any]:
         """What makes two runs the same run (the folder aside)."""
@@ -99,11 +107,44 @@ class CompareConfig:
     strategy: dict[str, Any] = field(default_factory=dict)
     sharpness: dict[str, Any] | None = None
     init_from: str | None = None
+    sweep: dict[str, list[Any]] = field(default_factory=dict)
+    """A grid applied to every method: ``{key: [values]}``, keys ``lr``, ``max_steps``,
+    ``model.<argument>`` or ``data.<argument>``; every combination is a cell."""
+    baseline: str | None = None
+    """The method the others are compared with in a sweep's report (default: the first)."""
     source: dict[str, Any] = field(default_factory=dict)
     """The YAML as read, copied into the run folder."""
 
+    def cells(self) -> list[tuple[dict[str, Any], CompareConfig]]:
+        """Each sweep cell and the comparison it stands for (its own folder ``cells/<cell>/``);
+        without a sweep, this comparison alone."""
+        if not self.sweep:
+            return [({}, self)]
+        out = []
+        for values in itertools.product(*self.sweep.values()):
+            cell = dict(zip(self.sweep, values))
+            sub = dataclasses.replace(self, sweep={}, out=self.out / "cells" / cell_slug(cell))
+            for key, value in cell.items():
+                target = _SWEEP_SHORT.get(key, key)
+                if target == "max_steps":
+                    sub.max_steps = value
+                else:
+                    part, name = target.split(".", 1)
+                    spec = copy.deepcopy(getattr(sub, part))
+                    spec.setdefault("init_args", {})[name] = value
+                    setattr(sub, part, spec)
+            out.append((cell, sub))
+        return out
+
     def runs(self) -> list[RunSpec]:
-        """Every (method, seed) run, method-major in the config's order."""
+        """Every (method, seed) run, method-major in the config's order (with a sweep: cell by cell)."""
+        if self.sweep:
+            runs = []
+            for cell, sub in self.cells():
+                for run in sub.runs():
+                    run.cell = cell
+                    runs.append(run)
+            return runs
         specs = []
         for name, method in self.methods.items():
             model = _merge_init_args(self.model, method.get("model", {}), f"methods.{name}.model")
@@ -142,6 +183,12 @@ def _path_or_none(name: str, value: Any) -> str | None:
     return value
 
 
+def _baseline(value: Any, methods: dict[str, Any]) -> str | None:
+    if value is not None and value not in methods:
+        raise ValueError(f"baseline ({value!r}) must be one of the methods: {sorted(methods)}")
+    return value
+
+
 def _mapping(name: str, value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError(
@@ -165,6 +212,44 @@ def _merge_init_args(base: dict[str, Any], overrides: dict[str, Any], name: str)
     merged = copy.deepcopy(base)
     merged.setdefault("init_args", {}).update(copy.deepcopy(overrides))
     return merged
+
+
+def cell_slug(cell: dict[str, Any]) -> str:
+    """A sweep cell as a folder name: ``{"lr": 0.05, "max_steps": 800}`` -> ``"lr-0.05_max_steps-800"``."""
+    return "_".join(f"{slug(k.replace('.', '-')).replace('-', '_')}-{v}" for k, v in cell.items())
+
+
+def check_sweep(raw: Any, methods: dict[str, dict[str, Any]]) -> dict[str, list[Any]]:
+    """A sweep as ``{key: [distinct values]}``, or a ValueError naming the key and the rule."""
+    if raw is None:
+        return {}
+    sweep = _mapping("sweep", raw)
+    for key, values in sweep.items():
+        target = _SWEEP_SHORT.get(key, key)
+        part, _, name = target.partition(".")
+        if target != "max_steps" and (part not in ("model", "data") or not name):
+            raise ValueError(
+                f"sweep key {key!r} is not one a sweep can vary: lr, max_steps, model.<argument> or "
+                "data.<argument> (an init_arg of the model or data class)"
+            )
+        if not isinstance(values, list) or not values or len(set(map(str, values))) != len(values):
+            raise ValueError(f"sweep.{key} ({values!r}) must be a non-empty list of distinct values")
+        for value in values:
+            if target == "max_steps":
+                _positive_int(f"sweep.{key}", value)
+            elif key == "lr" and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
+            ):
+                raise ValueError(f"sweep.lr ({value!r}) must hold numbers > 0")
+        for method_name, method in methods.items():
+            sets = key in ("max_steps",) and "max_steps" in method
+            sets = sets or (name and name in method.get(part, {}))
+            if sets:
+                raise ValueError(
+                    f"methods.{method_name} sets {target}, which sweep.{key} sets for every method: "
+                    "drop one of them"
+                )
+    return {str(k): list(v) for k, v in sweep.items()}
 
 
 def slug(name: str) -> str:
@@ -252,6 +337,8 @@ def load_config(path: str | Path, *, out: str | Path | None = None, jobs: int | 
         strategy=strategy,
         sharpness=sharpness,
         init_from=_path_or_none("init_from", raw.get("init_from")),
+        sweep=check_sweep(raw.get("sweep"), methods),
+        baseline=_baseline(raw.get("baseline"), methods),
         source=raw,
     )
     for run in config.runs():

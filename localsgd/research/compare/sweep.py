@@ -1,0 +1,213 @@
+"""A sweep's report: per cell and method the final test loss, test accuracy and Hessian trace
+(mean ± std over seeds), each method's difference from the baseline with its standard error,
+and the plots a reader of the "when" question expects (``sweep.md``, ``sweep.csv``,
+``sweep.png``). Each cell also gets the ordinary report of its own comparison in its folder.
+
+The difference of two methods' means over independent seeds has the standard error
+``sqrt(s_a^2 / n_a + s_b^2 / n_b)`` (s: the seeds' standard deviation); a *gain* is the
+baseline's test loss minus the method's, so a positive gain means the method generalizes better.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from localsgd.research.compare.config import CompareConfig
+from localsgd.research.compare.report import _last, _mean_std, line_style, read_metrics, report
+
+METRICS = (("val/loss", "test loss"), ("val/acc", "test acc"), ("sharpness/hessian_trace", "Hessian trace"))
+
+
+def cell_rows(config: CompareConfig) -> list[dict[str, Any]]:
+    """One row per (cell, method): each metric's seeds, mean and std, and the gain over the
+    baseline (its test loss minus the method's) with its standard error."""
+    baseline = config.baseline or next(iter(config.methods))
+    rows = []
+    for cell, sub in config.cells():
+        per_method: dict[str, dict[str, list[float]]] = {}
+        for run in sub.runs():
+            series = read_metrics(run.folder)
+            values = per_method.setdefault(run.method, {key: [] for key, _ in METRICS})
+            for key, _ in METRICS:
+                value = _last(series, key)
+                if value is not None:
+                    values[key].append(value)
+        base = per_method[baseline]["val/loss"]
+        for method, values in per_method.items():
+            row: dict[str, Any] = {"cell": cell, "method": method, "seeds": len(values["val/loss"])}
+            for key, _ in METRICS:
+                row[key] = _mean_std(values[key]) if values[key] else (math.nan, math.nan)
+            if method != baseline and base and values["val/loss"]:
+                row["gain"] = _difference(base, values["val/loss"])
+            rows.append(row)
+    return rows
+
+
+def _difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
+    """mean(a) - mean(b) and its standard error over independent seeds."""
+    (ma, sa), (mb, sb) = _mean_std(a), _mean_std(b)
+    return ma - mb, math.sqrt(sa**2 / len(a) + sb**2 / len(b))
+
+
+def write_markdown(config: CompareConfig, rows: Sequence[dict[str, Any]], command: str) -> Path:
+    keys = list(config.sweep)
+    baseline = config.baseline or next(iter(config.methods))
+    header = [*keys, "method", *(label for _, label in METRICS), f"gain over {baseline} (test loss)"]
+    lines = [
+        f"# {config.title}: sweep",
+        "",
+        f"`{command}`",
+        "",
+        f"The grid {dict(config.sweep)} x {len(config.methods)} methods x seeds {config.seeds}. Final "
+        "values, mean ± std over seeds; the gain is the baseline's test loss minus the method's "
+        "(positive: the method generalizes better) ± its standard error. Each cell's runs and report "
+        "are in `cells/<cell>/`.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "---|" * len(header),
+    ]
+    for row in rows:
+        cells = [str(row["cell"][k]) for k in keys] + [row["method"]]
+        for key, _ in METRICS:
+            mean, std = row[key]
+            fmt = "{:.3g}" if key.startswith("sharpness") else "{:.4f}"
+            cells.append(f"{fmt.format(mean)} ± {fmt.format(std)}")
+        gain = row.get("gain")
+        cells.append(f"{gain[0]:+.4f} ± {gain[1]:.4f}" if gain else "")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "![sweep](sweep.png)", ""]
+    path = config.out / "sweep.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def write_csv(config: CompareConfig, rows: Sequence[dict[str, Any]]) -> Path:
+    path = config.out / "sweep.csv"
+    keys = list(config.sweep)
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        metric_columns = [f"{k}_{stat}" for k, _ in METRICS for stat in ("mean", "std")]
+        writer.writerow([*keys, "method", "seeds", *metric_columns, "gain", "gain_se"])
+        for row in rows:
+            values = [v for key, _ in METRICS for v in row[key]]
+            gain = row.get("gain", ("", ""))
+            writer.writerow([*(row["cell"][k] for k in keys), row["method"], row["seeds"], *values, *gain])
+    return path
+
+
+def plot(config: CompareConfig, rows: Sequence[dict[str, Any]]) -> Path:
+    """Top: the gain against the first sweep key (one line per method, at the last value of the
+    second key) and against the second key (one line per value of the first, for the last method).
+    Bottom: the Hessian trace on the same axes (the baseline included, dashed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = list(config.sweep)
+    first, second = keys[0], (keys[1] if len(keys) > 1 else None)
+    baseline = config.baseline or next(iter(config.methods))
+    methods = list(config.methods)
+    last_method = methods[-1]
+    fig, axes = plt.subplots(2, 2 if second else 1, figsize=(11 if second else 6, 8), squeeze=False)
+
+    def pick(method: str, **fixed: Any) -> list[dict[str, Any]]:
+        return [
+            r for r in rows if r["method"] == method and all(r["cell"].get(k) == v for k, v in fixed.items())
+        ]
+
+    fixed = {second: config.sweep[second][-1]} if second else {}
+    for i, method in enumerate(methods):
+        (style, marker), color = line_style(i), f"C{i}"
+        line = sorted(pick(method, **fixed), key=lambda r: r["cell"][first])
+        xs = [r["cell"][first] for r in line]
+        if method != baseline:
+            axes[0][0].errorbar(
+                xs,
+                [r["gain"][0] for r in line],
+                yerr=[r["gain"][1] for r in line],
+                color=color,
+                linestyle=style,
+                marker=marker,
+                capsize=3,
+                label=method,
+            )
+        axes[1][0].errorbar(
+            xs,
+            [r["sharpness/hessian_trace"][0] for r in line],
+            yerr=[r["sharpness/hessian_trace"][1] for r in line],
+            color=color,
+            linestyle="--" if method == baseline else style,
+            marker=marker,
+            capsize=3,
+            label=method,
+        )
+    where = f" ({second} = {fixed[second]})" if second else ""
+    axes[0][0].set(xlabel=first, ylabel=f"test-loss gain over {baseline}", title=f"gain vs {first}{where}")
+    axes[1][0].set(xlabel=first, ylabel="Hessian trace", title=f"Hessian trace vs {first}{where}")
+    if second:
+        for j, value in enumerate(config.sweep[first]):
+            (style, marker), color = line_style(j), f"C{j}"
+            for method, row_axes in ((last_method, 0), (last_method, 1)):
+                line = sorted(pick(method, **{first: value}), key=lambda r: r["cell"][second])
+                xs = [r["cell"][second] for r in line]
+                if row_axes == 0 and method != baseline:
+                    axes[0][1].errorbar(
+                        xs,
+                        [r["gain"][0] for r in line],
+                        yerr=[r["gain"][1] for r in line],
+                        color=color,
+                        linestyle=style,
+                        marker=marker,
+                        capsize=3,
+                        label=f"{first} = {value}",
+                    )
+                elif row_axes == 1:
+                    axes[1][1].errorbar(
+                        xs,
+                        [r["sharpness/hessian_trace"][0] for r in line],
+                        yerr=[r["sharpness/hessian_trace"][1] for r in line],
+                        color=color,
+                        linestyle=style,
+                        marker=marker,
+                        capsize=3,
+                        label=f"{first} = {value}",
+                    )
+        axes[0][1].set(
+            xlabel=second, ylabel=f"test-loss gain over {baseline}", title=f"{last_method}: gain vs {second}"
+        )
+        axes[1][1].set(
+            xlabel=second, ylabel="Hessian trace", title=f"{last_method}: Hessian trace vs {second}"
+        )
+    for ax in axes.flat:
+        if first == "lr" or ax.get_xlabel() == "lr":
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    for ax in axes[0]:
+        ax.axhline(0.0, color="black", linewidth=0.8)
+    fig.suptitle(f"{config.title}: sweep")
+    fig.tight_layout()
+    path = config.out / "sweep.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def sweep_report(config: CompareConfig, results: Sequence[dict[str, Any]], command: str) -> dict[str, Path]:
+    """Each cell's ordinary report in its folder, then the sweep's own files in ``config.out``."""
+    by_folder = {str(run.folder): result for run, result in zip(config.runs(), results)}
+    for _, sub in config.cells():
+        sub.out.mkdir(parents=True, exist_ok=True)
+        report(sub, [by_folder[str(run.folder)] for run in sub.runs()], command)
+    rows = cell_rows(config)
+    config.out.mkdir(parents=True, exist_ok=True)
+    return {
+        "summary": write_csv(config, rows),
+        "markdown": write_markdown(config, rows, command),
+        "plot": plot(config, rows),
+    }

@@ -1,0 +1,140 @@
+"""`localsgd compare` sweeps: the grid's cells, bad grids named, finished runs kept across a
+changed grid, and the report's differences with their standard errors (no training here)."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from test_compare import _TINY
+
+from localsgd.research.compare import finished, load_config
+from localsgd.research.compare.sweep import cell_rows, sweep_report
+
+
+def _config(tmp_path: Path, **changes: Any) -> Path:
+    raw = copy.deepcopy(_TINY)
+    raw["sweep"] = {"lr": [0.01, 0.1], "max_steps": [8, 16]}
+    raw.update(changes)
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump({"out": str(tmp_path / "out"), **raw}, sort_keys=False))
+    return path
+
+
+def test_every_cell_method_and_seed_is_a_run_with_the_cells_values(tmp_path: Path) -> None:
+    config = load_config(_config(tmp_path))
+    runs = config.runs()
+    assert len(runs) == 4 * 2 * 2  # cells x methods x seeds
+    cells = [cell for cell, _ in config.cells()]
+    assert cells == [
+        {"lr": 0.01, "max_steps": 8},
+        {"lr": 0.01, "max_steps": 16},
+        {"lr": 0.1, "max_steps": 8},
+        {"lr": 0.1, "max_steps": 16},
+    ]
+    for run in runs:
+        assert run.model["init_args"]["lr"] == run.cell["lr"]
+        assert run.max_steps == run.cell["max_steps"]
+        cell = f"lr-{run.cell['lr']}_max_steps-{run.cell['max_steps']}"
+        assert (
+            run.folder
+            == tmp_path
+            / "out"
+            / "cells"
+            / cell
+            / "runs"
+            / run.method.lower().replace(" (h=4)", "-h-4").replace(" ", "-")
+            / f"seed{run.seed}"
+        )
+    assert len({r.fingerprint() for r in runs}) == len(runs)  # every run is its own
+    # data and model arguments too, by their dotted names
+    config = load_config(_config(tmp_path, sweep={"data.label_noise": [0.0, 0.4]}))
+    assert [r.data["init_args"]["label_noise"] for r in config.runs()[::4]] == [0.0, 0.4]
+
+
+@pytest.mark.parametrize(
+    ("sweep", "extra", "message"),
+    [
+        ({"momentum": [0.9]}, {}, r"sweep key 'momentum' is not one a sweep can vary: lr, max_steps"),
+        ({"trainer.lr": [0.1]}, {}, r"sweep key 'trainer.lr' is not one a sweep can vary"),
+        ({"lr": []}, {}, r"sweep.lr \(\[\]\) must be a non-empty list of distinct values"),
+        ({"lr": [0.1, 0.1]}, {}, r"sweep.lr \(\[0.1, 0.1\]\) must be a non-empty list of distinct"),
+        ({"lr": [0.1, -1]}, {}, r"sweep.lr \(-1\) must hold numbers > 0"),
+        ({"max_steps": [8, 0]}, {}, r"sweep.max_steps \(0\) must be an integer >= 1"),
+        ({"max_steps": [8, 10]}, {}, r"eval_every \(4\) must divide max_steps \(10"),
+        (
+            {"lr": [0.1]},
+            {"methods": {"SGD": {"model": {"lr": 0.2}}}},
+            r"methods.SGD sets model.lr, which sweep.lr sets for every method",
+        ),
+        ({"lr": [0.1]}, {"baseline": "Adam"}, r"baseline \('Adam'\) must be one of the methods"),
+        ([0.1], {}, r"sweep must be a mapping"),
+    ],
+)
+def test_a_bad_grid_is_named(tmp_path: Path, sweep: Any, extra: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        load_config(_config(tmp_path, sweep=sweep, **extra))
+
+
+def _pretend_trained(runs: list[Any], loss: Any) -> None:
+    """What ``train`` leaves in a run folder: metrics.csv and a result.json for these settings."""
+    for run in runs:
+        run.folder.mkdir(parents=True, exist_ok=True)
+        value = loss(run)
+        with open(run.folder / "metrics.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["step", "epoch", "val/loss", "val/acc", "sharpness/hessian_trace"])
+            writer.writerow([run.max_steps - 1, 0, value, 1 - value, 10 * value])
+        result = {
+            "method": run.method,
+            "seed": run.seed,
+            "fingerprint": run.fingerprint(),
+            "steps": run.max_steps,
+            "seconds": 1.0,
+            "workers": run.workers,
+            "final": {"val/loss": value},
+        }
+        (run.folder / "result.json").write_text(json.dumps(result))
+
+
+def test_a_grown_grid_keeps_every_finished_cell(tmp_path: Path) -> None:
+    small = load_config(_config(tmp_path))
+    _pretend_trained(small.runs(), lambda run: 0.5)
+    assert all(finished(run) for run in small.runs())
+    grown = load_config(_config(tmp_path, sweep={"lr": [0.01, 0.1, 0.3], "max_steps": [8, 16]}))
+    done = [run for run in grown.runs() if finished(run)]
+    assert len(done) == len(small.runs())  # the old cells' runs are found where they were
+    assert {run.cell["lr"] for run in grown.runs() if not finished(run)} == {0.3}
+    # a changed setting of every run (here the data) makes every run unfinished
+    changed = copy.deepcopy(_TINY["data"])
+    changed["init_args"]["label_noise"] = 0.3
+    assert not any(finished(run) for run in load_config(_config(tmp_path, data=changed)).runs())
+
+
+def test_the_report_gives_each_methods_gain_over_the_baseline_with_its_standard_error(tmp_path: Path) -> None:
+    config = load_config(_config(tmp_path))
+    # test loss: SGD 0.50 / 0.54 (seeds 0, 1); Local SGD 0.40 / 0.46; + 0.1 in the lr = 0.1 cells
+    values = {("SGD", 0): 0.50, ("SGD", 1): 0.54, ("Local SGD (H=4)", 0): 0.40, ("Local SGD (H=4)", 1): 0.46}
+    _pretend_trained(config.runs(), lambda run: values[run.method, run.seed] + (run.cell["lr"] == 0.1) * 0.1)
+    rows = cell_rows(config)
+    assert len(rows) == 8 and all("gain" not in r for r in rows if r["method"] == "SGD")
+    local = [r for r in rows if r["method"] != "SGD"]
+    for row in local:
+        gain, se = row["gain"]
+        assert gain == pytest.approx(0.52 - 0.43)
+        assert se == pytest.approx(math.sqrt(0.04**2 / 2 / 2 + 0.06**2 / 2 / 2))  # std^2 / n, sample std
+        assert row["val/loss"][0] == pytest.approx(0.43 + (row["cell"]["lr"] == 0.1) * 0.1)
+    results = [json.loads((run.folder / "result.json").read_text()) for run in config.runs()]
+    paths = sweep_report(config, results, "localsgd compare --config sweep.yaml")
+    text = paths["markdown"].read_text()
+    assert "| 0.01 | 8 | Local SGD (H=4) |" in text and "+0.0900 ±" in text
+    assert paths["plot"].stat().st_size > 10_000
+    header = paths["summary"].read_text().splitlines()[0]
+    assert header.startswith("lr,max_steps,method,seeds,val/loss_mean")
+    assert (tmp_path / "out" / "cells" / "lr-0.1_max_steps-16" / "report.md").is_file()
