@@ -134,6 +134,8 @@ def test_the_report_gives_each_methods_gain_over_the_baseline_with_its_standard_
     paths = sweep_report(config, results, "localsgd compare --config sweep.yaml")
     text = paths["markdown"].read_text()
     assert "| 0.01 | 8 | Local SGD (H=4) |" in text and "+0.0900 ±" in text
+    pivot = text[text.index("Local SGD (H=4), gain over SGD:") :]
+    assert "| 0.1 | +0.0900 ± 0.0361 | +0.0900 ± 0.0361 |" in pivot  # lr down, max_steps 8, 16 across
     assert paths["plot"].stat().st_size > 10_000
     header = paths["summary"].read_text().splitlines()[0]
     assert header.startswith("lr,max_steps,method,seeds,val/loss_mean")

@@ -79,10 +79,43 @@ def write_markdown(config: CompareConfig, rows: Sequence[dict[str, Any]], comman
         gain = row.get("gain")
         cells.append(f"{gain[0]:+.4f} ± {gain[1]:.4f}" if gain else "")
         lines.append("| " + " | ".join(cells) + " |")
+    lines += _pivots(config, rows, baseline)
     lines += ["", "![sweep](sweep.png)", ""]
     path = config.out / "sweep.md"
     path.write_text("\n".join(lines))
     return path
+
+
+def _pivots(config: CompareConfig, rows: Sequence[dict[str, Any]], baseline: str) -> list[str]:
+    """Per method, its gain (and the Hessian trace, the baseline's too) as a table: the first sweep
+    key down, the second across."""
+    keys = list(config.sweep)
+    if len(keys) != 2:
+        return []
+    first, second = keys
+    lines: list[str] = []
+    for method in config.methods:
+        for what in ("gain", "sharpness/hessian_trace"):
+            if what == "gain" and method == baseline:
+                continue
+            label = f"gain over {baseline}" if what == "gain" else "Hessian trace"
+            lines += [
+                "",
+                f"{method}, {label}:",
+                "",
+                f"| {first} \\ {second} | " + " | ".join(str(v) for v in config.sweep[second]) + " |",
+                "|" + "---|" * (1 + len(config.sweep[second])),
+            ]
+            for a in config.sweep[first]:
+                cells = []
+                for b in config.sweep[second]:
+                    row = next(
+                        r for r in rows if r["method"] == method and r["cell"] == {first: a, second: b}
+                    )
+                    mean, err = row.get(what, (math.nan, math.nan))
+                    cells.append(f"{mean:+.4f} ± {err:.4f}" if what == "gain" else f"{mean:.3g} ± {err:.2g}")
+                lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def write_csv(config: CompareConfig, rows: Sequence[dict[str, Any]]) -> Path:
@@ -184,12 +217,14 @@ def plot(config: CompareConfig, rows: Sequence[dict[str, Any]]) -> Path:
             xlabel=second, ylabel="Hessian trace", title=f"{last_method}: Hessian trace vs {second}"
         )
     for ax in axes.flat:
-        if first == "lr" or ax.get_xlabel() == "lr":
+        if ax.get_xlabel() in ("lr", "max_steps"):  # factors apart, as sweeps space them
             ax.set_xscale("log")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
     for ax in axes[0]:
         ax.axhline(0.0, color="black", linewidth=0.8)
+        ax.set_visible(len(methods) > 1)  # a baseline alone has no gain to show
     fig.suptitle(f"{config.title}: sweep")
     fig.tight_layout()
     path = config.out / "sweep.png"
