@@ -22,7 +22,7 @@ from localsgd.ft import FaultTolerance
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "bench"), str(ROOT / "examples")]
-from lost_worker import read_records, run_groups  # noqa: E402
+from lost_worker import lighthouse, read_records, run_groups  # noqa: E402
 from problem import model as example_model  # noqa: E402
 
 STEPS, H, KILL_AT = 160, 4, 38  # 40 rounds; the kill is mid-round 10 (steps 37..40)
@@ -81,6 +81,7 @@ def test_without_the_extra_the_error_names_it(monkeypatch: pytest.MonkeyPatch) -
         ({"optimizer_state": "average"}, "optimizer_state"),
         ({"h1_sync": "gradients"}, "h1_sync"),
         ({"sync_every": localsgd.Hierarchical(inner=2, outer=4)}, "Hierarchical"),
+        ({"sync_every": localsgd.PostLocal(8, switch_step=16)}, "PostLocal"),
     ],
 )
 def test_unsupported_options_are_named(kwargs: dict[str, Any], name: str) -> None:
@@ -260,3 +261,49 @@ def test_launch_script_names_what_is_wrong(args: list[str], env: dict[str, str],
     )
     assert proc.returncode == 2, proc.stderr
     assert re.search(message, proc.stderr), proc.stderr
+
+
+_PLAIN_GROUP = """
+import os, sys, torch
+from torch import nn
+import localsgd
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 4))
+opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+comm = localsgd.FaultTolerantCommunicator(localsgd.FaultTolerance.from_env(timeout=30.0))
+schedule = localsgd.QSR(4, 0.2)  # H = max(4, (0.2 / 0.1)^2) = 4 at this lr
+with localsgd.LocalSGD(model, opt, sync_every=schedule, outer_optimizer=localsgd.DiLoCo(), comm=comm) as ls:
+    group = comm.config.replica_group
+    for step in range(32):
+        g = torch.Generator().manual_seed(1000 * group + step)
+        x, y = torch.randn(16, 8, generator=g), torch.randint(0, 4, (16,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+print("rounds", ls.metrics()["comm/rounds"], "participants", ls.metrics()["ft/participants"])
+torch.save(model.state_dict(), sys.argv[1])
+comm.close()
+"""
+
+
+@needs_torchft
+@pytest.mark.distributed
+def test_a_plain_loop_runs_fault_tolerant_rounds_with_a_schedule_and_diloco(tmp_path: Path) -> None:
+    with lighthouse() as address:
+        procs = []
+        for g in range(2):
+            env = {**os.environ, "TORCHFT_LIGHTHOUSE": address, "NUM_REPLICA_GROUPS": "2"}
+            env["REPLICA_GROUP_ID"] = str(g)
+            for key in ("MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
+                env.pop(key, None)
+            command = [sys.executable, "-c", _PLAIN_GROUP, str(tmp_path / f"g{g}.pt")]
+            procs.append(
+                subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            )
+        outputs = [p.communicate(timeout=120) for p in procs]
+    for proc, (out, err) in zip(procs, outputs):
+        assert proc.returncode == 0, err[-3000:]
+        assert "rounds 8 participants 2" in out, out  # 32 steps / H = 4, both groups in every round
+    finals = [torch.load(tmp_path / f"g{g}.pt") for g in range(2)]
+    assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
+    assert not torch.equal(finals[0]["0.weight"], (torch.manual_seed(0), nn.Linear(8, 16))[1].weight)

@@ -33,7 +33,7 @@ from torch import Tensor
 from localsgd.core.comm import RoundFailed
 from localsgd.core.optim_state import fresh_optimizer_state
 from localsgd.core.options import Options
-from localsgd.core.schedules import Hierarchical
+from localsgd.core.schedules import Hierarchical, PostLocal
 
 if TYPE_CHECKING:
     from localsgd.core.driver import LocalSGD
@@ -64,6 +64,11 @@ def check_elastic(options: Options, workers_per_process: int = 1) -> None:
         raise ValueError(
             "fault tolerance with h1_sync='gradients' is not supported: every step would be a round. "
             "HINT: h1_sync='parameters'"
+        )
+    if isinstance(options.schedule, PostLocal):
+        raise ValueError(
+            "fault tolerance with a PostLocal schedule is not supported: its synchronous phase averages "
+            "the optimizer state, which a healed worker starts without. HINT: sync_every=<int> or QSR"
         )
     if isinstance(options.schedule, Hierarchical):
         raise ValueError(
