@@ -27,6 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import Tensor
+from torch.distributed.distributed_c10d import AllreduceOptions, ReduceOp
 
 from localsgd.core.comm import Communicator, ProcessGroupCommunicator, ReduceOpName, RoundFailed
 
@@ -231,8 +232,6 @@ class FaultTolerantCommunicator(Communicator):
 
     # ------------------------------------------------------------------ collectives
     def _all_reduce(self, tensors: list[Tensor] | Any, op: ReduceOpName) -> None:
-        from torch.distributed.distributed_c10d import AllreduceOptions, ReduceOp
-
         if self._failed is not None:
             raise RoundFailed(f"an earlier collective of this round failed: {self._failed}")
         t = tensors[0]

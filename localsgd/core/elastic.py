@@ -86,6 +86,8 @@ class ElasticRounds:
         self.comm = driver.comm
         self.global_model: list[Tensor] = []
         """Worker 0's flat tensors after the last committed round (parameters and averaged buffers)."""
+        self._own: list[list[Tensor]] = []
+        """Each worker's flat tensors before the current round, put back if it is not committed."""
         self.skipped = 0
         """Rounds skipped because a collective failed."""
         self.healed_at: int | None = None
@@ -140,7 +142,7 @@ class ElasticRounds:
                 f"the schedule asks optimizer_state='average' at step {driver.num_steps}: "
                 "not supported with fault tolerance (see localsgd.core.elastic)"
             )
-        own = [[t.clone() for t in averager.flat_tensors(w)] for w in range(len(driver.models))]
+        own = self._snapshot()
         ok, result = True, None
         try:
             result = averager.average(
@@ -188,6 +190,18 @@ class ElasticRounds:
         driver._worker_steps = [driver.num_steps] * len(driver.models)
         self.healed_at = driver.num_steps
         log.info("LocalSGD: healed from a peer at optimizer step %d", driver.num_steps)
+
+    def _snapshot(self) -> list[list[Tensor]]:
+        """Every worker's own model before the round, into buffers kept from round to round."""
+        averager = self.driver.averager
+        flats = [averager.flat_tensors(w) for w in range(len(self.driver.models))]
+        if [len(f) for f in flats] != [len(o) for o in self._own]:
+            self._own = [[t.clone() for t in f] for f in flats]
+            return self._own
+        for saved, current in zip(self._own, flats):
+            for kept, flat in zip(saved, current):
+                kept.copy_(flat)
+        return self._own
 
     def _keep_global(self) -> None:
         flats = self.driver.averager.flat_tensors(0)

@@ -21,7 +21,6 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim import Optimizer
 
-from localsgd.core.comm import destroy_at_exit
 from localsgd.core.options import check_choice
 from localsgd.lightning.common import StartMethod, StrategyCommon, register
 
@@ -74,8 +73,6 @@ class SGDBaselineStrategy(StrategyCommon, DDPStrategy):
 
     def setup(self, trainer: pl.Trainer) -> None:
         super().setup(trainer)
-        # DDP's gradient all-reduces run in the background too: the same exit abort as Local SGD's
-        destroy_at_exit()
         if trainer.state.fn != TrainerFn.FITTING:
             return
         assert self.lightning_module is not None

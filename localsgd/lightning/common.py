@@ -20,7 +20,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
 
 from localsgd.core.averager import Averager
-from localsgd.core.comm import Communicator
+from localsgd.core.comm import Communicator, destroy_at_exit
 from localsgd.core.control import StopRequests
 from localsgd.core.files import is_local
 from localsgd.core.scaling import intrinsic_lr
@@ -48,6 +48,12 @@ class StrategyCommon:
     description: str
     """What ``Trainer(strategy=strategy_name)`` builds, as Lightning lists it."""
     _pending_state: dict[str, Any] | None = None
+
+    def setup_environment(self) -> None:
+        super().setup_environment()  # type: ignore[misc]
+        # the process group's background collectives (Local SGD's averaging, DDP's gradient
+        # all-reduces) must end before interpreter finalization: see ``destroy_at_exit``
+        destroy_at_exit()
 
     def _log_step(self, optimizer: Optimizer, metrics: dict[str, float]) -> None:
         """Log ``metrics`` and the step's learning rate through the Trainer's loggers."""

@@ -132,10 +132,23 @@ def write_csv(config: CompareConfig, rows: Sequence[dict[str, Any]]) -> Path:
     return path
 
 
+def _errorbars(ax: Any, line: Sequence[dict[str, Any]], x: str, y: str, **style: Any) -> None:
+    """One line of mean ± spread: ``y`` is "gain" or a metric of METRICS, each a (mean, spread)."""
+    line = sorted(line, key=lambda r: r["cell"][x])
+    ax.errorbar(
+        [r["cell"][x] for r in line],
+        [r[y][0] for r in line],
+        yerr=[r[y][1] for r in line],
+        capsize=3,
+        **style,
+    )
+
+
 def plot(config: CompareConfig, rows: Sequence[dict[str, Any]]) -> Path:
-    """Top: the gain against the first sweep key (one line per method, at the last value of the
-    second key) and against the second key (one line per value of the first, for the last method).
-    Bottom: the Hessian trace on the same axes (the baseline included, dashed)."""
+    """Column 0: the gain (top) and the Hessian trace (bottom, the baseline dashed) against the
+    first sweep key, one line per method, at the last value of the second key. With a second key,
+    one more column per method but the baseline: the same against the second key, one line per
+    value of the first."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -145,8 +158,9 @@ def plot(config: CompareConfig, rows: Sequence[dict[str, Any]]) -> Path:
     first, second = keys[0], (keys[1] if len(keys) > 1 else None)
     baseline = config.baseline or next(iter(config.methods))
     methods = list(config.methods)
-    last_method = methods[-1]
-    fig, axes = plt.subplots(2, 2 if second else 1, figsize=(11 if second else 6, 8), squeeze=False)
+    others = [m for m in methods if m != baseline] if second else []
+    columns = 1 + len(others)
+    fig, axes = plt.subplots(2, columns, figsize=(5.5 * columns, 8), squeeze=False)
 
     def pick(method: str, **fixed: Any) -> list[dict[str, Any]]:
         return [
@@ -156,66 +170,38 @@ def plot(config: CompareConfig, rows: Sequence[dict[str, Any]]) -> Path:
     fixed = {second: config.sweep[second][-1]} if second else {}
     for i, method in enumerate(methods):
         (style, marker), color = line_style(i), f"C{i}"
-        line = sorted(pick(method, **fixed), key=lambda r: r["cell"][first])
-        xs = [r["cell"][first] for r in line]
+        line = pick(method, **fixed)
         if method != baseline:
-            axes[0][0].errorbar(
-                xs,
-                [r["gain"][0] for r in line],
-                yerr=[r["gain"][1] for r in line],
-                color=color,
-                linestyle=style,
-                marker=marker,
-                capsize=3,
-                label=method,
+            _errorbars(
+                axes[0][0], line, first, "gain", color=color, linestyle=style, marker=marker, label=method
             )
-        axes[1][0].errorbar(
-            xs,
-            [r["sharpness/hessian_trace"][0] for r in line],
-            yerr=[r["sharpness/hessian_trace"][1] for r in line],
+        dashed = "--" if method == baseline else style
+        _errorbars(
+            axes[1][0],
+            line,
+            first,
+            "sharpness/hessian_trace",
             color=color,
-            linestyle="--" if method == baseline else style,
+            linestyle=dashed,
             marker=marker,
-            capsize=3,
             label=method,
         )
     where = f" ({second} = {fixed[second]})" if second else ""
     axes[0][0].set(xlabel=first, ylabel=f"test-loss gain over {baseline}", title=f"gain vs {first}{where}")
     axes[1][0].set(xlabel=first, ylabel="Hessian trace", title=f"Hessian trace vs {first}{where}")
-    if second:
+    for c, method in enumerate(others, start=1):
         for j, value in enumerate(config.sweep[first]):
             (style, marker), color = line_style(j), f"C{j}"
-            for method, row_axes in ((last_method, 0), (last_method, 1)):
-                line = sorted(pick(method, **{first: value}), key=lambda r: r["cell"][second])
-                xs = [r["cell"][second] for r in line]
-                if row_axes == 0 and method != baseline:
-                    axes[0][1].errorbar(
-                        xs,
-                        [r["gain"][0] for r in line],
-                        yerr=[r["gain"][1] for r in line],
-                        color=color,
-                        linestyle=style,
-                        marker=marker,
-                        capsize=3,
-                        label=f"{first} = {value}",
-                    )
-                elif row_axes == 1:
-                    axes[1][1].errorbar(
-                        xs,
-                        [r["sharpness/hessian_trace"][0] for r in line],
-                        yerr=[r["sharpness/hessian_trace"][1] for r in line],
-                        color=color,
-                        linestyle=style,
-                        marker=marker,
-                        capsize=3,
-                        label=f"{first} = {value}",
-                    )
-        axes[0][1].set(
-            xlabel=second, ylabel=f"test-loss gain over {baseline}", title=f"{last_method}: gain vs {second}"
+            line = pick(method, **{first: value})
+            for r, y in ((0, "gain"), (1, "sharpness/hessian_trace")):
+                label = f"{first} = {value}"
+                _errorbars(
+                    axes[r][c], line, second, y, color=color, linestyle=style, marker=marker, label=label
+                )
+        axes[0][c].set(
+            xlabel=second, ylabel=f"test-loss gain over {baseline}", title=f"{method}: gain vs {second}"
         )
-        axes[1][1].set(
-            xlabel=second, ylabel="Hessian trace", title=f"{last_method}: Hessian trace vs {second}"
-        )
+        axes[1][c].set(xlabel=second, ylabel="Hessian trace", title=f"{method}: Hessian trace vs {second}")
     for ax in axes.flat:
         if ax.get_xlabel() in ("lr", "max_steps"):  # factors apart, as sweeps space them
             ax.set_xscale("log")
