@@ -130,13 +130,33 @@ def test_the_report_gives_each_methods_gain_over_the_baseline_with_its_standard_
         assert gain == pytest.approx(0.52 - 0.43)
         assert se == pytest.approx(math.sqrt(0.04**2 / 2 / 2 + 0.06**2 / 2 / 2))  # std^2 / n, sample std
         assert row["val/loss"][0] == pytest.approx(0.43 + (row["cell"]["lr"] == 0.1) * 0.1)
+        assert row["acc_gain"] == pytest.approx((0.09, se))  # test accuracy here is 1 - test loss
     results = [json.loads((run.folder / "result.json").read_text()) for run in config.runs()]
     paths = sweep_report(config, results, "localsgd compare --config sweep.yaml")
     text = paths["markdown"].read_text()
     assert "| 0.01 | 8 | Local SGD (H=4) |" in text and "+0.0900 ±" in text
     pivot = text[text.index("Local SGD (H=4), gain over SGD:") :]
     assert "| 0.1 | +0.0900 ± 0.0361 | +0.0900 ± 0.0361 |" in pivot  # lr down, max_steps 8, 16 across
+    accuracy = text[text.index("Local SGD (H=4), gain in test accuracy over SGD:") :]
+    assert "| 0.01 | +0.0900 ± 0.0361 | +0.0900 ± 0.0361 |" in accuracy
     assert paths["plot"].stat().st_size > 10_000
     header = paths["summary"].read_text().splitlines()[0]
     assert header.startswith("lr,max_steps,method,seeds,val/loss_mean")
+    assert header.endswith("gain,gain_se,acc_gain,acc_gain_se")
     assert (tmp_path / "out" / "cells" / "lr-0.1_max_steps-16" / "report.md").is_file()
+
+
+def test_a_diverged_cell_does_not_flatten_the_other_gains() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from localsgd.research.compare.sweep import _outliers_compressed
+
+    fig, (typical, diverged) = plt.subplots(1, 2)
+    _outliers_compressed(typical, [0.01, 0.03, 0.05, 0.2])  # within 10x of the median: linear
+    _outliers_compressed(diverged, [0.01, 0.03, 0.05, 1.6])  # one cell 32x the median
+    assert typical.get_yscale() == "linear"
+    assert diverged.get_yscale() == "symlog" and "linear within ±0.05" in diverged.get_ylabel()
+    plt.close(fig)

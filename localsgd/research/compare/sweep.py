@@ -36,13 +36,15 @@ def cell_rows(config: CompareConfig) -> list[dict[str, Any]]:
                 value = _last(series, key)
                 if value is not None:
                     values[key].append(value)
-        base = per_method[baseline]["val/loss"]
+        base = per_method[baseline]
         for method, values in per_method.items():
             row: dict[str, Any] = {"cell": cell, "method": method, "seeds": len(values["val/loss"])}
             for key, _ in METRICS:
                 row[key] = _mean_std(values[key]) if values[key] else (math.nan, math.nan)
-            if method != baseline and base and values["val/loss"]:
-                row["gain"] = _difference(base, values["val/loss"])
+            if method != baseline and base["val/loss"] and values["val/loss"]:
+                row["gain"] = _difference(base["val/loss"], values["val/loss"])
+            if method != baseline and base["val/acc"] and values["val/acc"]:
+                row["acc_gain"] = _difference(values["val/acc"], base["val/acc"])
             rows.append(row)
     return rows
 
@@ -56,7 +58,13 @@ def _difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
 def write_markdown(config: CompareConfig, rows: Sequence[dict[str, Any]], command: str) -> Path:
     keys = list(config.sweep)
     baseline = config.baseline or next(iter(config.methods))
-    header = [*keys, "method", *(label for _, label in METRICS), f"gain over {baseline} (test loss)"]
+    header = [
+        *keys,
+        "method",
+        *(label for _, label in METRICS),
+        f"gain over {baseline} (test loss)",
+        "gain in test acc",
+    ]
     lines = [
         f"# {config.title}: sweep",
         "",
@@ -64,7 +72,8 @@ def write_markdown(config: CompareConfig, rows: Sequence[dict[str, Any]], comman
         "",
         f"The grid {dict(config.sweep)} x {len(config.methods)} methods x seeds {config.seeds}. Final "
         "values, mean ± std over seeds; the gain is the baseline's test loss minus the method's "
-        "(positive: the method generalizes better) ± its standard error. Each cell's runs and report "
+        "(positive: the method generalizes better) ± its standard error; the gain in test accuracy is "
+        "the method's minus the baseline's, ± its standard error. Each cell's runs and report "
         "are in `cells/<cell>/`.",
         "",
         "| " + " | ".join(header) + " |",
@@ -76,8 +85,9 @@ def write_markdown(config: CompareConfig, rows: Sequence[dict[str, Any]], comman
             mean, std = row[key]
             fmt = "{:.3g}" if key.startswith("sharpness") else "{:.4f}"
             cells.append(f"{fmt.format(mean)} ± {fmt.format(std)}")
-        gain = row.get("gain")
-        cells.append(f"{gain[0]:+.4f} ± {gain[1]:.4f}" if gain else "")
+        for what in ("gain", "acc_gain"):
+            gain = row.get(what)
+            cells.append(f"{gain[0]:+.4f} ± {gain[1]:.4f}" if gain else "")
         lines.append("| " + " | ".join(cells) + " |")
     lines += _pivots(config, rows, baseline)
     lines += ["", "![sweep](sweep.png)", ""]
@@ -87,18 +97,22 @@ def write_markdown(config: CompareConfig, rows: Sequence[dict[str, Any]], comman
 
 
 def _pivots(config: CompareConfig, rows: Sequence[dict[str, Any]], baseline: str) -> list[str]:
-    """Per method, its gain (and the Hessian trace, the baseline's too) as a table: the first sweep
-    key down, the second across."""
+    """Per method, its gains in test loss and accuracy (and the Hessian trace, the baseline's too)
+    as tables: the first sweep key down, the second across."""
     keys = list(config.sweep)
     if len(keys) != 2:
         return []
     first, second = keys
     lines: list[str] = []
     for method in config.methods:
-        for what in ("gain", "sharpness/hessian_trace"):
-            if what == "gain" and method == baseline:
+        labels = {
+            "gain": f"gain over {baseline}",
+            "acc_gain": f"gain in test accuracy over {baseline}",
+            "sharpness/hessian_trace": "Hessian trace",
+        }
+        for what, label in labels.items():
+            if what != "sharpness/hessian_trace" and method == baseline:
                 continue
-            label = f"gain over {baseline}" if what == "gain" else "Hessian trace"
             lines += [
                 "",
                 f"{method}, {label}:",
@@ -113,7 +127,8 @@ def _pivots(config: CompareConfig, rows: Sequence[dict[str, Any]], baseline: str
                         r for r in rows if r["method"] == method and r["cell"] == {first: a, second: b}
                     )
                     mean, err = row.get(what, (math.nan, math.nan))
-                    cells.append(f"{mean:+.4f} ± {err:.4f}" if what == "gain" else f"{mean:.3g} ± {err:.2g}")
+                    gain = what != "sharpness/hessian_trace"
+                    cells.append(f"{mean:+.4f} ± {err:.4f}" if gain else f"{mean:.3g} ± {err:.2g}")
                 lines.append(f"| {a} | " + " | ".join(cells) + " |")
     return lines
 
@@ -124,11 +139,12 @@ def write_csv(config: CompareConfig, rows: Sequence[dict[str, Any]]) -> Path:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         metric_columns = [f"{k}_{stat}" for k, _ in METRICS for stat in ("mean", "std")]
-        writer.writerow([*keys, "method", "seeds", *metric_columns, "gain", "gain_se"])
+        gains = ["gain", "gain_se", "acc_gain", "acc_gain_se"]
+        writer.writerow([*keys, "method", "seeds", *metric_columns, *gains])
         for row in rows:
             values = [v for key, _ in METRICS for v in row[key]]
-            gain = row.get("gain", ("", ""))
-            writer.writerow([*(row["cell"][k] for k in keys), row["method"], row["seeds"], *values, *gain])
+            values += [*row.get("gain", ("", "")), *row.get("acc_gain", ("", ""))]
+            writer.writerow([*(row["cell"][k] for k in keys), row["method"], row["seeds"], *values])
     return path
 
 
@@ -142,6 +158,15 @@ def _errorbars(ax: Any, line: Sequence[dict[str, Any]], x: str, y: str, **style:
         capsize=3,
         **style,
     )
+
+
+def _outliers_compressed(ax: Any, gains: Sequence[float]) -> None:
+    """A cell where one method diverged has a gain tens of times the others': a linear axis
+    would show it alone. Then the axis is linear up to the typical gain and logarithmic beyond."""
+    typical = sorted(gains)[len(gains) // 2] if gains else 0.0
+    if typical > 0 and max(gains) > 10 * typical:
+        ax.set_yscale("symlog", linthresh=typical)
+        ax.set_ylabel(f"{ax.get_ylabel()} (linear within ±{typical:.2g})")
 
 
 def plot(config: CompareConfig, rows: Sequence[dict[str, Any]]) -> Path:
@@ -203,13 +228,22 @@ def plot(config: CompareConfig, rows: Sequence[dict[str, Any]]) -> Path:
         )
         axes[1][c].set(xlabel=second, ylabel="Hessian trace", title=f"{method}: Hessian trace vs {second}")
     for ax in axes.flat:
-        if ax.get_xlabel() in ("lr", "max_steps"):  # factors apart, as sweeps space them
+        key = ax.get_xlabel()
+        if key in ("lr", "max_steps"):  # factors apart, as sweeps space them
             ax.set_xscale("log")
+            ax.set_xticks(config.sweep[key], [f"{v:g}" for v in config.sweep[key]])
+            ax.minorticks_off()
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=7)
+    traces = [r["sharpness/hessian_trace"][0] for r in rows]
+    if traces and all(t > 0 for t in traces) and max(traces) > 30 * min(traces):
+        for ax in axes[1]:  # traces of flat and sharp cells, factors apart
+            ax.set_yscale("log")
+    gains = [abs(r["gain"][0]) for r in rows if "gain" in r and math.isfinite(r["gain"][0])]
     for ax in axes[0]:
         ax.axhline(0.0, color="black", linewidth=0.8)
+        _outliers_compressed(ax, gains)
         ax.set_visible(len(methods) > 1)  # a baseline alone has no gain to show
     fig.suptitle(f"{config.title}: sweep")
     fig.tight_layout()
