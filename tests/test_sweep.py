@@ -159,4 +159,6 @@ def test_a_diverged_cell_does_not_flatten_the_other_gains() -> None:
     _outliers_compressed(diverged, [0.01, 0.03, 0.05, 1.6])  # one cell 32x the median
     assert typical.get_yscale() == "linear"
     assert diverged.get_yscale() == "symlog" and "linear within ±0.05" in diverged.get_ylabel()
+    ticks = list(diverged.get_yticks())
+    assert 0.0 in ticks and not any(0 < abs(t) < 0.05 for t in ticks)  # none crowding the 0 label
     plt.close(fig)

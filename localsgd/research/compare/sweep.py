@@ -165,8 +165,14 @@ def _outliers_compressed(ax: Any, gains: Sequence[float]) -> None:
     would show it alone. Then the axis is linear up to the typical gain and logarithmic beyond."""
     typical = sorted(gains)[len(gains) // 2] if gains else 0.0
     if typical > 0 and max(gains) > 10 * typical:
+        lo, hi = ax.get_ylim()
         ax.set_yscale("symlog", linthresh=typical)
         ax.set_ylabel(f"{ax.get_ylabel()} (linear within ±{typical:.2g})")
+        # ticks at 0 and the decades past the linear part (the ones inside it would overlap 0)
+        decades = range(math.ceil(math.log10(typical)), math.floor(math.log10(max(-lo, hi))) + 1)
+        ticks = [0.0, *(sign * 10.0**k for k in decades for sign in (-1, 1))]
+        ax.set_yticks(sorted(t for t in ticks if lo <= t <= hi))
+        ax.set_ylim(lo, hi)
 
 
 def plot(config: CompareConfig, rows: Sequence[dict[str, Any]]) -> Path:
