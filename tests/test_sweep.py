@@ -131,6 +131,8 @@ def test_the_report_gives_each_methods_gain_over_the_baseline_with_its_standard_
         assert se == pytest.approx(math.sqrt(0.04**2 / 2 / 2 + 0.06**2 / 2 / 2))  # std^2 / n, sample std
         assert row["val/loss"][0] == pytest.approx(0.43 + (row["cell"]["lr"] == 0.1) * 0.1)
         assert row["acc_gain"] == pytest.approx((0.09, se))  # test accuracy here is 1 - test loss
+        # paired by seed: differences 0.10 (seed 0) and 0.08 (seed 1): std 0.01414 / sqrt(2)
+        assert row["paired_gain"] == pytest.approx((0.09, 0.01)) and row["seeds_better"] == 2
     results = [json.loads((run.folder / "result.json").read_text()) for run in config.runs()]
     paths = sweep_report(config, results, "localsgd compare --config sweep.yaml")
     text = paths["markdown"].read_text()
@@ -142,7 +144,8 @@ def test_the_report_gives_each_methods_gain_over_the_baseline_with_its_standard_
     assert paths["plot"].stat().st_size > 10_000
     header = paths["summary"].read_text().splitlines()[0]
     assert header.startswith("lr,max_steps,method,seeds,val/loss_mean")
-    assert header.endswith("gain,gain_se,acc_gain,acc_gain_se")
+    assert header.endswith("gain,gain_se,paired_gain,paired_gain_se,seeds_better,acc_gain,acc_gain_se")
+    assert "| +0.0900 ± 0.0361 | +0.0900 ± 0.0100 (2/2) |" in text  # independent, then paired
     assert (tmp_path / "out" / "cells" / "lr-0.1_max_steps-16" / "report.md").is_file()
 
 

@@ -24,29 +24,45 @@ METRICS = (("val/loss", "test loss"), ("val/acc", "test acc"), ("sharpness/hessi
 
 def cell_rows(config: CompareConfig) -> list[dict[str, Any]]:
     """One row per (cell, method): each metric's seeds, mean and std, and the gain over the
-    baseline (its test loss minus the method's) with its standard error."""
+    baseline (its test loss minus the method's) with its standard error, also paired by seed."""
     baseline = config.baseline or next(iter(config.methods))
     rows = []
     for cell, sub in config.cells():
-        per_method: dict[str, dict[str, list[float]]] = {}
+        per_method: dict[str, dict[str, dict[int, float]]] = {}
         for run in sub.runs():
             series = read_metrics(run.folder)
-            values = per_method.setdefault(run.method, {key: [] for key, _ in METRICS})
+            values = per_method.setdefault(run.method, {key: {} for key, _ in METRICS})
             for key, _ in METRICS:
                 value = _last(series, key)
                 if value is not None:
-                    values[key].append(value)
+                    values[key][run.seed] = value
         base = per_method[baseline]
         for method, values in per_method.items():
             row: dict[str, Any] = {"cell": cell, "method": method, "seeds": len(values["val/loss"])}
             for key, _ in METRICS:
-                row[key] = _mean_std(values[key]) if values[key] else (math.nan, math.nan)
+                seeds = list(values[key].values())
+                row[key] = _mean_std(seeds) if seeds else (math.nan, math.nan)
             if method != baseline and base["val/loss"] and values["val/loss"]:
-                row["gain"] = _difference(base["val/loss"], values["val/loss"])
+                row["gain"] = _difference(list(base["val/loss"].values()), list(values["val/loss"].values()))
+                row["paired_gain"], row["seeds_better"] = _paired(base["val/loss"], values["val/loss"])
             if method != baseline and base["val/acc"] and values["val/acc"]:
-                row["acc_gain"] = _difference(values["val/acc"], base["val/acc"])
+                row["acc_gain"] = _difference(
+                    list(values["val/acc"].values()), list(base["val/acc"].values())
+                )
             rows.append(row)
     return rows
+
+
+def _paired(a: dict[int, float], b: dict[int, float]) -> tuple[tuple[float, float], int]:
+    """The mean over common seeds of a - b, its standard error (std / sqrt(n)) and how many seeds
+    have a > b. A seed gives every method the same initialization, data order and label noise,
+    so the per-seed differences are the tighter measure: they leave out what the seeds share."""
+    diffs = [a[seed] - b[seed] for seed in sorted(a.keys() & b.keys())]
+    if not diffs:
+        return (math.nan, math.nan), 0
+    mean, std = _mean_std(diffs)
+    se = std / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+    return (mean, se), sum(d > 0 for d in diffs)
 
 
 def _difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
@@ -63,6 +79,7 @@ def write_markdown(config: CompareConfig, rows: Sequence[dict[str, Any]], comman
         "method",
         *(label for _, label in METRICS),
         f"gain over {baseline} (test loss)",
+        "paired by seed (seeds better)",
         "gain in test acc",
     ]
     lines = [
@@ -72,7 +89,10 @@ def write_markdown(config: CompareConfig, rows: Sequence[dict[str, Any]], comman
         "",
         f"The grid {dict(config.sweep)} x {len(config.methods)} methods x seeds {config.seeds}. Final "
         "values, mean ± std over seeds; the gain is the baseline's test loss minus the method's "
-        "(positive: the method generalizes better) ± its standard error; the gain in test accuracy is "
+        "(positive: the method generalizes better) ± its standard error over independent seeds, and "
+        "paired by seed: the mean of the per-seed differences ± their standard error (a seed gives "
+        "every method the same initialization, data order and noise), with how many seeds are better; "
+        "the gain in test accuracy is "
         "the method's minus the baseline's, ± its standard error. Each cell's runs and report "
         "are in `cells/<cell>/`.",
         "",
@@ -85,9 +105,14 @@ def write_markdown(config: CompareConfig, rows: Sequence[dict[str, Any]], comman
             mean, std = row[key]
             fmt = "{:.3g}" if key.startswith("sharpness") else "{:.4f}"
             cells.append(f"{fmt.format(mean)} ± {fmt.format(std)}")
-        for what in ("gain", "acc_gain"):
-            gain = row.get(what)
-            cells.append(f"{gain[0]:+.4f} ± {gain[1]:.4f}" if gain else "")
+        gain = row.get("gain")
+        cells.append(f"{gain[0]:+.4f} ± {gain[1]:.4f}" if gain else "")
+        paired = row.get("paired_gain")
+        cells.append(
+            f"{paired[0]:+.4f} ± {paired[1]:.4f} ({row['seeds_better']}/{row['seeds']})" if paired else ""
+        )
+        gain = row.get("acc_gain")
+        cells.append(f"{gain[0]:+.4f} ± {gain[1]:.4f}" if gain else "")
         lines.append("| " + " | ".join(cells) + " |")
     lines += _pivots(config, rows, baseline)
     lines += ["", "![sweep](sweep.png)", ""]
@@ -107,6 +132,7 @@ def _pivots(config: CompareConfig, rows: Sequence[dict[str, Any]], baseline: str
     for method in config.methods:
         labels = {
             "gain": f"gain over {baseline}",
+            "paired_gain": f"gain over {baseline}, paired by seed",
             "acc_gain": f"gain in test accuracy over {baseline}",
             "sharpness/hessian_trace": "Hessian trace",
         }
@@ -139,17 +165,26 @@ def write_csv(config: CompareConfig, rows: Sequence[dict[str, Any]]) -> Path:
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         metric_columns = [f"{k}_{stat}" for k, _ in METRICS for stat in ("mean", "std")]
-        gains = ["gain", "gain_se", "acc_gain", "acc_gain_se"]
+        gains = [
+            "gain",
+            "gain_se",
+            "paired_gain",
+            "paired_gain_se",
+            "seeds_better",
+            "acc_gain",
+            "acc_gain_se",
+        ]
         writer.writerow([*keys, "method", "seeds", *metric_columns, *gains])
         for row in rows:
             values = [v for key, _ in METRICS for v in row[key]]
-            values += [*row.get("gain", ("", "")), *row.get("acc_gain", ("", ""))]
+            paired = [*row.get("paired_gain", ("", "")), row.get("seeds_better", "")]
+            values += [*row.get("gain", ("", "")), *paired, *row.get("acc_gain", ("", ""))]
             writer.writerow([*(row["cell"][k] for k in keys), row["method"], row["seeds"], *values])
     return path
 
 
 def _errorbars(ax: Any, line: Sequence[dict[str, Any]], x: str, y: str, **style: Any) -> None:
-    """One line of mean ± spread: ``y`` is "gain" or a metric of METRICS, each a (mean, spread)."""
+    """One line of mean ± spread: ``y`` is "paired_gain" or a metric of METRICS, each a (mean, spread)."""
     line = sorted(line, key=lambda r: r["cell"][x])
     ax.errorbar(
         [r["cell"][x] for r in line],
@@ -176,7 +211,8 @@ def _outliers_compressed(ax: Any, gains: Sequence[float]) -> None:
 
 
 def plot(config: CompareConfig, rows: Sequence[dict[str, Any]]) -> Path:
-    """Column 0: the gain (top) and the Hessian trace (bottom, the baseline dashed) against the
+    """Column 0: the gain (top; error bars: its standard error paired by seed) and the Hessian
+    trace (bottom, the baseline dashed; error bars: the seeds' std) against the
     first sweep key, one line per method, at the last value of the second key. With a second key,
     one more column per method but the baseline: the same against the second key, one line per
     value of the first."""
@@ -204,7 +240,14 @@ def plot(config: CompareConfig, rows: Sequence[dict[str, Any]]) -> Path:
         line = pick(method, **fixed)
         if method != baseline:
             _errorbars(
-                axes[0][0], line, first, "gain", color=color, linestyle=style, marker=marker, label=method
+                axes[0][0],
+                line,
+                first,
+                "paired_gain",
+                color=color,
+                linestyle=style,
+                marker=marker,
+                label=method,
             )
         dashed = "--" if method == baseline else style
         _errorbars(
@@ -218,19 +261,23 @@ def plot(config: CompareConfig, rows: Sequence[dict[str, Any]]) -> Path:
             label=method,
         )
     where = f" ({second} = {fixed[second]})" if second else ""
-    axes[0][0].set(xlabel=first, ylabel=f"test-loss gain over {baseline}", title=f"gain vs {first}{where}")
+    axes[0][0].set(
+        xlabel=first, ylabel=f"test-loss gain over {baseline} (± paired SE)", title=f"gain vs {first}{where}"
+    )
     axes[1][0].set(xlabel=first, ylabel="Hessian trace", title=f"Hessian trace vs {first}{where}")
     for c, method in enumerate(others, start=1):
         for j, value in enumerate(config.sweep[first]):
             (style, marker), color = line_style(j), f"C{j}"
             line = pick(method, **{first: value})
-            for r, y in ((0, "gain"), (1, "sharpness/hessian_trace")):
+            for r, y in ((0, "paired_gain"), (1, "sharpness/hessian_trace")):
                 label = f"{first} = {value}"
                 _errorbars(
                     axes[r][c], line, second, y, color=color, linestyle=style, marker=marker, label=label
                 )
         axes[0][c].set(
-            xlabel=second, ylabel=f"test-loss gain over {baseline}", title=f"{method}: gain vs {second}"
+            xlabel=second,
+            ylabel=f"test-loss gain over {baseline} (± paired SE)",
+            title=f"{method}: gain vs {second}",
         )
         axes[1][c].set(xlabel=second, ylabel="Hessian trace", title=f"{method}: Hessian trace vs {second}")
     for ax in axes.flat:
