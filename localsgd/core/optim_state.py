@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -87,6 +88,10 @@ def fresh_optimizer_state(optimizers: Sequence[Any]) -> None:
     Adagrad's accumulators at ``initial_accumulator_value``. Zeroing tensors instead is wrong
     for those, and keeping ``step`` while zeroing Adam's moments breaks its bias correction.
 
+    The user's optimizer class is never constructed again: its constructor may take arguments
+    this library cannot know or have side effects (counting, logging, registering hooks). What a
+    fresh one holds comes from the torch optimizer it derives from (see :func:`_fresh_state`).
+
     The state dicts are cleared and refilled in place: a simulated worker's are shared with
     the optimizer that runs it. ``optimizers`` may be a simulated worker's views (their ``source``
     is the optimizer they stand for)."""
@@ -96,20 +101,43 @@ def fresh_optimizer_state(optimizers: Sequence[Any]) -> None:
             {**{k: v for k, v in theirs.items() if k != "params"}, "params": list(mine["params"])}
             for mine, theirs in zip(opt.param_groups, source.param_groups)
         ]
-        fresh: dict[Any, dict[str, Any]] = {}  # if it cannot be rebuilt: start empty, as torch's do
-        # the constructor's arguments too: Adagrad fills its accumulators from its own argument
-        for kwargs in (getattr(source, "defaults", {}), {}):
-            try:
-                fresh = type(source)(groups, **kwargs).state
-                break
-            except TypeError:
-                continue
+        fresh = _fresh_state(source, groups)
         for group in opt.param_groups:
             for p in group["params"]:
                 state = opt.state.get(p)
                 if state is not None:
                     state.clear()
                     state.update(fresh.get(p, {}))
+
+
+def _torch_base(cls: type) -> type:
+    """The first class of ``cls``'s MRO that torch defines (``Optimizer`` for one written from scratch)."""
+    return next(c for c in cls.__mro__ if c.__module__.split(".")[0] == "torch")
+
+
+def _fresh_state(source: Any, groups: list[dict[str, Any]]) -> dict[Any, dict[str, Any]]:
+    """The state a fresh ``type(source)`` over ``groups`` holds before its first step.
+
+    Torch optimizers create their state at their first step, except those that fill it in
+    ``__init__`` (Adagrad, from its ``initial_accumulator_value`` argument): for a torch optimizer,
+    or a subclass of one, the torch class itself is built over the groups (cheap, no side effects),
+    never the user's subclass. An optimizer written from scratch on ``torch.optim.Optimizer`` is
+    taken to follow torch's convention (no state before the first step)."""
+    base = _torch_base(type(source))
+    if base is Optimizer:
+        return {}
+    # the constructor's arguments too: Adagrad fills its accumulators from its own argument, not
+    # from the group's copy; a subclass's extra hyperparameters are no argument of the torch class
+    accepted = inspect.signature(base).parameters
+    kwargs = {k: v for k, v in getattr(source, "defaults", {}).items() if k in accepted and k != "params"}
+    try:
+        return base(groups, **kwargs).state
+    except Exception as err:
+        raise ValueError(
+            f"optimizer_state='reset' cannot tell what a fresh {type(source).__name__} holds: building "
+            f"{base.__module__}.{base.__name__}, the torch optimizer it derives from, over its parameter "
+            f"groups failed ({type(err).__name__}: {err}). HINT: use optimizer_state='local' or 'average'"
+        ) from err
 
 
 def state_tensors(optimizers: Sequence[Optimizer], *, include_step: bool) -> list[Tensor]:
