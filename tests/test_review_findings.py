@@ -3,13 +3,14 @@ test failed before its fix."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import pytest
 import torch
-from common import ToyNet, max_diff, snapshot
+from common import ToyNet, max_diff, snapshot, toy_batches, train_step
 
-from localsgd import Averager, InProcessCommunicator
+from localsgd import Averager, InProcessCommunicator, LocalSGD
 from localsgd.core.optim_state import fresh_optimizer_state
 
 K = 2
@@ -75,3 +76,29 @@ def test_reset_never_constructs_the_users_optimizer_and_leaves_a_fresh_ones_stat
     odd.defaults["momentum"] = -1.0  # as a subclass's own bookkeeping might leave it
     with pytest.raises(ValueError, match=r"cannot tell what a fresh SGD holds: .*HINT: use optimizer_state="):
         fresh_optimizer_state([odd])
+
+
+# ---------------------------------------------------------------- 4.12: a changed H is said
+def test_resuming_with_another_constant_sync_every_logs_one_line_saying_so(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    def driver(every: int) -> LocalSGD:
+        torch.manual_seed(0)
+        nets = [ToyNet() for _ in range(K)]
+        opts = [torch.optim.SGD(n.parameters(), lr=0.1) for n in nets]
+        return LocalSGD(nets, opts, sync_every=every, comm=InProcessCommunicator(K))
+
+    first = driver(2)
+    for net, opt in zip(first.models, [o[0] for o in first.optimizers]):
+        train_step(net, opt, toy_batches(0, 1)[0])
+    first.after_step()
+    saved = first.sync_state_dict()
+    with caplog.at_level(logging.INFO, logger="localsgd"):
+        driver(2).load_sync_state_dict(saved)
+        assert not caplog.records  # the same H: nothing to say
+        driver(4).load_sync_state_dict(saved)
+    lines = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(lines) == 1, caplog.text
+    assert lines[0].getMessage() == (
+        "resumed with sync_every=4; the checkpoint was written with 2: rounds from here have 4 steps"
+    )

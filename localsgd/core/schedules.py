@@ -24,12 +24,15 @@ schedule           H                                          source
 
 from __future__ import annotations
 
+import logging
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, Literal
 
 Decision = bool | Literal["inner", "outer"]
+
+log = logging.getLogger(__name__)
 
 
 def check_positive_int(name: str, value: object) -> int:
@@ -119,6 +122,19 @@ class Constant(SyncSchedule):
 
     def synchronous_at(self, step: int) -> bool:
         return self.every == 1
+
+    # H is configuration, not state, and a resumed run may choose another one; it is saved only to
+    # say so, since the only other sign of it is a different number of syncs from here on
+    def state_dict(self) -> dict[str, Any]:
+        return {"every": self.every}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        saved = state.get("every")  # absent in checkpoints written before it was saved
+        if saved is not None and saved != self.every:
+            log.warning(
+                f"resumed with sync_every={self.every}; the checkpoint was written with {saved}: "
+                f"rounds from here have {self.every} steps"
+            )
 
     def __repr__(self) -> str:
         return f"Constant(every={self.every})"
