@@ -4,13 +4,18 @@ test failed before its fix."""
 from __future__ import annotations
 
 import logging
+import shutil
+import sys
+import types
+from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
-from common import ToyNet, max_diff, snapshot, toy_batches, train_step
+from common import ToyModule, ToyNet, make_trainer, max_diff, snapshot, toy_batches, train_step
 
-from localsgd import Averager, InProcessCommunicator, LocalSGD
+from localsgd import Averager, InProcessCommunicator, LocalSGD, LocalSGDStrategy
+from localsgd.core import files
 from localsgd.core.optim_state import fresh_optimizer_state
 
 K = 2
@@ -102,3 +107,62 @@ def test_resuming_with_another_constant_sync_every_logs_one_line_saying_so(
     assert lines[0].getMessage() == (
         "resumed with sync_every=4; the checkpoint was written with 2: rounds from here have 4 steps"
     )
+
+
+# ---------------------------------------------------------------- 4.9: a load error keeps its cause
+class _Moved:
+    """An object of a class whose module is gone by the time the file is read (code that changed
+    between saving and loading)."""
+
+
+def _save_with_a_moved_class(obj: dict[str, Any], path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    gone = types.ModuleType("localsgd_gone")
+    _Moved.__module__ = gone.__name__
+    gone._Moved = _Moved  # type: ignore[attr-defined]
+    with monkeypatch.context() as m:
+        m.setitem(sys.modules, gone.__name__, gone)
+        torch.save({**obj, "moved": _Moved()}, path)
+
+
+def test_a_load_error_says_truncated_only_for_a_broken_file_and_keeps_any_other_cause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    trainer = make_trainer(LocalSGDStrategy(sync_every=2), max_steps=3)
+    trainer.fit(ToyModule())
+    good = tmp_path / "good.ckpt"
+    trainer.save_checkpoint(good)
+    data = good.read_bytes()
+
+    def resume(name: str, content: bytes | None = None, weights_only: bool | None = None) -> None:
+        path = tmp_path / name
+        if content is not None:
+            path.write_bytes(content)
+        shutil.copytree(tmp_path / "good.ckpt.ranks", tmp_path / f"{name}.ranks", dirs_exist_ok=True)
+        trainer = make_trainer(LocalSGDStrategy(sync_every=2), max_steps=4)
+        trainer.fit(ToyModule(), ckpt_path=str(path), weights_only=weights_only)
+
+    # the main file: cut short is said so; another object, or a class that moved, is said as it is
+    with pytest.raises(ValueError, match=r"half.ckpt cannot be read \(truncated, or not a checkpoint\)"):
+        resume("half.ckpt", data[: len(data) // 2])
+    torch.save([1, 2], tmp_path / "list.ckpt")
+    with pytest.raises(ValueError, match=r"list.ckpt holds a list, not a Lightning checkpoint .*HINT"):
+        resume("list.ckpt")
+    _save_with_a_moved_class(torch.load(good, weights_only=False), tmp_path / "moved.ckpt", monkeypatch)
+    with pytest.raises(ModuleNotFoundError, match="localsgd_gone") as err:
+        resume("moved.ckpt", weights_only=False)
+    assert err.value.__notes__ == [f"while loading checkpoint {tmp_path / 'moved.ckpt'}"]
+
+    # a rank's own state file, the same
+    rank0 = tmp_path / "good.ckpt.ranks" / "rank0.pt"
+    own = torch.load(rank0, weights_only=False)
+    half = tmp_path / "half.pt"
+    half.write_bytes(rank0.read_bytes()[:100])
+    with pytest.raises(ValueError, match=r"rank 0's state file .*half.pt cannot be read \(truncated"):
+        files.load(half, "rank 0's state file")
+    torch.save([own], tmp_path / "list.pt")
+    with pytest.raises(ValueError, match=r"list.pt holds a list, not a dict of saved state. HINT"):
+        files.load(tmp_path / "list.pt", "rank 0's state file")
+    _save_with_a_moved_class(own, tmp_path / "moved.pt", monkeypatch)
+    with pytest.raises(ModuleNotFoundError, match="localsgd_gone") as err:
+        files.load(tmp_path / "moved.pt", "rank 0's state file")
+    assert err.value.__notes__ == [f"while loading rank 0's state file {tmp_path / 'moved.pt'}"]

@@ -12,7 +12,9 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import pickle
 import random
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -70,18 +72,50 @@ def remove(path: str) -> None:
             fs.rmdir(fs._parent(path))
 
 
-def load(path: str | os.PathLike[str], what: str) -> Any:
-    """``torch.load`` that says which file is unreadable instead of a deep unpickling error."""
+def load(path: str | os.PathLike[str], what: str) -> dict[str, Any]:
+    """``torch.load`` of a dict of saved state that says which file is unreadable instead of a deep
+    unpickling error; any other error (a class that moved, a type ``weights_only`` refuses, no
+    memory) is re-raised as it is, with a note naming the file."""
     try:
         fs, _ = url_to_fs(str(path))
         with fs.open(str(path), "rb") as f:
-            return torch.load(f, map_location="cpu", weights_only=False)
+            state = torch.load(f, map_location="cpu", weights_only=False)
     except FileNotFoundError:
         raise
     except Exception as err:
+        if unreadable(err):
+            raise ValueError(
+                f"{what} {path} cannot be read (truncated, or not a checkpoint): {type(err).__name__}: {err}"
+            ) from err
+        add_note(err, f"while loading {what} {path}")
+        raise
+    if not isinstance(state, dict):
         raise ValueError(
-            f"{what} {path} cannot be read (truncated, or not a checkpoint): {type(err).__name__}: {err}"
-        ) from err
+            f"{what} {path} holds a {type(state).__name__}, not a dict of saved state. "
+            "HINT: is it the file this checkpoint's rank wrote?"
+        )
+    return state
+
+
+def unreadable(err: BaseException) -> bool:
+    """Whether ``torch.load``'s ``err`` means the file is cut short or is no torch file at all (its
+    zip archive, its pickle stream, or the legacy format's header broken), rather than a real cause
+    inside a whole file, such as a class that moved or a type ``weights_only`` refuses."""
+    if isinstance(err, (EOFError, zipfile.BadZipFile)):
+        return True
+    text = str(err)
+    if isinstance(err, pickle.UnpicklingError):
+        # weights_only wraps every unpickling error in one message; a refused class is named in it
+        return "Unsupported global" not in text
+    # torch's zip reader, and its legacy reader's header and length checks
+    broken = ("PytorchStreamReader failed reading", "unexpected EOF", "corrupt file")
+    return isinstance(err, RuntimeError) and any(b in text for b in broken)
+
+
+def add_note(err: BaseException, note: str) -> None:
+    """Add context to ``err`` without replacing it (shown under the error from Python 3.11)."""
+    if hasattr(err, "add_note"):
+        err.add_note(note)
 
 
 def rng_state() -> dict[str, Any]:

@@ -22,7 +22,7 @@ from torch.optim import Optimizer
 from localsgd.core.averager import Averager
 from localsgd.core.comm import Communicator, destroy_at_exit
 from localsgd.core.control import StopRequests
-from localsgd.core.files import is_local
+from localsgd.core.files import add_note, is_local, unreadable
 from localsgd.core.scaling import intrinsic_lr
 from localsgd.lightning.resume import ResumedLoader
 
@@ -108,10 +108,20 @@ class StrategyCommon:
         except FileNotFoundError:
             raise
         except Exception as err:
+            # "truncated" only where it is so: any other cause (a class that moved, a type that
+            # weights_only refuses) is the user's error to see, as it is, with the file named
+            if unreadable(err):
+                raise ValueError(
+                    f"checkpoint {checkpoint_path} cannot be read (truncated, or not a checkpoint): "
+                    f"{type(err).__name__}: {err}"
+                ) from err
+            add_note(err, f"while loading checkpoint {checkpoint_path}")
+            raise
+        if not isinstance(checkpoint, dict):
             raise ValueError(
-                f"checkpoint {checkpoint_path} cannot be read (truncated, or not a checkpoint): "
-                f"{type(err).__name__}: {err}"
-            ) from err
+                f"checkpoint {checkpoint_path} holds a {type(checkpoint).__name__}, not a Lightning "
+                "checkpoint (a dict). HINT: pass the path of a file that Trainer.save_checkpoint wrote"
+            )
         trainer = None if self.lightning_module is None else self.lightning_module._trainer
         if trainer is not None and trainer.state.fn != TrainerFn.FITTING:
             # validate/test/predict evaluate the averaged model in the main file; the sync state
