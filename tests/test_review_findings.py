@@ -4,19 +4,24 @@ test failed before its fix."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
+import signal
 import sys
 import types
 from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
-from common import ToyModule, ToyNet, make_trainer, max_diff, snapshot, toy_batches, train_step
+from common import TIMEOUT, ToyModule, ToyNet, make_trainer, max_diff, snapshot, toy_batches, train_step
+from distributed import run
 
 from localsgd import Averager, InProcessCommunicator, LocalSGD, LocalSGDStrategy
 from localsgd.core import files
 from localsgd.core.optim_state import fresh_optimizer_state
+from localsgd.lightning.preemption import Preempted, PreemptionCheckpoint
 
 K = 2
 
@@ -166,3 +171,53 @@ def test_a_load_error_says_truncated_only_for_a_broken_file_and_keeps_any_other_
     with pytest.raises(ModuleNotFoundError, match="localsgd_gone") as err:
         files.load(tmp_path / "moved.pt", "rank 0's state file")
     assert err.value.__notes__ == [f"while loading rank 0's state file {tmp_path / 'moved.pt'}"]
+
+
+# ---------------------------------------------------------------- 4.8: signal handlers put back
+def _handlers_around_fits(rank: int, folder: str) -> dict[str, Any]:
+    def sentinel(signum: int, frame: Any) -> None:
+        """The user's own handler, set before the fits."""
+
+    watched = (signal.SIGTERM, signal.SIGUSR2)
+    for signum in watched:
+        signal.signal(signum, sentinel)
+    out: dict[str, Any] = {}
+
+    class Look(pl.Callback):
+        """What handles each signal during the fit; on rank 0 at ``signal_at``, SIGUSR2."""
+
+        def __init__(self, name: str, signal_at: int | None = None) -> None:
+            self.name, self.signal_at = name, signal_at
+
+        def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+            during = {s.name: getattr(signal.getsignal(s), "__qualname__", "?") for s in watched}
+            out.setdefault(f"{self.name} during", during)
+            if rank == 0 and trainer.global_step == self.signal_at:
+                os.kill(os.getpid(), signal.SIGUSR2)
+
+    def after(name: str) -> None:
+        out[f"{name} after"] = {s.name: signal.getsignal(s) is sentinel for s in watched}
+
+    for name, signal_at in (("finished", None), ("preempted", 1)):
+        strategy = LocalSGDStrategy(sync_every=2, timeout=TIMEOUT)
+        saver = PreemptionCheckpoint(dirpath=Path(folder) / name)
+        trainer = make_trainer(strategy, max_steps=6, callbacks=[Look(name, signal_at), saver])
+        try:
+            trainer.fit(ToyModule())
+        except Preempted:
+            out[f"{name} raised"] = True
+        after(name)
+    return out
+
+
+@pytest.mark.distributed
+def test_the_users_sigterm_and_sigusr2_handlers_are_back_after_a_fit_however_it_ends(tmp_path: Path) -> None:
+    for r in run(_handlers_around_fits, 2, str(tmp_path)):
+        for name in ("finished", "preempted"):
+            # the strategy's SIGTERM handler (2 processes) and the callback's were in during the fit
+            assert r[f"{name} during"] == {
+                "SIGTERM": "install_sigterm_handler.<locals>.on_sigterm",
+                "SIGUSR2": "PreemptionCheckpoint._on_signal",
+            }, r
+            assert r[f"{name} after"] == {"SIGTERM": True, "SIGUSR2": True}, (name, r)
+        assert r.get("preempted raised") and not r.get("finished raised"), r

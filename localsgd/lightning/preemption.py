@@ -103,6 +103,7 @@ class PreemptionCheckpoint(pl.Callback):
         """Set by the signal handler on this rank."""
         self.start_step = 0
         """The global step this run started from."""
+        self._previous: Any = None  # the handler of ``self.signal`` before this fit, while ours is in
 
     @property
     def path(self) -> Path:
@@ -115,9 +116,29 @@ class PreemptionCheckpoint(pl.Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit" or threading.current_thread() is not threading.main_thread():
             return
-        # Replaces submitit's handler (launch/slurm.py calls that one itself after the checkpoint)
-        # and stays for the rest of the process: a signal after training is recorded and ignored.
-        signal.signal(self.signal, self._on_signal)
+        # Replaces submitit's handler (slurm_job.py calls that one itself after the checkpoint)
+        # for this fit only: the handler from before is back when the fit ends, however it ends.
+        self._previous = signal.signal(self.signal, self._on_signal)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._restore_signal(trainer)
+
+    def on_exception(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    ) -> None:
+        # a fit that raises (Preempted included) skips the teardown hooks
+        self._restore_signal(trainer)
+
+    def _restore_signal(self, trainer: pl.Trainer) -> None:
+        previous, self._previous = self._previous, None
+        if previous is None:  # not installed, or over a handler not set from Python (none to put back)
+            return
+        signal.signal(self.signal, previous)
+        # Lightning records every handler after ``setup`` (ours among them) and puts those back
+        # when the fit ends, after ``on_exception``: its record must hold the one from before fit
+        recorded = getattr(getattr(trainer, "_signal_connector", None), "_original_handlers", None)
+        if isinstance(recorded, dict) and recorded.get(self.signal) == self._on_signal:
+            recorded[self.signal] = previous
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.start_step = trainer.global_step

@@ -40,7 +40,9 @@ def quiet_per_batch_broadcast(trainer: Any) -> None:
 
 def install_sigterm_handler(strategy: Any) -> None:
     """Replace Lightning's SIGTERM handler (which broadcasts inside the handler) with one that
-    records the request for the next sync; Lightning puts the previous handler back after fit."""
+    records the request for the next sync. It does not outlive the fit: Lightning records every
+    handler just before the fit's loops start (``on_train_start`` is later) and puts those back
+    when the fit ends, also when it raises."""
     if threading.current_thread() is not threading.main_thread():
         return
 
