@@ -15,10 +15,13 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from common import TIMEOUT, ToyModule, ToyNet, make_trainer, max_diff, snapshot, toy_batches, train_step
 from distributed import run
+from torch import nn
 
-from localsgd import Averager, InProcessCommunicator, LocalSGD, LocalSGDStrategy
+from localsgd import Averager, InProcessCommunicator, LocalSGD, LocalSGDStrategy, ProcessGroupCommunicator
 from localsgd.core import files
 from localsgd.core.optim_state import fresh_optimizer_state
 from localsgd.lightning.preemption import Preempted, PreemptionCheckpoint
@@ -221,3 +224,51 @@ def test_the_users_sigterm_and_sigusr2_handlers_are_back_after_a_fit_however_it_
             }, r
             assert r[f"{name} after"] == {"SIGTERM": True, "SIGUSR2": True}, (name, r)
         assert r.get("preempted raised") and not r.get("finished raised"), r
+
+
+# ---------------------------------------------------------------- 4.7: unused parameters as DDP
+class _Partly(nn.Module):
+    """One layer every worker uses, one that rank 0 alone uses, one that no worker uses."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.used, self.rank0_only, self.unused = nn.Linear(8, 4), nn.Linear(8, 4), nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor, rank: int) -> torch.Tensor:
+        y = self.used(x)
+        return y + self.rank0_only(x) if rank == 0 else y
+
+
+def _unused_parameters(rank: int) -> dict[str, Any]:
+    dist.init_process_group("gloo", timeout=TIMEOUT)
+    batches = toy_batches(rank, 4)
+    out: dict[str, Any] = {"init": snapshot(_Partly())}
+    for name in ("localsgd", "ddp"):
+        net = _Partly()
+        opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+        if name == "ddp":
+            model: Any = nn.parallel.DistributedDataParallel(net, find_unused_parameters=True)
+            for x, y in batches:
+                opt.zero_grad()
+                F.cross_entropy(model(x, rank), y).backward()
+                opt.step()
+        else:
+            with LocalSGD(net, opt, sync_every=1, h1_sync="gradients", comm=ProcessGroupCommunicator()):
+                for x, y in batches:
+                    opt.zero_grad()
+                    F.cross_entropy(net(x, rank), y).backward()
+                    opt.step()
+        out[name] = snapshot(net)
+    return out
+
+
+@pytest.mark.distributed
+def test_a_parameter_no_worker_used_keeps_no_gradient_through_a_gradient_round_as_with_ddp() -> None:
+    for r in run(_unused_parameters, 2):
+        for key in ("unused.weight", "unused.bias"):
+            # no gradient on any worker: weight decay and momentum must not move it (DDP leaves None)
+            assert torch.equal(r["localsgd"][key], r["init"][key]), key
+        # used on rank 0 only: both ranks step with the mean of rank 0's gradient and rank 1's zeros
+        assert max_diff(r["localsgd"], r["ddp"]) <= 1e-6
+        assert max_diff(r["localsgd"], r["init"]) > 1e-3  # it trained
