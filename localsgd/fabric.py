@@ -24,6 +24,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from localsgd.core import files
+from localsgd.core.comm import destroy_at_exit_if_created
 from localsgd.core.driver import LocalSGD
 from localsgd.core.options import (
     BufferPolicy,
@@ -97,6 +98,12 @@ class LocalSGDFabricStrategy(DDPStrategy):
         self._backward_sync_control = None  # no gradient all-reduce to skip
         self.driver: LocalSGD | None = None
         """The algorithm, made when ``fabric.setup`` sees the model and its optimizers."""
+
+    def setup_environment(self) -> None:
+        # a group Fabric creates here is this library's to tear down at exit (see destroy_at_exit);
+        # one the user made before is theirs
+        with destroy_at_exit_if_created():
+            super().setup_environment()
 
     def setup_module(self, module: nn.Module) -> nn.Module:
         """No DistributedDataParallel wrapper: workers must not all-reduce gradients."""

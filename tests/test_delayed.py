@@ -231,11 +231,13 @@ def test_the_control_message_travels_with_the_round_and_is_read_when_it_lands() 
     ls.close()
 
 
-def test_the_process_group_is_destroyed_at_exit_while_the_interpreter_is_whole() -> None:
+def test_a_plain_loops_own_process_group_is_left_to_it_at_exit_and_the_process_exits_cleanly() -> None:
     # Left to interpreter finalization, gloo worker threads that still hold a finished background
-    # collective's tensors abort the process ("terminate called without an active exception"):
-    # 4 of 20 five-process runs did here. An exit handler registered before the communicator runs
-    # after the communicator's own one (atexit is last in, first out) and sees the group gone.
+    # collective's tensors aborted the process ("terminate called without an active exception"):
+    # 4 of 20 five-process runs did once. The library destroyed the default group at exit then;
+    # a group the user created is theirs (review 4.3), so only the front ends' own groups are
+    # destroyed (test_strategy.py), and here the process must still exit cleanly with its group
+    # alive in the user's own exit handler.
     code = """
 import atexit, os, torch, torch.distributed as dist
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["PORT"])
@@ -253,4 +255,5 @@ comm.all_reduce_start_([torch.ones(4)], op="mean").wait()
         env={**os.environ, "PORT": str(free_port())},
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "initialized at exit: False" in done.stdout, done.stdout
+    assert "terminate called" not in done.stderr, done.stderr[-2000:]
+    assert "initialized at exit: True" in done.stdout, done.stdout

@@ -7,6 +7,7 @@ import logging
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from common import TIMEOUT, ToyModule, ToyNet, make_trainer, max_diff, snapshot, toy_batches, train_step
-from distributed import run
+from distributed import free_port, run
 from torch import nn
 
 from localsgd import Averager, InProcessCommunicator, LocalSGD, LocalSGDStrategy, ProcessGroupCommunicator
@@ -272,3 +273,49 @@ def test_a_parameter_no_worker_used_keeps_no_gradient_through_a_gradient_round_a
         # used on rank 0 only: both ranks step with the mean of rank 0's gradient and rank 1's zeros
         assert max_diff(r["localsgd"], r["ddp"]) <= 1e-6
         assert max_diff(r["localsgd"], r["init"]) > 1e-3  # it trained
+
+
+# ---------------------------------------------------------------- 4.3: the user's group is theirs
+_PLAIN_LOOP = """
+import atexit, os, sys, torch, torch.distributed as dist
+sys.path.insert(0, "tests")
+dist.init_process_group("gloo")
+
+def at_exit():  # the user's own exit code, registered first: it runs after any the library adds
+    alive = dist.is_initialized()
+    print("initialized at exit:", alive, flush=True)
+    if alive:
+        dist.destroy_process_group()  # the user's group, destroyed by its user
+
+atexit.register(at_exit)
+from common import ToyNet, make_optimizer, toy_batches, train_step
+from localsgd import LocalSGD
+rank = dist.get_rank()
+torch.manual_seed(0)
+net = ToyNet()
+opt = make_optimizer(net.parameters(), 0.1, 0.9, 1e-3)
+with LocalSGD(net, opt, sync_every=2, sync_delay=1):  # background rounds too
+    for batch in toy_batches(rank, 7):
+        train_step(net, opt, batch)
+print("done", flush=True)
+"""
+
+
+def test_a_process_group_the_user_created_is_still_theirs_at_exit() -> None:
+    port = str(free_port())
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _PLAIN_LOOP],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=Path(__file__).resolve().parents[1],
+            env={**env, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port, "WORLD_SIZE": "2", "RANK": str(r)},
+        )
+        for r in range(2)
+    ]
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err[-2000:]
+        assert "done" in out and "initialized at exit: True" in out, out

@@ -258,7 +258,7 @@ class ProcessGroupCommunicator(Communicator):
         self._rank = dist.get_rank(group)
         self.fused_average = dist.get_backend(group) == "nccl"
         """Whether ``mean`` uses the backend's ``ReduceOp.AVG``."""
-        destroy_at_exit()
+        # no destroy_at_exit here: the group is the user's (or a front end's, which registers it)
 
     @property
     def num_workers(self) -> int:
@@ -336,6 +336,18 @@ class ProcessGroupCommunicator(Communicator):
         _copy_from_first(tensors)
 
 
+@contextlib.contextmanager
+def destroy_at_exit_if_created() -> Iterator[None]:
+    """Around code that may initialize the default process group (a front end's setup, where
+    Lightning and Fabric create it): if the group did not exist before and does after, it is this
+    library's to tear down, and :func:`destroy_at_exit` is registered. A group that existed before
+    is the user's, and outlives everything here (they may still use it in their own exit code)."""
+    existed = dist.is_available() and dist.is_initialized()
+    yield
+    if not existed and dist.is_available() and dist.is_initialized():
+        destroy_at_exit()
+
+
 @functools.cache
 def destroy_at_exit() -> None:
     """Destroy the default process group when the program exits, while the interpreter is still
@@ -343,7 +355,8 @@ def destroy_at_exit() -> None:
     thread can still hold a finished background collective's tensors, whose release then needs a
     GIL that is gone: the process aborts ("terminate called without an active exception") after
     training has ended. Destroying it is local (no collective); a group already destroyed is left
-    alone."""
+    alone. Only for a group this library's front ends created (:func:`destroy_at_exit_if_created`):
+    one the user created is theirs to destroy."""
     atexit.register(_destroy_default_group)
 
 

@@ -20,7 +20,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
 
 from localsgd.core.averager import Averager
-from localsgd.core.comm import Communicator, destroy_at_exit
+from localsgd.core.comm import Communicator, destroy_at_exit_if_created
 from localsgd.core.control import StopRequests
 from localsgd.core.files import add_note, is_local, unreadable
 from localsgd.core.scaling import intrinsic_lr
@@ -50,10 +50,11 @@ class StrategyCommon:
     _pending_state: dict[str, Any] | None = None
 
     def setup_environment(self) -> None:
-        super().setup_environment()  # type: ignore[misc]
         # the process group's background collectives (Local SGD's averaging, DDP's gradient
-        # all-reduces) must end before interpreter finalization: see ``destroy_at_exit``
-        destroy_at_exit()
+        # all-reduces) must end before interpreter finalization: see ``destroy_at_exit``. Only a
+        # group Lightning creates here is torn down at exit; one the user made before fit is theirs
+        with destroy_at_exit_if_created():
+            super().setup_environment()  # type: ignore[misc]
 
     def _log_step(self, optimizer: Optimizer, metrics: dict[str, float]) -> None:
         """Log ``metrics`` and the step's learning rate through the Trainer's loggers."""
