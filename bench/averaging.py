@@ -3,9 +3,9 @@
 Two processes on CPU (gloo, ``torch.set_num_threads(1)`` each) hold the same model
 initialised from different seeds, and time one averaging round of:
 
-* ``localsgd``: ``Averager([model], ProcessGroupCommunicator(), buffers="local",
-  optimizer_state="local").average()``, parameters only, so its payload is the raw
-  limit's; ``localsgd buffers=average`` also averages the BatchNorm running stats;
+* ``localsgd``: one exact round (``localsgd.core.rounds.ExactRound``) of ``Averager([model],
+  ProcessGroupCommunicator(), buffers="local", optimizer_state="local")``, parameters only, so
+  its payload is the raw limit's; ``localsgd buffers=average`` also averages the BatchNorm running stats;
 * ``raw all_reduce``: one ``dist.all_reduce`` (SUM) of a preallocated flat float32
   buffer with as many bytes as the parameters, the floor for any averaging round;
   ``raw + divide`` adds the in-place division that turns the sum into a mean (gloo has
@@ -54,6 +54,7 @@ from torch.distributed.algorithms.model_averaging.utils import average_parameter
 
 from localsgd.core.averager import Averager
 from localsgd.core.comm import ProcessGroupCommunicator
+from localsgd.core.rounds import ExactRound, Round, run_round
 
 WORLD_SIZE = 2
 # one localsgd round / (a raw SUM all-reduce of the same bytes + the division): the floor for a mean
@@ -118,7 +119,7 @@ def check_round(averager: Averager, model: nn.Module) -> None:
     expected = (peers[0] + peers[1]) / 2  # exact: a sum of two does not depend on the order
     if averager.buffers == "local":
         expected[n:] = before[n:]
-    averager.average()
+    run_round(ExactRound(averager), Round())
     after, _ = float_state(model)
     dist.all_gather(peers, after)
     ok = torch.equal(after, expected) and all(torch.equal(p[:n], after[:n]) for p in peers)
@@ -136,6 +137,7 @@ def methods(width: int, rank: int) -> tuple[dict[str, Callable[[], object]], int
     average = Averager([models["average"]], comm, buffers="average", optimizer_state="local")
     check_round(local, models["local"])
     check_round(average, models["average"])
+    local_round, average_round = ExactRound(local), ExactRound(average)
     params = list(models["per_tensor"].parameters())
     numel = sum(p.numel() for p in params)
     assert local.num_bytes == 4 * numel, "the localsgd payload must be the parameters only"
@@ -153,8 +155,9 @@ def methods(width: int, rank: int) -> tuple[dict[str, Callable[[], object]], int
             p.data.div_(WORLD_SIZE)
 
     fns: dict[str, Callable[[], object]] = {
-        "localsgd": local.average,
-        "localsgd buffers=average": average.average,
+        # one blocking round through the pipeline, its kind chosen once, as the driver runs it
+        "localsgd": lambda: run_round(local_round, Round()),
+        "localsgd buffers=average": lambda: run_round(average_round, Round()),
         "raw all_reduce": lambda: dist.all_reduce(raw),
         "raw + divide": raw_divide,
         "torch average_parameters": lambda: average_parameters(models["torch"].parameters(), None),

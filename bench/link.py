@@ -178,15 +178,17 @@ def _worker(spec: dict[str, Any]) -> None:
     module = Net()
     # how a sync's time splits: the control message (waiting for the peer), blocking rounds,
     # and an overlapped round's start (snapshot, collective started) and landing (wait, apply)
-    parts = ("agree", "average", "start_delayed", "apply_delayed", "comm.all_reduce_start_")
+    # the round's stages (localsgd.core.rounds): agree, reduce (an overlapped round: its start),
+    # wait (its landing), outer_step, and the background collectives
+    parts = ("agree", "reduce", "wait", "outer_step", "comm.all_reduce_start_")
     sync_parts: dict[str, list[float]] = {name: [] for name in parts}
     if H:
 
         class Timed(pl.Callback):
             def on_train_start(self, trainer: Any, *args: Any) -> None:
-                averager = trainer.strategy.averager
+                kind = trainer.strategy.driver.rounds  # the kind of round this run's syncs take
                 for name in sync_parts:
-                    owner = averager.comm if name.startswith("comm.") else averager
+                    owner = kind.comm if name.startswith("comm.") else kind
                     inner = getattr(owner, name.removeprefix("comm."))
 
                     def timed(*a: Any, _inner: Any = inner, _name: str = name, **k: Any) -> Any:

@@ -10,6 +10,7 @@ Call :meth:`LocalSGDFabricStrategy.finish` after the loop for the final average.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -33,6 +34,7 @@ from localsgd.core.options import (
     OptimizerStatePolicy,
     Options,
     SyncEvery,
+    with_option_docs,
 )
 from localsgd.core.outer import OuterOptimizer
 from localsgd.core.wire import Wire
@@ -41,11 +43,14 @@ _KEY = "localsgd"
 
 
 class LocalSGDFabricStrategy(DDPStrategy):
-    """Local SGD for Fabric: the arguments of :class:`localsgd.LocalSGD` (``sync_every``,
-    ``buffers``, ``optimizer_state``, ``outer_optimizer``, ``nonfinite``, ``log_divergence``,
-    ``h1_sync``, ``wire``, ``error_feedback``, ``sync_delay``, ``num_fragments``), then Fabric's DDP
-    arguments (``accelerator``, ``parallel_devices``, ``cluster_environment``, ``checkpoint_io``,
-    ``precision``, ``process_group_backend``, ``timeout``, ``start_method``), which Fabric fills in."""
+    """Local SGD for Fabric: the algorithm's keyword arguments (the fields of
+    :class:`localsgd.core.options.Options`), then Fabric's DDP arguments (``accelerator``,
+    ``parallel_devices``, ``cluster_environment``, ``checkpoint_io``, ``precision``,
+    ``process_group_backend``, ``timeout``, ``start_method``), which Fabric fills in.
+
+    Args:
+        {options}
+    """
 
     strategy_name = "localsgd"
 
@@ -72,19 +77,7 @@ class LocalSGDFabricStrategy(DDPStrategy):
         timeout: timedelta | None = default_pg_timeout,
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
     ) -> None:
-        self.options = Options.checked(
-            sync_every=sync_every,
-            buffers=buffers,
-            optimizer_state=optimizer_state,
-            outer_optimizer=outer_optimizer,
-            nonfinite=nonfinite,
-            log_divergence=log_divergence,
-            h1_sync=h1_sync,
-            wire=wire,
-            error_feedback=error_feedback,
-            sync_delay=sync_delay,
-            num_fragments=num_fragments,
-        )
+        self.options = Options.pick(locals())  # the one options object, as every front end builds it
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -105,6 +98,16 @@ class LocalSGDFabricStrategy(DDPStrategy):
         with destroy_at_exit_if_created():
             super().setup_environment()
 
+    def process_dataloader(self, dataloader: Any) -> Any:
+        """Every loader's batches in train mode are offered to the driver, which fingerprints the
+        first one for the identical-stream check at the first sync (DESIGN pitfall 10)."""
+        return _TrainingBatchesNoted(super().process_dataloader(dataloader), self._note_batch)
+
+    def _note_batch(self, batch: Any) -> None:
+        # a loader read in eval mode (validation) may be the same on every rank: not a training stream
+        if self.driver is not None and self.driver.models[0].training:
+            self.driver.note_batch(batch)
+
     def setup_module(self, module: nn.Module) -> nn.Module:
         """No DistributedDataParallel wrapper: workers must not all-reduce gradients."""
         return module
@@ -118,9 +121,13 @@ class LocalSGDFabricStrategy(DDPStrategy):
             )
         optimizers = [self.setup_optimizer(o) for o in optimizers]
         self.driver = LocalSGD(
-            module, optimizers, options=self.options, local_world_size=self.num_processes, hook=False
+            module,
+            optimizers,
+            options=self.options,
+            local_world_size=self.num_processes,
+            hook=False,
+            timeout=self._timeout,
         )
-        self.driver.timeout = self._timeout
         return module, optimizers, scheduler
 
     def optimizer_step(self, optimizer: Any, **kwargs: Any) -> Any:
@@ -178,6 +185,27 @@ class LocalSGDFabricStrategy(DDPStrategy):
         strategy_registry.register(
             cls.strategy_name, cls, description="Local SGD: local optimizer steps, averaging every H steps"
         )
+
+
+LocalSGDFabricStrategy.__doc__ = with_option_docs(LocalSGDFabricStrategy.__doc__)
+
+
+class _TrainingBatchesNoted:
+    """A loader whose batches go through ``note`` first (Fabric wraps it in its own loader)."""
+
+    def __init__(self, loader: Any, note: Callable[[Any], None]) -> None:
+        self.loader, self._note = loader, note
+        # what Fabric's loader reads (it sets the sampler's epoch through them)
+        self.sampler = getattr(loader, "sampler", None)
+        self.batch_sampler = getattr(loader, "batch_sampler", None)
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Any]:
+        for batch in self.loader:
+            self._note(batch)  # free after the first batch
+            yield batch
 
 
 if LocalSGDFabricStrategy.strategy_name not in STRATEGY_REGISTRY:

@@ -8,6 +8,7 @@ from common import ToyNet, max_diff, mean_state, snapshot
 from torch import nn
 
 from localsgd import Averager, InProcessCommunicator
+from localsgd.core.rounds import average
 
 K = 3
 
@@ -52,7 +53,7 @@ def test_parameters_frozen_ones_included_and_buffers_averaged() -> None:
         n.scale.data.fill_(float(k))  # frozen: no gradient, still averaged
         n.net[1].num_batches_tracked.fill_(10 * k)
     avg = Averager(nets, InProcessCommunicator(K), buffers="average")
-    avg.average()
+    average(avg)
     expected = mean_state(before)
     for n in nets:
         state = snapshot(n)
@@ -76,7 +77,7 @@ def test_parameters_frozen_ones_included_and_buffers_averaged() -> None:
 def test_local_buffers_are_untouched() -> None:
     nets = workers()
     before = [snapshot(n) for n in nets]
-    Averager(nets, InProcessCommunicator(K), buffers="local").average()
+    average(Averager(nets, InProcessCommunicator(K), buffers="local"))
     for n, b in zip(nets, before):
         assert torch.equal(n.net[1].running_mean, b["net.1.running_mean"])
         assert torch.equal(n.net[1].running_var, b["net.1.running_var"])
@@ -96,7 +97,7 @@ def test_one_flat_bucket_per_dtype_reused_every_round() -> None:
     flats[0].zero_()
     assert all(not p.any() for p in nets[0].parameters() if p.dtype == torch.float32)
     for _ in range(3):
-        avg.average()
+        average(avg)
     assert [f.data_ptr() for f in avg.flat_tensors(0)] == ptrs, "a round must not reallocate"
 
 
@@ -106,7 +107,7 @@ def test_rebuilds_when_a_tensor_is_repointed() -> None:
     before = [snapshot(n) for n in nets]
     for n in nets:
         n.double()  # every parameter now lives in new float64 storage
-    avg.average()
+    average(avg)
     expected = mean_state(before)
     for n in nets:
         assert n.net[0].weight.dtype == torch.float64
@@ -154,9 +155,9 @@ def _state(opts: list[torch.optim.Optimizer], key: str) -> list[list[torch.Tenso
 def test_optimizer_state_average() -> None:
     nets, opts = _stepped(torch.optim.Adam)
     m_before, v_before = _state(opts, "exp_avg"), _state(opts, "exp_avg_sq")
-    Averager(
-        nets, InProcessCommunicator(K), optimizer_state="average", optimizers=[[o] for o in opts]
-    ).average()
+    average(
+        Averager(nets, InProcessCommunicator(K), optimizer_state="average", optimizers=[[o] for o in opts])
+    )
     for key, before in (("exp_avg", m_before), ("exp_avg_sq", v_before)):
         after = _state(opts, key)
         for i in range(len(after[0])):
@@ -168,18 +169,14 @@ def test_optimizer_state_average() -> None:
 
 def test_optimizer_state_reset_and_local() -> None:
     nets, opts = _stepped(torch.optim.Adam)
-    Averager(
-        nets, InProcessCommunicator(K), optimizer_state="reset", optimizers=[[o] for o in opts]
-    ).average()
+    average(Averager(nets, InProcessCommunicator(K), optimizer_state="reset", optimizers=[[o] for o in opts]))
     for o in opts:
         for p in o.param_groups[0]["params"]:
             assert all(not t.any() for t in o.state[p].values())  # moments and step: a fresh optimizer
 
     nets, opts = _stepped(torch.optim.SGD, momentum=0.9)
     before = _state(opts, "momentum_buffer")
-    Averager(
-        nets, InProcessCommunicator(K), optimizer_state="local", optimizers=[[o] for o in opts]
-    ).average()
+    average(Averager(nets, InProcessCommunicator(K), optimizer_state="local", optimizers=[[o] for o in opts]))
     after = _state(opts, "momentum_buffer")
     assert all(torch.equal(a, b) for wa, wb in zip(after, before) for a, b in zip(wa, wb))
 
@@ -189,7 +186,7 @@ def test_optimizer_state_layout_mismatch_is_an_error() -> None:
     opts[1].state.clear()  # as if worker 1 had not stepped yet
     avg = Averager(nets, InProcessCommunicator(K), optimizer_state="average", optimizers=[[o] for o in opts])
     with pytest.raises(RuntimeError, match="optimizer state of local worker 1"):
-        avg.average()
+        average(avg)
 
 
 @pytest.mark.parametrize(
@@ -219,10 +216,10 @@ def test_divergence_is_the_mean_squared_distance_to_the_average_and_zero_after_a
     mean = torch.stack(params).mean(0)
     expected = float(torch.stack([(p - mean).pow(2).sum() for p in params]).mean())
     avg = Averager(nets, InProcessCommunicator(K))
-    got = avg.average(divergence=True)
+    got = average(avg, divergence=True)
     assert got == pytest.approx(expected, rel=1e-5)
-    assert avg.average(divergence=True) == 0.0  # right after a sync every worker is the average
-    assert avg.average() is None
+    assert average(avg, divergence=True) == 0.0  # right after a sync every worker is the average
+    assert average(avg) is None
     assert avg.comm.bytes() == 3 * avg.num_bytes  # the divergence scalar is not model traffic
 
 
@@ -232,7 +229,7 @@ def test_nonfinite_raise_names_the_worker_and_step() -> None:
         nets[1].net[0].weight[0, 0] = float("nan")
     avg = Averager(nets, InProcessCommunicator(K))
     with pytest.raises(FloatingPointError, match=r"NaN/Inf\) on worker\(s\) \[1\] of 3 at optimizer step 7"):
-        avg.average(step=7, nonfinite="raise")
+        average(avg, step=7, nonfinite="raise")
     assert avg.comm.rounds() == 0  # nothing was averaged
 
 
@@ -242,7 +239,7 @@ def test_nonfinite_skip_worker_averages_the_healthy_ones_and_resets_the_sick_one
         nets[2].net[3].bias[0] = float("inf")
     healthy = mean_state([snapshot(n) for n in nets[:2]])
     avg = Averager(nets, InProcessCommunicator(K), optimizers=[[o] for o in opts])
-    avg.average(step=3, nonfinite="skip_worker")
+    average(avg, step=3, nonfinite="skip_worker")
     for n in nets:
         state = snapshot(n)
         assert all(torch.isfinite(v).all() for v in state.values())
@@ -254,7 +251,7 @@ def test_nonfinite_skip_worker_averages_the_healthy_ones_and_resets_the_sick_one
     nets[1].net[0].weight.data.fill_(float("nan"))
     nets[2].net[0].weight.data.fill_(float("nan"))
     with pytest.raises(FloatingPointError, match="every worker holds NaN/Inf"):
-        avg.average(step=4, nonfinite="skip_worker")
+        average(avg, step=4, nonfinite="skip_worker")
 
 
 FRESH_CASES = [
@@ -283,12 +280,12 @@ def test_reset_and_skip_worker_leave_exactly_a_freshly_created_optimizer(opt_cls
             o.step()
     avg = Averager(nets, InProcessCommunicator(K), optimizers=[[o] for o in opts])
     if how == "reset":
-        avg.average(optimizer_state="reset")
+        average(avg, optimizer_state="reset")
         restarted = range(K)
     else:
         with torch.no_grad():
             nets[1].net[0].weight[0, 0] = float("nan")
-        avg.average(step=3, nonfinite="skip_worker")
+        average(avg, step=3, nonfinite="skip_worker")
         restarted = [1]
     for k in restarted:
         twin = ToyNet()
@@ -318,7 +315,7 @@ def test_channels_last_parameters_keep_their_memory_format_and_average_right() -
     avg = Averager(nets, InProcessCommunicator(K))
     for n in nets:
         assert n.conv.weight.is_contiguous(memory_format=torch.channels_last)
-    avg.average()
+    average(avg)
     for n in nets:
         assert max_diff(snapshot(n), expected) <= 1e-6
         assert n.conv.weight.is_contiguous(memory_format=torch.channels_last)
@@ -343,7 +340,7 @@ def test_a_parameter_added_after_setup_is_averaged_from_then_on() -> None:
     avg = Averager(nets, InProcessCommunicator(K))
     for k, n in enumerate(nets):
         n.extra = nn.Parameter(torch.full((3,), float(k)))
-    avg.average()
+    average(avg)
     for n in nets:
         assert torch.equal(n.extra.detach(), torch.full((3,), 1.0))  # mean of 0, 1, 2
     assert avg.num_bytes == sum(t.numel() * 4 for t in snapshot(nets[0]).values() if t.is_floating_point())
@@ -357,11 +354,11 @@ def test_rounds_count_the_models_tensors_only_after_a_module_registered_one(
     counted = []
     real = Averager._structure
     monkeypatch.setattr(Averager, "_structure", lambda self: counted.append(1) or real(self))
-    avg.average()
-    avg.average()
+    average(avg)
+    average(avg)
     assert not counted, "nothing was registered: the rounds must not recount the tensors"
     nn.Linear(2, 2)  # any module built anywhere registers tensors: the next round recounts
-    avg.average()
+    average(avg)
     assert len(counted) == 1, "the count is how a round sees a tensor added to the model"
 
 
@@ -376,7 +373,7 @@ def test_a_rebuild_keeps_the_outer_optimizers_anchor() -> None:
             for p in n.parameters():
                 p.add_(0.1 * (k + 1))
         n.double()  # re-points every tensor into a new dtype: the buckets are rebuilt
-    avg.average(outer=False)
+    average(avg, outer=False)
     # the anchor is still the global model of the last sync (on every rank alike), not a worker's model
     assert [a.dtype for a in avg.outer.anchors] == [torch.float64]
     assert torch.equal(avg.outer.anchors[0], anchor[0].double())

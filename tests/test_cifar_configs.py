@@ -120,7 +120,7 @@ def test_cifar_config_adds_up(config: Path, monkeypatch: pytest.MonkeyPatch, tmp
     # the sync schedule: rounds as the comments count them
     if sync == "baseline":
         return
-    schedule = strategy.schedule
+    schedule = strategy.options.schedule
     schedule.configure(total_steps=total, steps_per_epoch=steps_per_epoch)
     rounds = sum(bool(schedule.should_sync(step, _lr(model, step - 1))) for step in range(1, total + 1))
     if sync.startswith("H="):
@@ -128,7 +128,7 @@ def test_cifar_config_adds_up(config: Path, monkeypatch: pytest.MonkeyPatch, tmp
         assert schedule.every == int(sync.split()[0][2:])
         assert rounds == total // schedule.every
         if sync == "H=1":
-            assert strategy.optimizer_state_policy == "average"  # exactly synchronous SGD
+            assert strategy.options.optimizer_state == "average"  # exactly synchronous SGD
     elif sync.startswith("post_local"):
         every, switch = (int(x) for x in sync.removeprefix("post_local ").split(" @"))
         assert isinstance(schedule, PostLocal) and schedule.every == every
@@ -138,9 +138,9 @@ def test_cifar_config_adds_up(config: Path, monkeypatch: pytest.MonkeyPatch, tmp
     else:
         assert isinstance(schedule, QSR) and (schedule.base, schedule.alpha) == (2, 3.2)
         assert rounds == 1774
-    assert isinstance(strategy.outer_optimizer, DiLoCo) == sync.endswith("diloco")
+    assert isinstance(strategy.options.outer_optimizer, DiLoCo) == sync.endswith("diloco")
     if sync.endswith("diloco"):
-        outer = strategy.outer_optimizer
+        outer = strategy.options.outer_optimizer
         assert (outer.lr, outer.momentum, outer.nesterov) == (0.7, 0.9, True)
 
 

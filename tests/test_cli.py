@@ -246,8 +246,8 @@ def test_schedule_outer_optimizer_model_and_data_come_from_yaml(tmp_path: Path) 
         cli = lightning_cli(["fit", "--config", str(config), f"--trainer.default_root_dir={tmp_path}"])
     strategy = cli.trainer.strategy
     assert isinstance(strategy, LocalSGDStrategy)
-    assert isinstance(strategy.schedule, PostLocal) and strategy.schedule.every == 2
-    assert isinstance(strategy.outer_optimizer, DiLoCo) and strategy.outer_optimizer.lr == 0.5
+    assert isinstance(strategy.options.schedule, PostLocal) and strategy.options.schedule.every == 2
+    assert isinstance(strategy.options.outer_optimizer, DiLoCo) and strategy.options.outer_optimizer.lr == 0.5
     assert isinstance(cli.model.net, MLP)
     assert cli.trainer.global_step == 4
     assert (tmp_path / "config.yaml").is_file()

@@ -15,6 +15,7 @@ from common import ToyModule, ToyNet, max_diff, mean_state, snapshot
 from torch import nn
 
 from localsgd import Averager, InProcessCommunicator, LocalSGDStrategy
+from localsgd.core.rounds import average
 
 pytestmark = pytest.mark.gpu
 
@@ -101,7 +102,7 @@ def test_buckets_on_the_device_are_views_and_average_right() -> None:
     expected = mean_state([snapshot(n) for n in nets])
     avg = Averager(nets, InProcessCommunicator(3))
     assert all(f.device.type == DEVICE for f in avg.flat_tensors())
-    avg.average()
+    average(avg)
     for n in nets:
         assert max_diff(snapshot(n), expected) <= 1e-6
         assert n.conv.weight.is_contiguous(memory_format=torch.channels_last)

@@ -10,6 +10,7 @@ from common import ToyNet, max_diff, mean_state, snapshot
 
 from localsgd import Averager, InProcessCommunicator, LocalSGDStrategy
 from localsgd.core.outer import DiLoCo, OuterOptimizer, SlowMo
+from localsgd.core.rounds import average as one_round
 
 K = 3
 
@@ -41,7 +42,7 @@ def run_rounds(outer: OuterOptimizer | None, rounds: int = 4) -> list[dict[str, 
     states = []
     for r in range(rounds):
         local_round(nets, r)
-        averager.average()
+        one_round(averager)
         states.append(snapshot(nets[0]))
         for net in nets[1:]:
             assert max_diff(snapshot(net), states[-1]) == 0.0
@@ -66,7 +67,7 @@ def test_diloco_is_a_nesterov_step_on_the_pseudo_gradient() -> None:
         local_round(nets, r)
         average = torch.stack([params(n).double() for n in nets]).mean(0)
         buffers = mean_state([{k: v for k, v in snapshot(n).items() if "running" in k} for n in nets])
-        averager.average()
+        one_round(averager)
         # by hand: g = anchor - average; buf = mu buf + g; anchor -= lr (g + mu buf)
         g = anchor - average
         buf = mu * buf + g
@@ -144,7 +145,7 @@ def test_evaluation_mid_round_sees_the_sync_it_would_take_without_advancing_it(m
     outer = make()
     averager = Averager(nets, InProcessCommunicator(K), outer=outer)
     local_round(nets, seed=1)
-    averager.average()  # a first sync: the outer optimizer now has momentum
+    one_round(averager)  # a first sync: the outer optimizer now has momentum
     local_round(nets, seed=2)  # mid-round
     own = [snapshot(n) for n in nets]
     state = outer.state_dict()
@@ -156,7 +157,7 @@ def test_evaluation_mid_round_sees_the_sync_it_would_take_without_advancing_it(m
     assert after["optimizer"]["state"][0]["momentum_buffer"].equal(
         state["optimizer"]["state"][0]["momentum_buffer"]
     )
-    averager.average()  # the sync that evaluation previewed
+    one_round(averager)  # the sync that evaluation previewed
     for net, view in zip(nets, seen):
         assert max_diff(snapshot(net), view) == 0.0
     assert max_diff(seen[0], mean_state(own)) > 1e-3  # not the plain average

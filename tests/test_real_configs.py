@@ -425,8 +425,13 @@ def _true_precision(rank: int, precision: str) -> dict[str, Any]:
     strategy = LocalSGDStrategy(sync_every=2, timeout=TIMEOUT)
     trainer = make_trainer(strategy, max_steps=4, precision=precision)
     trainer.fit(module)
-    dtypes = sorted({str(b.flat.dtype) for b in strategy.averager._buckets[0]})
-    return {"init": init, "final": snapshot(module), "dtypes": dtypes, "bytes": strategy.averager.num_bytes}
+    dtypes = sorted({str(b.flat.dtype) for b in strategy.driver.averager._buckets[0]})
+    return {
+        "init": init,
+        "final": snapshot(module),
+        "dtypes": dtypes,
+        "bytes": strategy.driver.averager.num_bytes,
+    }
 
 
 @pytest.mark.parametrize("precision", ["bf16-true", "16-true"])

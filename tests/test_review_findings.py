@@ -25,6 +25,7 @@ from torch import nn
 from localsgd import Averager, InProcessCommunicator, LocalSGD, LocalSGDStrategy, ProcessGroupCommunicator
 from localsgd.core import files
 from localsgd.core.optim_state import fresh_optimizer_state
+from localsgd.core.rounds import average
 from localsgd.lightning.preemption import Preempted, PreemptionCheckpoint
 
 K = 2
@@ -66,8 +67,8 @@ def test_reset_never_constructs_the_users_optimizer_and_leaves_a_fresh_ones_stat
                 n(torch.randn(4, 8)).square().mean().backward()
                 o.step()
         built = cls.built
-        Averager(nets, InProcessCommunicator(K), optimizers=[[o] for o in opts]).average(
-            optimizer_state="reset"
+        average(
+            Averager(nets, InProcessCommunicator(K), optimizers=[[o] for o in opts]), optimizer_state="reset"
         )
         assert cls.built == built, f"reset constructed {cls.__name__} {cls.built - built} times"
         for k in range(K):

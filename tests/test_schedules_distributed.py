@@ -29,7 +29,7 @@ def _hierarchical(rank: int) -> dict[str, Any]:
         "after_step": recorder.after_step,
         "metrics": metrics,
         "node": trainer.node_rank,
-        "num_bytes": trainer.strategy.averager.num_bytes,
+        "num_bytes": trainer.strategy.driver.averager.num_bytes,
     }
 
 

@@ -27,7 +27,7 @@ def _fit(rank: int, workers_per_device: int, optimizer: str) -> dict[str, Any]:
     trainer = make_trainer(strategy, max_steps=STEPS)
     trainer.fit(module)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("comm/")}
-    divergence = strategy.divergence
+    divergence = strategy.driver.divergence
     return {
         "final": snapshot(module),
         "metrics": metrics,

@@ -33,9 +33,9 @@ def test_unknown_policy_names(kwargs: dict, match: str) -> None:
 
 
 def test_schedule_arguments() -> None:
-    assert LocalSGDStrategy(sync_every=5).schedule.period == 5
+    assert LocalSGDStrategy(sync_every=5).options.schedule.period == 5
     schedule = Constant(3)
-    assert LocalSGDStrategy(sync_every=schedule).schedule is schedule
+    assert LocalSGDStrategy(sync_every=schedule).options.schedule is schedule
     with pytest.raises(ValueError, match=r"every \(0\) must be an integer >= 1"):
         Constant(0)
     with pytest.raises(ValueError, match=r"find_unused_parameters \('yes'\) must be True or False"):

@@ -203,7 +203,7 @@ def _registered_name_and_counts(rank: int) -> dict[str, Any]:
         float(trainer.callback_metrics["comm/bytes"]),
         float(trainer.callback_metrics["localsgd/sync_every"]),
     )
-    out["num_bytes"] = trainer.strategy.averager.num_bytes
+    out["num_bytes"] = trainer.strategy.driver.averager.num_bytes
     trainer = make_trainer(LocalSGDStrategy(sync_every=3, timeout=TIMEOUT), max_steps=10)
     trainer.fit(ToyModule())
     out["h3"] = float(trainer.callback_metrics["comm/rounds"])

@@ -47,4 +47,4 @@ def test_comm_metrics_reach_tensorboard(tmp_path: Path) -> None:
     rounds: list[Any] = acc.Scalars("comm/rounds")
     assert [int(e.value) for e in rounds] == [0, 1, 1, 2, 2, 3]
     assert [e.step for e in rounds] == list(range(6))
-    assert acc.Scalars("comm/bytes")[-1].value == 3 * strategy.averager.num_bytes
+    assert acc.Scalars("comm/bytes")[-1].value == 3 * strategy.driver.averager.num_bytes

@@ -135,7 +135,7 @@ def test_a_mid_round_state_dict_with_error_feedback_resumes_bitwise() -> None:
     ls2, nets2, opts2 = _in_process(2, wire="int8", error_feedback=True)
     buffer.seek(0)
     ls2.load_state_dict(torch.load(buffer, weights_only=False))
-    assert ls2.averager.wire is not None and ls2.averager.wire.residuals
+    assert ls2.wire is not None and ls2.wire.residuals
     _train(ls2, nets2, opts2, batches, range(6, 12))
     for a, b in zip(nets, nets2):
         assert all(torch.equal(x, y) for x, y in zip(snapshot(a).values(), snapshot(b).values()))
@@ -147,7 +147,7 @@ def test_a_compressed_wire_trains_under_the_strategy_with_simulated_workers() ->
     strategy = LocalSGDStrategy(sync_every=4, workers_per_device=2, wire="int8", error_feedback=True)
     make_trainer(strategy, max_steps=8).fit(ToyModule(lr=0.1, momentum=0.9))
     assert strategy.comm is not None and strategy.comm.rounds("sync") == 2
-    assert strategy.outer_optimizer is not None, "plain averaging runs as an outer step of lr 1"
+    assert strategy.options.outer_optimizer is not None, "plain averaging runs as an outer step of lr 1"
     a, b = (list(r.parameters()) for r in strategy.replicas.replicas)  # type: ignore[union-attr]
     assert all(torch.equal(x, y) for x, y in zip(a, b)), "workers equal after the final sync"
 

@@ -5,34 +5,36 @@ An :class:`Averager` holds the local workers' models as views of flat buckets (s
 tensor later (``module.to(dtype)``, a buffer re-assigned by its module) or adds one, the
 averager notices at the next round and rebuilds its buckets. It also holds the evaluation swap
 (:meth:`Averager.averaged`: the average in, each worker's own model back afterwards).
+
+It holds the parts of a round that touch the models (a bucket's mean, the optimizer state's
+mean and reset, the outer step, the divergence); the round itself, and its kinds, are in
+:mod:`localsgd.core.rounds`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
-from typing import Literal, get_args
+from typing import get_args
 
 import torch
 from torch import Tensor, nn
 from torch.nn.parameter import UninitializedTensorMixin as _Uninitialized
 from torch.optim import Optimizer
 
-from localsgd.core import buckets, control
+from localsgd.core import buckets
 from localsgd.core.buckets import FlatBucket, by_device_and_dtype, float_tensors, split_fragments
 from localsgd.core.comm import Communicator
-from localsgd.core.control import NUM_FLAGS
 from localsgd.core.optim_state import StateAverager, fresh_optimizer_state
-from localsgd.core.options import BufferPolicy, NonfinitePolicy, OptimizerStatePolicy, check_choice
+from localsgd.core.options import BufferPolicy, OptimizerStatePolicy, check_choice
 from localsgd.core.outer import OuterOptimizer
-from localsgd.core.round_kinds import OverlappedAndCompressed
 from localsgd.core.swap import EvaluationSwap
-from localsgd.core.wire import CompressedMean, Wire
 
 log = logging.getLogger(__name__)
 
 
-class Averager(OverlappedAndCompressed, EvaluationSwap):
+class Averager:
     """Averages ``modules`` (one per local worker of ``comm``) and their optimizers' state.
 
     Args:
@@ -48,8 +50,6 @@ class Averager(OverlappedAndCompressed, EvaluationSwap):
         optimizers: per local worker, the optimizers whose state the policy applies to.
         outer: an outer optimizer stepping the global model on ``anchor - average`` at each
             sync (``None``: plain averaging). Buffers are always plainly averaged.
-        wire: what a sync sends (``"fp32"``, or deltas in ``"bf16"``/``"int8"``; needs ``outer``).
-        error_feedback: with a lossy wire, carry each encoding's loss into the next sync.
         num_fragments: the model's tensors cut into that many fragments of near-equal bytes
             (:func:`~localsgd.core.buckets.split_fragments`); a round may average one of them.
     """
@@ -63,16 +63,10 @@ class Averager(OverlappedAndCompressed, EvaluationSwap):
         optimizer_state: OptimizerStatePolicy = "local",
         optimizers: Sequence[Sequence[Optimizer]] = (),
         outer: OuterOptimizer | None = None,
-        wire: Wire = "fp32",
-        error_feedback: bool = False,
         num_fragments: int = 1,
     ) -> None:
         self.num_fragments = num_fragments
         self.buffers = check_choice("buffers", buffers, get_args(BufferPolicy))
-        self.wire = None if wire == "fp32" else CompressedMean(comm, wire, error_feedback=error_feedback)
-        """The compressed wire of the syncs (``None``: fp32, exact)."""
-        if self.wire is not None and outer is None:
-            raise ValueError(f"wire={wire!r} sends deltas from the global model: it needs an outer optimizer")
         self.optimizer_state = check_choice(
             "optimizer_state", optimizer_state, get_args(OptimizerStatePolicy)
         )
@@ -86,12 +80,8 @@ class Averager(OverlappedAndCompressed, EvaluationSwap):
         self.comm = comm
         self.optimizers = [list(opts) for opts in optimizers] or [[] for _ in modules]
         self._buckets: list[list[FlatBucket]] = []
-        self._backup: list[list[Tensor]] = []
-        self._holding_average = False
-        self.agreed_flags: list[float] = [0.0] * NUM_FLAGS
-        """The flags of the last control message, max over all workers."""
-        self.agreed_absent: list[int] = []
-        """The workers that took no part in the last control message's round (they healed)."""
+        self.swap = EvaluationSwap()
+        """Holds the global model in every worker for a while (evaluation, checkpoints)."""
         self.after_reset: Callable[[], None] | None = None
         """Called after every worker's optimizer state was reset (the batched path's stacked state)."""
         self._state_averager = StateAverager()
@@ -112,6 +102,16 @@ class Averager(OverlappedAndCompressed, EvaluationSwap):
         buckets.watch_registrations()
         self._submodules = [sub for m in self.modules for sub in m.modules()]
         self._built_structure = self._structure()
+        # where each tensor is registered: a module that re-assigns a buffer (an EMA written as
+        # ``self.ema = 0.9 * self.ema + ...``) or a user who replaces a parameter puts a new
+        # object there, which the buckets must take in (checked by identity, DESIGN pitfall 15)
+        self._registered = [
+            (slots, name, t)
+            for sub in self._submodules
+            for slots in (sub._parameters, sub._buffers)
+            for name, t in slots.items()
+            if t is not None
+        ]
         for m in self.modules:
             lazy = [
                 n for n, t in (*m.named_parameters(), *m.named_buffers()) if isinstance(t, _Uninitialized)
@@ -154,7 +154,7 @@ class Averager(OverlappedAndCompressed, EvaluationSwap):
             [FlatBucket(groups[k], flat=storage[w]) for k, storage in zip(keys, self._storage)]
             for w, groups in enumerate(per_worker)
         ]
-        self._backup = []
+        self.swap.rebind(self._buckets)
         if anchors is not None:
             self._rebind_outer(anchors)
 
@@ -193,12 +193,16 @@ class Averager(OverlappedAndCompressed, EvaluationSwap):
 
     def _ensure_intact(self) -> None:
         moved = not all(b.intact() for worker in self._buckets for b in worker)
-        grown = (
-            buckets.registrations() != self._seen_registrations and self._structure() != self._built_structure
+        # re-assigning a buffer or a parameter fires torch's registration hooks too: while their
+        # count stands still, no tensor was replaced or added, and nothing else needs looking at
+        changed = buckets.registrations() != self._seen_registrations and (
+            self._structure() != self._built_structure
+            or any(slots.get(name) is not t for slots, name, t in self._registered)
         )
-        if moved or grown:
-            # a tensor re-pointed (module.to(...), a buffer re-assigned) or one added since the
-            # last round: rebuilt, so that it is averaged from now on, never silently left out
+        if moved or changed:
+            # a tensor re-pointed (module.to(...)), replaced by another object (a buffer re-assigned
+            # by its module, a parameter swapped by the user) or added since the last round:
+            # rebuilt, so that it is averaged from now on, never silently left out
             log.debug("the model's tensors changed since the last round; rebuilding buckets")
             self._build()
 
@@ -247,164 +251,123 @@ class Averager(OverlappedAndCompressed, EvaluationSwap):
             self.comm.broadcast_([r[j] for r in rest], src=src)
         self._bind_outer()  # the global model is now the broadcast one
 
-    def average(
-        self,
-        tag: str = "sync",
-        *,
-        comm: Communicator | None = None,
-        optimizer_state: OptimizerStatePolicy | None = None,
-        outer: bool | Literal["preview"] = True,
-        divergence: bool = False,
-        step: int | None = None,
-        nonfinite: NonfinitePolicy | None = None,
-        digests: Sequence[float] | None = None,
-        flags: Sequence[float] = (),
-        parameters: bool = True,
-        fragment: int | None = None,
-        absent: bool = False,
-    ) -> float | None:
-        """One round: average the models over ``comm`` (default: all workers), take the outer
-        optimizer's step if ``outer`` (``"preview"``: its result, without advancing its state),
-        then apply the optimizer-state policy (``optimizer_state`` overrides the averager's for
-        this round). ``parameters=False``: the parameters are already equal on every worker (their
-        gradients were all-reduced before the step); only the buffers are averaged, and the
-        optimizer states, equal too, are left as they are.
-
-        With ``divergence``, returns the workers' mean squared distance to their average just
-        before it, ``mean_k ||theta_k - mean(theta)||^2`` over the parameters (it costs a copy
-        of the model and one small extra all-reduce); otherwise ``None``.
-
-        With ``step`` or ``nonfinite``, one small all-reduce first makes the workers agree that
-        they are all at optimizer step ``step`` (else a RuntimeError on every rank, instead of
-        a hang or a silently wrong average) and which of them hold NaN/Inf in their flat
-        tensors: ``"raise"`` raises on every rank naming them; ``"skip_worker"`` leaves them
-        out of this average, resets them to it and zeroes their optimizer state.
-
-        ``fragment``: only that fragment's tensors are averaged, and only their outer state steps
-        (the control message still checks the whole model).
-
-        ``absent``: this process's workers take no part (they just healed from a peer, see
-        :mod:`localsgd.core.elastic`): like skipped workers they contribute nothing and receive the
-        others' average, their optimizer state fresh.
-        """
+    # ------------------------------------------------------------------ a round's parts
+    def worker_flats(self) -> list[list[Tensor]]:
+        """Every local worker's flat tensors (what a control message checks for NaN/Inf)."""
         self._ensure_intact()
-        indices = self.fragment_buckets(fragment)
-        comm = comm or self.comm
-        policy = optimizer_state or self.optimizer_state
-        bad: list[int] = []
-        away: list[int] = []
-        if step is not None or nonfinite is not None or digests is not None or flags or absent:
-            bad, _ = self.agree(
-                step, comm=comm, nonfinite=nonfinite, digests=digests, flags=flags, absent=absent
-            )
-            away = self.agreed_absent
-        if bad and nonfinite == "raise":
-            raise FloatingPointError(
-                f"non-finite parameters or buffers (NaN/Inf) on worker(s) {bad} of {comm.num_workers} at "
-                f"optimizer step {step}: refusing to average them into the others. HINT: lower the "
-                "learning rate or clip gradients, or LocalSGDStrategy(nonfinite='skip_worker')"
-            )
-        if away:  # absent workers, like skipped ones, contribute nothing and receive the average
-            bad = sorted({*bad, *away})
-        num_good = comm.num_workers - len(bad)
-        if num_good == 0:
-            raise FloatingPointError(f"every worker holds NaN/Inf parameters at optimizer step {step}")
-        if bad:
-            parameters = True  # a worker's buffers went bad: average everything over the healthy ones
-        local_bad = [i for i in range(len(self._buckets)) if comm.first_local_worker + i in bad]
-        for i in local_bad:  # contribute nothing; receive the healthy workers' average
-            for b in self._buckets[i]:
-                b.flat.zero_()
-            fresh_optimizer_state(self.optimizers[i])  # restarts as with a new optimizer
-        divergence = divergence and not bad and parameters and fragment is None  # not of one fragment
-        if divergence:
-            before = self._save_backup()
-        # a compressed wire carries the syncs' deltas from the global model; other rounds are exact
-        compressed = self.wire is not None and comm is self.comm and outer is True and parameters and not bad
-        with comm.round(tag):
-            for i in indices:
-                if compressed:
-                    self._compressed_round(i, comm)
-                    continue
-                flats = [w[i].flat if parameters else w[i].flat[w[i].param_numel :] for w in self._buckets]
-                if not flats[0].numel():
-                    continue
-                if bad:
-                    comm.all_reduce_(flats, op="sum")
-                    for f in flats:
-                        f.div_(num_good)
-                else:
-                    comm.all_reduce_(flats, op="mean")
-            if policy == "average" and parameters:
-                self._state_averager.average(comm, self.optimizers, self._device, num_good)
-        result = None
-        if divergence:
-            # distances of small differences: exact enough in the model's own dtype
-            sq = []
-            for w, backup in zip(self._buckets, before):
-                total = torch.zeros((), dtype=torch.float64)
-                for b, copy in ((w[i], backup[i]) for i in indices):
-                    diff = copy[: b.param_numel].sub_(b.params)
-                    total += torch.dot(diff, diff).double().cpu()
-                sq.append(total.reshape(1).to(self._device))
-            comm.all_reduce_(sq, op="mean", counted=False)
-            result = float(sq[0])
-        self.conclude(outer=outer, optimizer_state=policy, fragment=fragment)
-        return result
+        return [[b.flat for b in w] for w in self._buckets]
 
-    def conclude(
-        self,
-        *,
-        outer: bool | Literal["preview"] = True,
-        optimizer_state: OptimizerStatePolicy | None = None,
-        fragment: int | None = None,
-    ) -> None:
-        """A round's end, once its average is in every worker: the outer optimizer's step from it
-        (``"preview"``: its result, without advancing its state), then the optimizer-state policy's
-        reset (averaging the state is part of the round's collectives)."""
+    def worker_buckets(self) -> list[list[FlatBucket]]:
+        """Every local worker's buckets (rebuilt first if the model's tensors changed)."""
+        self._ensure_intact()
+        return self._buckets
+
+    def buckets_at(self, i: int) -> list[FlatBucket]:
+        """Bucket ``i`` of every local worker."""
+        return [w[i] for w in self._buckets]
+
+    def leave_out(self, workers: Sequence[int], comm: Communicator) -> None:
+        """``workers`` (global indices over ``comm``) contribute nothing to the coming mean and
+        receive it: this process's among them send zeros, and restart their optimizer state."""
+        for i in range(len(self._buckets)):
+            if comm.first_local_worker + i in workers:
+                for b in self._buckets[i]:
+                    b.flat.zero_()
+                fresh_optimizer_state(self.optimizers[i])  # restarts as with a new optimizer
+
+    def mean_bucket_(self, i: int, comm: Communicator, *, parameters: bool = True, num_good: int) -> None:
+        """Bucket ``i``'s mean over ``comm``'s ``num_good`` contributing workers, into every worker
+        (``parameters=False``: its buffers only)."""
+        flats = [w[i].flat if parameters else w[i].flat[w[i].param_numel :] for w in self._buckets]
+        if not flats[0].numel():
+            return
+        if num_good == comm.num_workers:
+            comm.all_reduce_(flats, op="mean")
+            return
+        comm.all_reduce_(flats, op="sum")
+        for f in flats:
+            f.div_(num_good)
+
+    def average_state(self, comm: Communicator, num_good: int) -> None:
+        """The optimizer state's mean over ``comm``'s ``num_good`` contributing workers."""
+        self._state_averager.average(comm, self.optimizers, self._device, num_good)
+
+    def divergence_from(self, before: list[list[Tensor]], comm: Communicator) -> float:
+        """``mean_k ||theta_k - mean(theta)||^2`` over the parameters, from each worker's model
+        ``before`` the mean that the buckets now hold (one small extra all-reduce)."""
+        sq = []
+        for w, backup in zip(self._buckets, before):
+            total = torch.zeros((), dtype=torch.float64)
+            for b, copy in zip(w, backup):
+                # distances of small differences: exact enough in the model's own dtype
+                diff = copy[: b.param_numel].sub_(b.params)
+                total += torch.dot(diff, diff).double().cpu()
+            sq.append(total.reshape(1).to(self._device))
+        comm.all_reduce_(sq, op="mean", counted=False)
+        return float(sq[0])
+
+    def outer_step(self, fragment: int | None = None) -> None:
+        """The outer optimizer's step from the mean the buckets hold (of ``fragment``'s tensors),
+        and every worker takes the new global model; plain averaging (no outer optimizer): the mean."""
+        if self.outer is None:
+            return
         indices = self.fragment_buckets(fragment)
-        if outer and self.outer is not None:
-            averages = [b.params for b in self._buckets[0]]
-            if outer == "preview":
-                anchors = self.outer.preview(averages)
-            else:
-                anchors = self.outer.step(averages, only=None if fragment is None else indices)
+        anchors = self.outer.step(
+            [b.params for b in self._buckets[0]], only=None if fragment is None else indices
+        )
+        for worker in self._buckets:
+            for i in indices:
+                worker[i].params.copy_(anchors[i])
+
+    def apply_state_policy(self, policy: OptimizerStatePolicy | None = None) -> None:
+        """After a round: ``"reset"`` restarts every worker's optimizer state (``"average"`` was
+        part of the round's collectives; ``None``: this averager's policy)."""
+        if (policy or self.optimizer_state) != "reset":
+            return
+        for opts in self.optimizers:
+            fresh_optimizer_state(opts)
+        if self.after_reset is not None:
+            self.after_reset()
+
+    def on_reset(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` after every reset of the optimizer state (the batched path's stacked state)."""
+        self.after_reset = callback
+
+    def save_backup(self) -> list[list[Tensor]]:
+        """Every local worker's flat tensors, copied into buffers kept from call to call."""
+        self._ensure_intact()
+        return self.swap.save_backup()
+
+    # ------------------------------------------------------------------ the global model, held
+    def averaged(self, tag: str = "eval") -> contextlib.AbstractContextManager[None]:
+        """Temporarily hold the global model a sync at this step would produce: the mean, and with
+        an outer optimizer its step from it (its state is not advanced); each worker's own model
+        back on exit. No control message, and not counted as a round under ``tag``'s name only."""
+        self._ensure_intact()
+        return self.swap.hold(self._preview_global, tag)
+
+    def _preview_global(self, tag: str) -> None:
+        with self.comm.round(tag):
+            for i in range(len(self._buckets[0])):
+                self.mean_bucket_(i, self.comm, num_good=self.comm.num_workers)
+        if self.outer is not None:
+            anchors = self.outer.preview([b.params for b in self._buckets[0]])
             for worker in self._buckets:
-                for i in indices:
-                    worker[i].params.copy_(anchors[i])
-        if (optimizer_state or self.optimizer_state) == "reset":
-            for opts in self.optimizers:
-                fresh_optimizer_state(opts)
-            if self.after_reset is not None:
-                self.after_reset()
+                for b, anchor in zip(worker, anchors):
+                    b.params.copy_(anchor)
+
+    def holding(self, flats: list[Tensor]) -> contextlib.AbstractContextManager[None]:
+        """Temporarily hold ``flats`` (one tensor per bucket: a global model kept elsewhere, such as
+        the last committed round's) in every worker; each worker's own model back on exit."""
+        self._ensure_intact()
+        return self.swap.hold(lambda _: self.swap.fill(flats), "hold")
+
+    def own_models(self) -> contextlib.AbstractContextManager[None]:
+        """Each worker's own model, also inside :meth:`averaged` (a checkpoint saved during
+        validation stores the workers' models, not the average evaluated at that moment)."""
+        return self.swap.own_models()
 
     @property
     def _device(self) -> torch.device:
         """Where control messages live (NCCL only reduces tensors on the GPU)."""
         return self._buckets[0][0].flat.device if self._buckets[0] else torch.device("cpu")
-
-    def agree(
-        self,
-        step: int | None,
-        *,
-        comm: Communicator | None = None,
-        nonfinite: str | None = None,
-        value: float = 0.0,
-        digests: Sequence[float] | None = None,
-        flags: Sequence[float] = (),
-        absent: bool = False,
-    ) -> tuple[list[int], float]:
-        """The control message over ``comm`` (default: all workers), see :func:`localsgd.core.control.agree`;
-        the agreed flags go to ``self.agreed_flags``, the absent workers to ``self.agreed_absent``.
-        Returns (workers with NaN/Inf, max value)."""
-        bad, reduced, self.agreed_flags, self.agreed_absent = control.agree(
-            comm or self.comm,
-            [[b.flat for b in w] for w in self._buckets],
-            step,
-            nonfinite=nonfinite,
-            value=value,
-            digests=digests,
-            flags=flags,
-            absent=absent,
-        )
-        return bad, reduced

@@ -61,6 +61,21 @@ class Pending:
             then()
 
 
+class WorkersApart(RuntimeError):
+    """The workers met in a collective at different points of the run (out of step)."""
+
+
+def between_workers(err: BaseException) -> bool:
+    """Whether ``err`` is a failure between workers (a collective that timed out or lost its
+    peer, workers out of step), not one of this process's own (out of memory, a shape mismatch)."""
+    if isinstance(err, (dist.DistError, WorkersApart)):
+        return True
+    text = str(err)
+    return any(
+        sign in text for sign in ("Timed out", "timed out", "Connection closed", "Connection reset", "gloo")
+    )
+
+
 class RoundFailed(RuntimeError):
     """A collective of an elastic communicator failed (a peer was lost): the round is skipped."""
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from localsgd.core.comm import Communicator, Pending
+from localsgd.core.comm import Communicator, Pending, WorkersApart
 
 NUM_FLAGS = 4
 """Slots for flags (stop requests) in every control message: one layout at every control point."""
@@ -104,7 +104,7 @@ class ControlMessage:
         f = self._messages[0].cpu()
         _check_distinct_streams(f[n + 3 : 2 * n + 3].tolist(), step)
         if step is not None and (int(f[n]) != step or int(-f[n + 1]) != step):
-            raise RuntimeError(
+            raise WorkersApart(
                 f"workers are out of step: this one is at optimizer step {step}, others between "
                 f"{int(-f[n + 1])} and {int(f[n])}. Every worker must take the same number of optimizer "
                 "steps (HINT: uneven dataloaders or a custom sampler that gives ranks different numbers "

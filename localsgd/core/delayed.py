@@ -22,7 +22,8 @@ from torch import Tensor
 
 from localsgd.core.comm import Communicator, Pending
 from localsgd.core.control import ControlMessage
-from localsgd.core.wire import CompressedMean, CompressedRound
+from localsgd.core.rounds import ExactRound, Round, RoundKind
+from localsgd.core.wire import CompressedMean, StagedMean
 
 
 class DelayedRound:
@@ -58,7 +59,7 @@ class DelayedRound:
         self.snapshots = [[b.flat.detach().clone() for b in w] for w in chosen]
         self.means = [[s.clone() for s in w] for w in self.snapshots]
         self._pending: list[Pending] = []
-        self._compressed: list[CompressedRound] = []
+        self._compressed: list[StagedMean] = []
         self.reduce_at: int | None = None
         """The step at which a compressed round's second collective starts (``None``: fp32)."""
         if control is not None:
@@ -151,14 +152,69 @@ class DelayedRound:
         return round_
 
 
-def check_delay(sync_delay: object, period: int | None = None, gap: str = "the round's H") -> int:
-    """``sync_delay`` as an int >= 0 (and below ``period``, the steps between two rounds' starts,
-    where it is known)."""
-    if isinstance(sync_delay, bool) or not isinstance(sync_delay, int) or sync_delay < 0:
-        raise ValueError(f"sync_delay ({sync_delay!r}) must be an integer >= 0")
-    if period is not None and sync_delay >= period:
-        raise ValueError(
-            f"sync_delay ({sync_delay}) must be below {gap} ({period}): a round's result must "
-            "arrive before the next round starts"
+class OverlappedRound(RoundKind):
+    """Rounds of ``blocking``'s kind (exact or compressed) whose mean travels for ``delay`` steps
+    while the workers go on; the control message travels with it and is read at the landing."""
+
+    def __init__(self, blocking: ExactRound, delay: int) -> None:
+        super().__init__(blocking.averager, blocking.comm)
+        self.blocking_kind = blocking
+        self.delay = delay
+        self.wire: CompressedMean | None = getattr(blocking, "wire", None)
+
+    @property
+    def blocking(self) -> RoundKind:
+        return self.blocking_kind
+
+    def agree(self, r: Round) -> None:
+        # sent now with the mean, read at the landing: no worker waits for the others here
+        r.pending = ControlMessage(
+            self.comm,
+            self.averager.worker_flats(),
+            r.step,
+            nonfinite="raise",
+            digests=r.digests,
+            flags=r.flags,
         )
-    return sync_delay
+
+    def reduce(self, r: Round) -> None:
+        assert r.step is not None
+        averager, outer = self.averager, self.averager.outer
+        r.due = r.step + self.delay
+        r.pending = DelayedRound(
+            averager.worker_buckets(),
+            self.comm,
+            r.tag,
+            r.due,
+            indices=averager.fragment_buckets(r.fragment),
+            wire=self.wire,
+            anchors=outer.anchors if self.wire is not None and outer is not None else (),
+            start=r.step,
+            control=r.pending,
+        )
+
+    def tick(self, r: Round, step: int) -> None:
+        if r.pending.reduce_at == step:
+            r.pending.reduce()  # a compressed round's second collective
+
+    def wait(self, r: Round) -> None:
+        bad, flags = r.pending.agreement()
+        if flags:
+            r.agreed_flags = flags
+        if bad:
+            raise FloatingPointError(
+                f"non-finite parameters or buffers (NaN/Inf) on worker(s) {bad} of {self.comm.num_workers} "
+                f"at optimizer step {r.pending.started} (an overlapped round's start, found at its landing): "
+                "refusing to average them into the others. HINT: lower the learning rate or clip gradients"
+            )
+        r.pending.wait()
+
+    def outer_step(self, r: Round) -> None:
+        # the outer step from the snapshots' mean, each worker keeping its progress since
+        r.pending.apply(self.averager.worker_buckets(), self.averager.outer)
+
+
+def in_flight_round(state: dict[str, Any]) -> Round:
+    """A round in flight, from :meth:`DelayedRound.state_dict` (a checkpoint)."""
+    pending = DelayedRound.from_state_dict(state)
+    return Round(tag="sync", step=pending.started, due=pending.due, pending=pending)

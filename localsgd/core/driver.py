@@ -1,11 +1,12 @@
 """The Local SGD driver: where every sync happens, for every front end.
 
-:class:`LocalSGD` owns the algorithm: the step counter, the sync schedule, the averager, the
-outer optimizer, the control message before each sync and its checks, the communication
-counters, and the state a checkpoint needs. It imports no training framework. A plain PyTorch
-loop uses it through a post-step hook on the optimizer (every ``optimizer.step()`` counts one
-step and syncs when the schedule says so); the Lightning and Fabric strategies are thin adapters
-that call :meth:`LocalSGD.after_step` from their own ``optimizer_step``.
+:class:`LocalSGD` owns the algorithm: the step counter, the sync schedule, and its parts, each an
+object: the averager (the workers' models as flat buckets), the kind of round chosen once from
+the options (:mod:`localsgd.core.rounds`), the optimizer hooks, the stop requests. It imports no
+training framework. A plain PyTorch loop uses it through a post-step hook on the optimizer (every
+``optimizer.step()`` counts one step and syncs when the schedule says so); the Lightning and
+Fabric strategies are thin adapters that call :meth:`LocalSGD.after_step` from their own
+``optimizer_step``, and never set the driver's fields.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, get_args
 
@@ -20,12 +22,20 @@ import torch
 from torch import nn
 from torch.optim import Optimizer
 
+from localsgd.core import control
 from localsgd.core.averager import Averager
-from localsgd.core.comm import Communicator, default_communicator, node_communicator
+from localsgd.core.comm import (
+    Communicator,
+    InProcessCommunicator,
+    between_workers,
+    default_communicator,
+    node_communicator,
+)
 from localsgd.core.control import StopRequests, batch_digest
-from localsgd.core.delayed import DelayedRound
-from localsgd.core.driver_state import DriverState
-from localsgd.core.elastic import ElasticRounds
+from localsgd.core.delayed import DelayedRound, OverlappedRound, in_flight_round
+from localsgd.core.driver_state import sync_state
+from localsgd.core.elastic import ElasticRound
+from localsgd.core.files import add_note
 from localsgd.core.gradients import GradientAverager, gradients_of
 from localsgd.core.hooks import OptimizerHooks, per_worker
 from localsgd.core.options import (
@@ -34,57 +44,55 @@ from localsgd.core.options import (
     NonfinitePolicy,
     OptimizerStatePolicy,
     Options,
+    Setting,
     SyncEvery,
+    Wire,
     check_choice,
+    check_rules,
+    with_option_docs,
 )
 from localsgd.core.outer import OuterOptimizer
-from localsgd.core.wire import Wire
+from localsgd.core.rounds import (
+    CompressedRound,
+    ExactRound,
+    InnerRound,
+    Round,
+    RoundKind,
+    land_round,
+    run_round,
+)
+from localsgd.core.wire import CompressedMean
 
 log = logging.getLogger(__name__)
 
 
-class LocalSGD(OptimizerHooks, DriverState):
+class LocalSGD:
     """Local SGD over ``model``'s workers: every H optimizer steps their parameters are averaged.
 
     Each rank holds ``model`` (one worker), or a list of models (that many simulated workers in
     this process, each stepped by its own optimizer). On creation the driver makes every worker
     equal to worker 0 (rank 0's model) and, with ``hook=True``, registers a post-step hook on the
-    optimizers: the training loop stays the user's own.
+    optimizers: the training loop stays the user's own. Leave its ``with`` block (or call
+    :meth:`finish` and :meth:`close`) to take the final average and remove the hooks; a driver
+    dropped without either takes its hooks off when it is collected.
 
     Args:
         model: this process's model, or one model per simulated worker.
         optimizer: its optimizer (or optimizers); with a list of models, one entry per model (an
             optimizer or a list of them).
-        sync_every: H (an integer >= 1), a :class:`~localsgd.core.schedules.SyncSchedule`, or a
-            function ``(step, lr) -> bool``. One step is one ``optimizer.step()``; with several
-            models, one step of every model.
-        buffers: ``"average"`` averages floating-point buffers (BatchNorm statistics) at each
-            sync; ``"local"`` keeps each worker's own.
-        optimizer_state: at each sync ``"local"`` keeps each worker's optimizer state,
-            ``"average"`` averages it, ``"reset"`` restarts it as a fresh optimizer's.
-        outer_optimizer: steps the global model on ``anchor - average`` at each sync (SlowMo,
-            DiLoCo); ``None`` is plain averaging.
-        nonfinite: workers holding NaN/Inf at a sync: ``"raise"`` on every rank, or
-            ``"skip_worker"`` (left out of the average, restarted from it).
-        log_divergence: measure the workers' mean squared distance to their average at each sync
-            (:attr:`divergence`).
-        h1_sync: how a round of one step makes workers synchronous: ``"gradients"`` (all-reduce
-            them before the step), ``"parameters"`` (average after it), ``"auto"`` (gradients for
-            every optimizer but SGD).
-        wire: what a sync sends: ``"fp32"`` (exact), or each worker's delta from the global model
-            in ``"bf16"`` or ``"int8"`` (blockwise scales), see :mod:`localsgd.core.wire`.
-        error_feedback: with a lossy wire, carry what each encoding lost into the next sync.
-        sync_delay: tau >= 0 steps between a sync's start and its result (an overlapped round,
-            see :mod:`localsgd.core.delayed`); 0 blocks.
-        num_fragments: F >= 1 (dividing a constant H): the model's tensors cut into F fragments of
-            near-equal bytes; fragment f syncs every H steps, offset by f * H / F (streaming).
+        {options}
         comm: the communicator over all workers; by default the default process group (one
-            worker per model), or, without one, the models of this process alone. An elastic one
+            worker per model), or, without one, the models of this process alone (with a
+            warning: each process then trains on its own). An elastic one
             (:class:`localsgd.ft.FaultTolerantCommunicator`) makes every sync a round whose workers
             may change (:mod:`localsgd.core.elastic`); this process joins its run on creation.
         local_world_size: processes per node, for ``Hierarchical`` schedules (default: the
             ``LOCAL_WORLD_SIZE`` torchrun sets, else 1).
-        hook: register the optimizer hooks (``False``: the caller calls :meth:`after_step`).
+        hook: register the optimizer hooks (``False``: the caller calls :meth:`before_step` and
+            :meth:`after_step`, as the Lightning and Fabric strategies do).
+        options: the algorithm's options as one object (instead of its keyword arguments).
+        timeout: the collectives' timeout, named in the error when a sync fails.
+        before_sync: called before every sync's first collective (a front end's own checks).
     """
 
     def __init__(
@@ -96,63 +104,54 @@ class LocalSGD(OptimizerHooks, DriverState):
         buffers: BufferPolicy = "average",
         optimizer_state: OptimizerStatePolicy = "local",
         outer_optimizer: OuterOptimizer | None = None,
-        nonfinite: NonfinitePolicy = "raise",
-        log_divergence: bool = False,
         h1_sync: H1Sync = "auto",
+        nonfinite: NonfinitePolicy = "raise",
         wire: Wire = "fp32",
         error_feedback: bool = False,
         sync_delay: int = 0,
         num_fragments: int = 1,
+        log_divergence: bool = False,
         comm: Communicator | None = None,
         local_world_size: int | None = None,
         hook: bool = True,
         options: Options | None = None,
+        timeout: object = None,
+        before_sync: Callable[[], None] | None = None,
     ) -> None:
-        self.options = options or Options.checked(
-            sync_every=sync_every,
-            buffers=buffers,
-            optimizer_state=optimizer_state,
-            outer_optimizer=outer_optimizer,
-            nonfinite=nonfinite,
-            log_divergence=log_divergence,
-            h1_sync=h1_sync,
-            wire=wire,
-            error_feedback=error_feedback,
-            sync_delay=sync_delay,
-            num_fragments=num_fragments,
-        )
+        self.options = options = options or Options.pick(locals())
         self.models = [model] if isinstance(model, nn.Module) else list(model)
         if not self.models or not all(isinstance(m, nn.Module) for m in self.models):
             raise ValueError(f"model ({model!r}) must be an nn.Module or a non-empty list of them")
+        if comm is not None and comm.elastic:
+            check_rules(options, Setting(fault_tolerance=True, workers_per_process=len(self.models)))
         self.optimizers = per_worker(optimizer, len(self.models))
-        self.comm = comm = comm or default_communicator(len(self.models))
+        given, self.comm = comm, comm or default_communicator(len(self.models))
+        comm = self.comm
+        if given is None and isinstance(comm, InProcessCommunicator) and comm.num_workers == 1:
+            warnings.warn(
+                "LocalSGD: no torch.distributed process group is initialized, so this process trains one "
+                "worker on its own (nothing is averaged with other processes). HINT: call "
+                "torch.distributed.init_process_group() first (torchrun sets its environment), or pass "
+                "several models for simulated workers",
+                stacklevel=2,
+            )
         self.local_world_size = local_world_size or int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        self.node_comm: Communicator | None = None
-        """The workers of this node, built at the first ``"inner"`` sync."""
-        self.schedule = self.options.schedule
+        self.schedule = options.schedule
+        self.timeout, self.before_sync = timeout, before_sync
         self.averager = Averager(
             self.models,
             comm,
-            buffers=self.options.buffers,
-            optimizer_state=self.options.optimizer_state,
+            buffers=options.buffers,
+            optimizer_state=options.optimizer_state,
             optimizers=self.optimizers,
-            outer=self.options.outer_optimizer,
-            wire=self.options.wire,
-            error_feedback=self.options.error_feedback,
-            num_fragments=self.options.num_fragments,
+            outer=options.outer_optimizer,
+            num_fragments=options.num_fragments,
         )
         self.averager.broadcast(src=0)  # workers start equal, whatever each rank's initialization drew
         self.gradients = GradientAverager(comm)
         group = comm.group
         self.group_gradients = GradientAverager(group) if group and group.num_workers > 1 else None
         """A worker that is a group of processes: its gradients all-reduced inside it every step."""
-        # a simulated worker's optimizer is a view; its source is the optimizer it stands for
-        linear = all(
-            type(getattr(o, "source", o)) is torch.optim.SGD for opts in self.optimizers for o in opts
-        )
-        h1 = self.options.h1_sync
-        self.h1_gradients = h1 == "gradients" or (h1 == "auto" and not linear)
-        """Whether a round of one step all-reduces the gradients (else: averages after the step)."""
         self.num_steps = 0
         """Optimizer steps taken so far (rank-consistent: every rank counts every step)."""
         self.dirty = False
@@ -163,26 +162,49 @@ class LocalSGD(OptimizerHooks, DriverState):
         """The last divergence measured (``log_divergence=True``)."""
         self.sync_divergence: float | None = None
         """The divergence measured at this step's sync, if it synced and measured one."""
-        self.before_sync: Callable[[], None] | None = None
-        """Called before every sync's first collective (a front end's own checks)."""
         self.stops = StopRequests()
         """Stop requests (SIGTERM, preemption) for the next sync, and what the last one agreed on."""
-        self.timeout: object = None
-        """The collectives' timeout, named in the error when a sync fails."""
         self._first_batches: list[float] | None = (
             [0.0] * comm.num_local_workers if comm.num_workers > 1 else None
         )
-        self.in_flight: DelayedRound | None = None
-        """The overlapped round whose mean is still travelling (``sync_delay`` > 0)."""
-        self._handles: list[Any] = []
-        self._worker_steps = [0] * len(self.models)
-        self.elastic = ElasticRounds(self) if comm.elastic else None
+        self._flight: Round | None = None
+        self.elastic: ElasticRound | None = None
         """The rounds of an elastic communicator (fault tolerance), else ``None``."""
+        self.rounds = self._choose_rounds()
+        """The kind of round every sync runs (chosen once, from the options and the communicator)."""
+        self.inner: RoundKind | None = None
+        """The rounds inside this node (``Hierarchical``), made at the first ``"inner"`` sync."""
+        self.h1_gradients = self._rounds_of_one_step_through_gradients()
+        """Whether a round of one step all-reduces the gradients (else: averages after the step)."""
+        self.hooks = OptimizerHooks(self, self.optimizers) if hook else None
+        """The optimizer hooks of a plain loop (``hook=True``)."""
         if self.elastic is not None:
-            self.h1_gradients = False  # a round of one step averages the parameters
-            self.elastic.join()
-        if hook:
-            self._register_hooks()
+            self.elastic.join(self.num_steps)
+
+    def _choose_rounds(self) -> RoundKind:
+        options = self.options
+        kind: RoundKind
+        if self.comm.elastic:
+            kind = self.elastic = ElasticRound(
+                self.averager, sync_state=self.sync_state_dict, take_sync_state=self._take_sync_state
+            )
+        elif options.wire != "fp32":
+            kind = CompressedRound(self.averager, options.wire, error_feedback=options.error_feedback)
+        else:
+            kind = ExactRound(self.averager)
+        return OverlappedRound(kind, options.sync_delay) if options.sync_delay else kind
+
+    def _rounds_of_one_step_through_gradients(self) -> bool:
+        h1 = self.options.h1_sync
+        if self.elastic is not None:
+            if h1 == "auto":
+                log.info("LocalSGD: fault tolerance: a round of one step averages the parameters (h1_sync)")
+            return False
+        # a simulated worker's optimizer is a view; its source is the optimizer it stands for
+        linear = all(
+            type(getattr(o, "source", o)) is torch.optim.SGD for opts in self.optimizers for o in opts
+        )
+        return h1 == "gradients" or (h1 == "auto" and not linear)
 
     # ------------------------------------------------------------------ the step
     def through_gradients(self) -> bool:
@@ -191,9 +213,15 @@ class LocalSGD(OptimizerHooks, DriverState):
 
     def note_batch(self, batch: Any, worker: int = 0) -> None:
         """Fingerprint local ``worker``'s first training batch, compared with the other workers' at
-        the first sync (DESIGN pitfall 10); later batches cost nothing."""
+        the first sync (DESIGN pitfall 10); later batches cost nothing. The Lightning and Fabric
+        front ends call it; a plain loop calls it with each batch (or its first)."""
         if self._first_batches is not None and not self._first_batches[worker]:
             self._first_batches[worker] = batch_digest(batch)
+
+    def mark_dirty(self) -> None:
+        """The workers may now differ from their last average (a forward pass in train mode moves
+        BatchNorm statistics, before any step)."""
+        self.dirty = True
 
     def before_step(self) -> None:
         """The optimizer is about to step: in a round of one step through the gradients, all-reduce
@@ -221,106 +249,84 @@ class LocalSGD(OptimizerHooks, DriverState):
         trainable = [p for p in self.models[0].parameters() if p.requires_grad]
         self.group_gradients.all_reduce([gradients_of(trainable)], tag="group")
 
-    def after_step(self, lr: float | None = None) -> str | bool:
+    def after_step(self, lr: float | None = None, *, gradients_averaged: bool = False) -> str | bool:
         """One optimizer step was taken (by every local worker): count it and sync if the schedule
-        says so. Returns the schedule's decision (falsy: no sync; ``"inner"``: inside the node)."""
+        says so (``gradients_averaged``: the caller all-reduced this step's gradients, so the
+        parameters are equal). Returns the schedule's decision (falsy: no sync; ``"inner"``:
+        inside the node)."""
         # Counted on every rank for every call, also when AMP skipped the update, so all ranks
         # reach the same collectives (pitfall 2).
         self.num_steps += 1
         self.dirty = True
+        self.parameters_equal = self.parameters_equal or gradients_averaged
         if lr is None:
             lr = float(self.optimizers[0][0].param_groups[0]["lr"])
-        if self.in_flight is not None:
-            if self.in_flight.reduce_at == self.num_steps:
-                self.in_flight.reduce()  # a compressed round's second collective
-            if self.in_flight.due == self.num_steps:
+        if self._flight is not None:
+            self.rounds.tick(self._flight, self.num_steps)
+            if self._flight.due == self.num_steps:
                 self._land()
         self.sync_divergence = None
+        fragments = self.options.num_fragments
         decision: str | bool
-        if self.options.num_fragments > 1:
-            decision = self._sync_fragments(lr)
+        if fragments > 1:
+            # fragment f syncs where the schedule would sync f * H / F steps later
+            shift = self.schedule.period // fragments
+            due = [f for f in range(fragments) if self.schedule.should_sync(self.num_steps + f * shift, lr)]
+            for fragment in due:
+                self._sync(True, fragment)
+            self.dirty = True  # the other fragments still differ
+            decision = bool(due)
         else:
             decision = self.schedule.should_sync(self.num_steps, lr)
             if decision:
-                if self.before_sync is not None:
-                    self.before_sync()
                 self._sync(decision)
         self.parameters_equal = False
         return decision
 
-    def _sync_fragments(self, lr: float) -> bool:
-        """Streaming: fragment f syncs where the schedule would sync f * H / F steps later, so that
-        with ``Constant(H)`` each fragment syncs every H steps and some fragment every H / F."""
-        shift = self.schedule.period // self.options.num_fragments
-        due = [
-            f
-            for f in range(self.options.num_fragments)
-            if self.schedule.should_sync(self.num_steps + f * shift, lr)
-        ]
-        for fragment in due:
-            if self.before_sync is not None:
-                self.before_sync()
-            self._sync(True, fragment)
-        self.dirty = True  # the other fragments still differ
-        return bool(due)
-
     def _sync(self, decision: str | bool, fragment: int | None = None) -> None:
+        """One sync: the round the schedule asks for, through the kind of round chosen at creation."""
+        if self.before_sync is not None:
+            self.before_sync()
         policy = self._schedule_policy()
-        checks: dict[str, Any] = {"step": self.num_steps, "nonfinite": self.options.nonfinite}
         if decision == "inner":
             with self.reported("inner sync"):
-                self.averager.average(
-                    "inner", comm=self._node_comm(), optimizer_state=policy, outer=False, **checks
-                )
+                run_round(self._inner(), Round(tag="inner", step=self.num_steps, optimizer_state=policy))
             return
-        digests, self._first_batches = self._first_batches, None
-        if self.in_flight is not None:
+        if self._flight is not None:
             self._land()  # never two rounds in flight: a round shorter than the delay lands now
-        delay = self.options.sync_delay
-        if delay and not self.parameters_equal:
-            with self.reported("sync"):
-                self.in_flight = self.averager.start_delayed(
-                    "sync",
-                    self.num_steps + delay,
-                    step=self.num_steps,
-                    digests=digests,
-                    flags=self.stops.message(),
-                    fragment=fragment,
-                )
-            return  # its control message's flags are recorded when it lands
+        digests, self._first_batches = self._first_batches, None
+        r = Round(
+            tag="sync",
+            step=self.num_steps,
+            nonfinite=self.options.nonfinite,
+            optimizer_state=policy,
+            fragment=fragment,
+            parameters=not self.parameters_equal,
+            divergence=self.options.log_divergence,
+            digests=digests,
+            flags=self.stops.message(),
+        )
+        # a round whose parameters are equal already (through the gradients) has nothing to overlap
+        kind = self.rounds if r.parameters else self.rounds.blocking
         with self.reported("sync"):
-            if self.elastic is not None:
-                committed, divergence = self.elastic.sync(
-                    divergence=self.options.log_divergence, digests=digests, flags=self.stops.message()
-                )
-            else:
-                committed, divergence = (
-                    True,
-                    self.averager.average(
-                        "sync",
-                        optimizer_state=policy,
-                        divergence=self.options.log_divergence,
-                        digests=digests,
-                        flags=self.stops.message(),
-                        parameters=not self.parameters_equal,
-                        fragment=fragment,
-                        **checks,
-                    ),
-                )
-        if not committed:
-            return  # skipped: every worker keeps its own model
-        self.stops.record(self.averager.agreed_flags)
-        self.dirty = False
-        if divergence is not None:
-            self.divergence = self.sync_divergence = divergence
+            if run_round(kind, r):
+                self._committed(r)
+            elif r.due is not None:
+                self._flight = r
 
     def _land(self) -> None:
         """The round in flight arrives: applied keeping each worker's progress since its snapshot."""
-        assert self.in_flight is not None
-        round_, self.in_flight = self.in_flight, None
+        assert self._flight is not None
+        r, self._flight = self._flight, None
         with self.reported("delayed sync"):
-            self.averager.apply_delayed(round_)
-        self.stops.record(self.averager.agreed_flags)
+            land_round(self.rounds, r)
+        self.stops.record(r.agreed_flags)
+
+    def _committed(self, r: Round) -> None:
+        self.stops.record(r.agreed_flags)
+        self.dirty = False
+        if r.measured is not None:
+            self.divergence = self.sync_divergence = r.measured
 
     def _schedule_policy(self) -> OptimizerStatePolicy | None:
         policy = self.schedule.optimizer_state_policy(self.num_steps)
@@ -329,59 +335,75 @@ class LocalSGD(OptimizerHooks, DriverState):
         name = f"{type(self.schedule).__name__}.optimizer_state_policy({self.num_steps})"
         return check_choice(name, policy, get_args(OptimizerStatePolicy))
 
-    def _node_comm(self) -> Communicator:
-        if self.node_comm is None:
+    def _inner(self) -> RoundKind:
+        if self.inner is None:
             # collective, but rank-consistent: every rank gets the same "inner" decision
-            self.node_comm = node_communicator(
-                self.local_world_size, workers_per_process=self.comm.num_local_workers
-            )
-        return self.node_comm
+            node = node_communicator(self.local_world_size, workers_per_process=self.comm.num_local_workers)
+            self.inner = InnerRound(self.averager, node)
+        return self.inner
+
+    @property
+    def in_flight(self) -> DelayedRound | None:
+        """The overlapped round whose mean is still travelling (``sync_delay`` > 0)."""
+        return None if self._flight is None else self._flight.pending
+
+    @property
+    def node_comm(self) -> Communicator | None:
+        """The workers of this node, built at the first ``"inner"`` sync."""
+        return None if self.inner is None else self.inner.comm
+
+    @property
+    def wire(self) -> CompressedMean | None:
+        """The compressed wire of the syncs, with its error-feedback residuals (``None``: fp32)."""
+        return getattr(self.rounds, "wire", None)
 
     def agree(self, value: float) -> float:
         """A decision all ranks must share (stop training?), in a control message with the step count:
         the max of ``value`` over all workers (with fault tolerance: over this worker's processes)."""
-        if self.elastic is not None:
-            if self.comm.group is None:
-                return value
-            with self.reported("decision"):
-                _, reduced = self.averager.agree(self.num_steps, value=value, comm=self.comm.group)
-            return reduced
+        comm = self.comm.group if self.elastic is not None else self.comm
+        if comm is None:
+            return value
         with self.reported("decision"):
-            _, reduced = self.averager.agree(self.num_steps, value=value)
+            _, reduced, _, _ = control.agree(comm, self.averager.worker_flats(), self.num_steps, value=value)
         return reduced
 
     @contextlib.contextmanager
     def reported(self, what: str) -> Iterator[None]:
-        """Say which sync failed: a timed-out or broken collective names the step and the operation."""
+        """Say which sync failed. A failure between workers (a collective that timed out or lost
+        its peer, workers out of step) is raised naming the step, the operation and what to look
+        for; any other error (an out-of-memory, a shape mismatch) keeps its type and message, with
+        the same context added as a note."""
         try:
             yield
         except (FloatingPointError, ValueError):
             raise
         except RuntimeError as err:
-            raise RuntimeError(
+            context = (
                 f"LocalSGD {what} at optimizer step {self.num_steps} failed (all-reduce of "
                 f"{self.averager.num_bytes} bytes per worker over {self.comm.num_workers} workers, "
-                f"timeout {self.timeout}): {err}. HINT: another rank stopped taking steps (it died, or "
-                "ran out of batches first: uneven data across ranks) or is much slower"
+                f"timeout {self.timeout})"
+            )
+            if not between_workers(err):
+                add_note(err, context)
+                raise
+            raise RuntimeError(
+                f"{context}: {err}. HINT: another rank stopped taking steps (it died, or ran out of "
+                "batches first: uneven data across ranks) or is much slower"
             ) from err
 
     # ------------------------------------------------------------------ what others see
     def finish(self) -> None:
         """The final average: every worker ends with the global model, also after a cut-short round."""
-        if self.in_flight is not None:
+        if self._flight is not None:
             self._land()
-        if self.dirty:
-            with self.reported("final average"):
-                if self.elastic is not None:
-                    if not self.elastic.sync("final")[0]:
-                        log.warning("LocalSGD: the final average failed: each worker keeps its own model")
-                        return
-                else:
-                    options = self.options
-                    self.averager.average(
-                        "final", optimizer_state="local", step=self.num_steps, nonfinite=options.nonfinite
-                    )
-            self.dirty = False
+        if not self.dirty:
+            return
+        r = Round(tag="final", step=self.num_steps, nonfinite=self.options.nonfinite, optimizer_state="local")
+        with self.reported("final average"):
+            if not run_round(self.rounds.blocking, r):
+                log.warning("LocalSGD: the final average failed: each worker keeps its own model")
+                return
+        self.dirty = False
 
     @contextlib.contextmanager
     def averaged(self, tag: str = "eval") -> Iterator[None]:
@@ -405,10 +427,108 @@ class LocalSGD(OptimizerHooks, DriverState):
         if self.elastic is not None:
             metrics["ft/participants"] = self.comm.num_workers  # in the last round
             metrics["ft/skipped_rounds"] = self.elastic.skipped
-        if self.node_comm is not None:
-            inner_rounds, inner_bytes = self.node_comm.rounds("inner"), self.node_comm.bytes("inner")
+        node = self.node_comm
+        if node is not None:
+            inner_rounds, inner_bytes = node.rounds("inner"), node.bytes("inner")
             metrics["comm/rounds"] += inner_rounds
             metrics["comm/bytes"] += inner_bytes
             metrics["comm/inner_rounds"] = inner_rounds
             metrics["comm/outer_rounds"] = outer_rounds
         return metrics
+
+    # ------------------------------------------------------------------ checkpoints
+    def sync_state_dict(self) -> dict[str, Any]:
+        """The global sync state, equal on every rank: step count, schedule, counters, outer optimizer."""
+        return sync_state(self.options, self.num_steps, self.comm, self.node_comm)
+
+    def load_sync_state_dict(self, state: dict[str, Any]) -> None:
+        self._take_sync_state(state)
+
+    def _take_sync_state(self, state: dict[str, Any]) -> int:
+        self._set_step(int(state["num_steps"]))
+        self.schedule.load_state_dict(state["schedule"])
+        self.comm.load_state_dict(state["comm"])
+        if state.get("node_comm"):
+            self._inner().comm.load_state_dict(state["node_comm"])
+        outer = self.options.outer_optimizer
+        if outer is not None and state.get("outer"):
+            outer.load_state_dict(state["outer"])
+        self.dirty = False  # the averaged model; a rank's own state (if any) says otherwise
+        return self.num_steps
+
+    def start_at(self, num_steps: int) -> None:
+        """Continue at optimizer step ``num_steps`` from the models as they are (a checkpoint of
+        another strategy: synchronous SGD before post-local SGD); the schedule starts fresh."""
+        self._set_step(num_steps)
+        self.dirty = False
+
+    def _set_step(self, num_steps: int) -> None:
+        self.num_steps = num_steps
+        if self.hooks is not None:
+            self.hooks.align(num_steps)
+
+    def own_state_dict(self) -> dict[str, Any]:
+        """This rank's own part of the sync state: whether its workers differ from the average,
+        the error-feedback residuals, and a round in flight (its mean and this rank's snapshot)."""
+        # a round in flight first: waiting for it may advance the error-feedback residuals
+        in_flight = self._flight.pending.state_dict() if self._flight is not None else None
+        wire = self.wire
+        return {
+            "dirty": self.dirty,
+            "wire": wire.state_dict() if wire is not None else {},
+            "in_flight": in_flight,
+        }
+
+    def load_own_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("wire") and self.wire is not None:
+            self.wire.load_state_dict(state["wire"])  # error-feedback residuals
+        in_flight = state.get("in_flight")
+        self._flight = in_flight_round(in_flight) if in_flight else None
+        self.dirty = bool(state["dirty"])
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything to resume this rank exactly: the sync state and its workers' own models and
+        optimizer states (not the average), mid-round included."""
+        with self.averager.own_models():
+            workers = [
+                {
+                    "model": {k: v.clone() for k, v in m.state_dict().items()},
+                    "optimizers": [o.state_dict() for o in opts],
+                }
+                for m, opts in zip(self.models, self.optimizers)
+            ]
+        own = self.own_state_dict()
+        return {"sync": self.sync_state_dict(), "workers": workers, **own}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["workers"]) != len(self.models):
+            raise ValueError(
+                f"the state holds {len(state['workers'])} workers, this driver {len(self.models)}: "
+                "resume with as many models per process"
+            )
+        self.load_sync_state_dict(state["sync"])
+        for m, opts, saved in zip(self.models, self.optimizers, state["workers"]):
+            m.load_state_dict(saved["model"])  # copies into the flat buckets
+            for o, o_state in zip(opts, saved["optimizers"]):
+                o.load_state_dict(o_state)
+        self.load_own_state_dict(state)
+
+    # ------------------------------------------------------------------ a plain loop's block
+    def close(self) -> None:
+        """Remove the optimizer hooks (the models keep their current, possibly unaveraged, parameters)."""
+        if self.hooks is not None:
+            self.hooks.close()
+
+    def __enter__(self) -> LocalSGD:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None:
+                self.finish()
+        finally:
+            self.close()
+
+
+# the algorithm's options, documented once in Options (the same text in every front end)
+LocalSGD.__doc__ = with_option_docs(LocalSGD.__doc__)

@@ -1,9 +1,15 @@
 """The optimizer hooks a plain PyTorch loop reaches the driver through: every ``optimizer.step()``
 of every local worker counts, and once all of them have stepped the driver's step ends (and may
-sync); the driver is also a context manager that ends with the final average."""
+sync).
+
+The hooks hold the driver weakly: a driver that is dropped without :meth:`OptimizerHooks.close`
+(or leaving its ``with`` block) takes its hooks off the user's optimizers when it is collected,
+so an optimizer never keeps stepping a driver nobody holds.
+"""
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -11,58 +17,55 @@ from torch.optim import Optimizer
 
 
 class OptimizerHooks:
-    """The hook part of :class:`~localsgd.core.driver.LocalSGD`."""
+    """Pre- and post-step hooks on every local worker's optimizers, calling ``driver.before_step``
+    once before the first worker steps and ``driver.after_step`` once all of them have."""
 
-    # the driver's, used here
-    optimizers: list[list[Any]]
-    num_steps: int
-    _handles: list[Any]
-    _worker_steps: list[int]
-
-    def before_step(self) -> None: ...
-
-    def after_step(self, lr: float | None = None) -> str | bool: ...
-
-    def finish(self) -> None: ...
-
-    def _register_hooks(self) -> None:
-        for worker, opts in enumerate(self.optimizers):
+    def __init__(self, driver: Any, optimizers: list[list[Any]]) -> None:
+        self.worker_steps = [0] * len(optimizers)
+        """Steps each local worker's optimizer took (the driver's step ends when all have)."""
+        self._driver = weakref.ref(driver)
+        self._handles: list[Any] = []
+        for worker, opts in enumerate(optimizers):
             for opt in opts:
                 if not isinstance(opt, Optimizer):
                     raise ValueError(f"optimizer ({opt!r}) must be a torch.optim.Optimizer")
                 self._handles.append(opt.register_step_pre_hook(self._pre_step_hook(worker)))
                 self._handles.append(opt.register_step_post_hook(self._post_step_hook(worker)))
+        # a driver never closed: its hooks leave the optimizers when it is collected
+        self._finalizer = weakref.finalize(driver, _remove, self._handles)
+
+    def align(self, num_steps: int) -> None:
+        """Every worker is at ``num_steps`` (a resume, or a heal from a peer)."""
+        self.worker_steps = [num_steps] * len(self.worker_steps)
 
     def _pre_step_hook(self, worker: int) -> Callable[..., None]:
         def pre_step(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-            if worker == 0 and self._worker_steps[0] == self.num_steps:
-                self.before_step()
+            driver = self._driver()
+            if driver is not None and worker == 0 and self.worker_steps[0] == driver.num_steps:
+                driver.before_step()
 
         return pre_step
 
     def _post_step_hook(self, worker: int) -> Callable[..., None]:
         def post_step(optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-            self._worker_steps[worker] += 1
-            if min(self._worker_steps) > self.num_steps:
-                self.after_step(float(optimizer.param_groups[0]["lr"]))
+            driver = self._driver()
+            if driver is None:
+                return
+            self.worker_steps[worker] += 1
+            if min(self.worker_steps) > driver.num_steps:
+                driver.after_step(float(optimizer.param_groups[0]["lr"]))
 
         return post_step
 
     def close(self) -> None:
-        """Remove the hooks (the models keep their current, possibly unaveraged, parameters)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        """Remove the hooks from the optimizers."""
+        self._finalizer()
 
-    def __enter__(self) -> Any:
-        return self
 
-    def __exit__(self, *exc: object) -> None:
-        try:
-            if exc[0] is None:
-                self.finish()
-        finally:
-            self.close()
+def _remove(handles: list[Any]) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
 
 
 def per_worker(optimizer: Any, num_models: int) -> list[list[Any]]:

@@ -1,10 +1,10 @@
-"""The evaluation swap: the global model held in place for an evaluation or a checkpoint, each
-worker's own model back afterwards (and on demand inside, for a checkpoint's rank files)."""
+"""Holding a global model in every worker for a while (evaluation, a checkpoint file), and each
+worker's own model back afterwards, without allocating on every call."""
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -12,18 +12,20 @@ from torch import Tensor
 
 
 class EvaluationSwap:
-    """The part of :class:`~localsgd.core.averager.Averager` that swaps the average in and out."""
+    """Swaps what the local workers' flat buckets hold: :meth:`hold` puts a global model in
+    (computed by a callable) and each worker's own model back on exit; :meth:`own_models` shows
+    the workers' own models inside a hold. The buckets are re-given after every rebuild."""
 
-    # the averager's, used here
-    _buckets: list[list[Any]]
-    _backup: list[list[Tensor]]
-    _holding_average: bool
+    def __init__(self) -> None:
+        self._buckets: list[list[Any]] = []
+        self._backup: list[list[Tensor]] = []
+        self._holding = False
 
-    def _ensure_intact(self) -> None: ...
+    def rebind(self, buckets: list[list[Any]]) -> None:
+        """The averager's buckets (per local worker), after a (re)build."""
+        self._buckets, self._backup = buckets, []
 
-    def average(self, tag: str = "sync", **kwargs: Any) -> float | None: ...
-
-    def _save_backup(self) -> list[list[Tensor]]:
+    def save_backup(self) -> list[list[Tensor]]:
         """Copy every local worker's flat tensors into persistent buffers (allocated once)."""
         if not self._backup:
             self._backup = [[torch.empty_like(b.flat) for b in w] for w in self._buckets]
@@ -32,35 +34,22 @@ class EvaluationSwap:
                 copy.copy_(b.flat)
         return self._backup
 
-    @contextlib.contextmanager
-    def averaged(self, tag: str = "eval") -> Iterator[None]:
-        """Temporarily hold the global model a sync at this step would produce: the average, and
-        with an outer optimizer its step from that average (its state is not advanced). Each
-        worker's own model comes back on exit."""
-        self._ensure_intact()
-        self._save_backup()
-        try:
-            self.average(tag, optimizer_state="local", outer="preview")
-            self._holding_average = True
-            yield
-        finally:
-            self._holding_average = False
-            self._copy_backup_in()
+    def fill(self, flats: list[Tensor]) -> None:
+        """Every worker holds ``flats`` (one tensor per bucket)."""
+        for w in self._buckets:
+            for b, flat in zip(w, flats):
+                b.flat.copy_(flat)
 
     @contextlib.contextmanager
-    def holding(self, flats: list[Tensor]) -> Iterator[None]:
-        """Temporarily hold ``flats`` (one tensor per bucket: a global model kept elsewhere, such as
-        the last committed round's) in every worker; each worker's own model back on exit."""
-        self._ensure_intact()
-        self._save_backup()
+    def hold(self, put_in: Callable[[str], None], tag: str) -> Iterator[None]:
+        """``put_in(tag)`` makes the workers hold a global model; their own back on exit."""
+        self.save_backup()
         try:
-            for w in self._buckets:
-                for b, flat in zip(w, flats):
-                    b.flat.copy_(flat)
-            self._holding_average = True
+            put_in(tag)
+            self._holding = True
             yield
         finally:
-            self._holding_average = False
+            self._holding = False
             self._copy_backup_in()
 
     def _copy_backup_in(self) -> None:
@@ -70,17 +59,16 @@ class EvaluationSwap:
 
     @contextlib.contextmanager
     def own_models(self) -> Iterator[None]:
-        """Each worker's own model, also inside :meth:`averaged` (a checkpoint saved during
-        validation must store the workers' models, not the average evaluated at that moment);
-        the average comes back on exit. Outside :meth:`averaged` the models are their own already."""
-        if not self._holding_average:
+        """Each worker's own model, also inside :meth:`hold`; what was held comes back on exit.
+        Outside a hold the models are their own already."""
+        if not self._holding:
             yield
             return
-        average = [[b.flat.clone() for b in w] for w in self._buckets]
+        held = [[b.flat.clone() for b in w] for w in self._buckets]
         self._copy_backup_in()
         try:
             yield
         finally:
-            for w, saved in zip(self._buckets, average):
+            for w, saved in zip(self._buckets, held):
                 for b, copy in zip(w, saved):
                     b.flat.copy_(copy)

@@ -81,9 +81,9 @@ class CompressedMean:
         for delta in deltas:
             delta.copy_(mean)
 
-    def start(self, deltas: Sequence[Tensor], key: int = 0) -> CompressedRound:
-        """The mean of ``deltas`` in stages (:class:`CompressedRound`): encoded and sent now."""
-        return CompressedRound(self, deltas, key)
+    def start(self, deltas: Sequence[Tensor], key: int = 0) -> StagedMean:
+        """The mean of ``deltas`` in stages (:class:`StagedMean`): encoded and sent now."""
+        return StagedMean(self, deltas, key)
 
     def _encoded(self, x: Tensor, residual: Tensor | None) -> tuple[Tensor, Tensor | None]:
         """``x`` (padded) plus the residual carried in, encoded; the residual becomes what was lost."""
@@ -105,7 +105,7 @@ class CompressedMean:
         self.shard_residuals = {int(k): t.clone() for k, t in state["shard_residuals"].items()}
 
 
-class CompressedRound:
+class StagedMean:
     """One compressed mean in its three stages, so that an overlapped round can let each travel in
     the background: built, every worker's delta is encoded and the all-to-all starts;
     :meth:`reduce` sums this process's shard and starts the all-gather; :meth:`result` waits for

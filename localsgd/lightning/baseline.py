@@ -16,7 +16,6 @@ import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from torch.optim import Optimizer
@@ -25,7 +24,7 @@ from localsgd.core.options import check_choice
 from localsgd.lightning.common import StartMethod, StrategyCommon, register
 
 
-class SGDBaselineStrategy(StrategyCommon, DDPStrategy):
+class SGDBaselineStrategy(StrategyCommon):
     """Synchronous mini-batch SGD (a gradient all-reduce every step, as DDP), with the same data
     sharding, seeding and ``comm/*`` metrics as :class:`LocalSGDStrategy`.
 

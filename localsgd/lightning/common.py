@@ -4,7 +4,6 @@ workers communicate."""
 
 from __future__ import annotations
 
-import contextlib
 import os
 from typing import Any, Literal
 
@@ -19,9 +18,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
 
-from localsgd.core.averager import Averager
-from localsgd.core.comm import Communicator, destroy_at_exit_if_created
-from localsgd.core.control import StopRequests
+from localsgd.core.comm import destroy_at_exit_if_created
 from localsgd.core.files import add_note, is_local, unreadable
 from localsgd.core.scaling import intrinsic_lr
 from localsgd.lightning.resume import ResumedLoader
@@ -40,10 +37,10 @@ def raw_optimizer(optimizer: Optimizer) -> Optimizer:
     return optimizer._optimizer if isinstance(optimizer, LightningOptimizer) else optimizer
 
 
-class StrategyCommon:
-    """What both strategies share: metrics, seeding and checkpointed state, so their runs compare."""
+class StrategyCommon(DDPStrategy):
+    """What both strategies share (each subclasses it): metrics, seeding and checkpointed state,
+    so their runs compare."""
 
-    lightning_module: pl.LightningModule | None
     strategy_name: str
     description: str
     """What ``Trainer(strategy=strategy_name)`` builds, as Lightning lists it."""
@@ -54,7 +51,7 @@ class StrategyCommon:
         # all-reduces) must end before interpreter finalization: see ``destroy_at_exit``. Only a
         # group Lightning creates here is torn down at exit; one the user made before fit is theirs
         with destroy_at_exit_if_created():
-            super().setup_environment()  # type: ignore[misc]
+            super().setup_environment()
 
     def _log_step(self, optimizer: Optimizer, metrics: dict[str, float]) -> None:
         """Log ``metrics`` and the step's learning rate through the Trainer's loggers."""
@@ -95,17 +92,17 @@ class StrategyCommon:
     ) -> None:
         checkpoint[_CHECKPOINT_KEY] = self.state_dict()
         if not is_local(filepath):
-            super().save_checkpoint(checkpoint, filepath, storage_options)  # type: ignore[misc]
+            super().save_checkpoint(checkpoint, filepath, storage_options)
             return
         # atomic: a crash mid-write leaves the previous file, never a truncated one
         tmp = f"{filepath}.{os.getpid()}.tmp"
-        super().save_checkpoint(checkpoint, tmp, storage_options)  # type: ignore[misc]
+        super().save_checkpoint(checkpoint, tmp, storage_options)
         if os.path.exists(tmp):  # rank 0 writes the main file
             os.replace(tmp, filepath)
 
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         try:
-            checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)  # type: ignore[misc]
+            checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
         except FileNotFoundError:
             raise
         except Exception as err:
@@ -154,7 +151,7 @@ class StrategyCommon:
         """Put back the checkpoint's RNG streams, where a strategy keeps them."""
 
     def on_train_start(self) -> None:
-        super().on_train_start()  # type: ignore[misc]
+        super().on_train_start()
         state, self._pending_state = self._pending_state, None
         if state is not None:
             self.load_state_dict(state)
@@ -170,72 +167,3 @@ class StrategyCommon:
             f"now draws from its own random stream seeded with seed + rank ({base} + rank). Make sure "
             "your dataloader gives each worker different samples."
         )
-
-
-class DriverView:
-    """The driver's state under the names :class:`~localsgd.LocalSGDStrategy` has always shown
-    (before ``setup`` makes a driver: nothing averaged yet, step 0), and what validation and the
-    checkpoint file see: the global model, each worker's own back afterwards."""
-
-    driver: Any
-    _stops: Any
-    _eval_average: contextlib.ExitStack | None
-    lightning_module: Any
-
-    def on_validation_start(self) -> None:
-        super().on_validation_start()
-        if self.driver is not None and self.driver.dirty and self._eval_average is None:
-            self._eval_average = contextlib.ExitStack()
-            self._eval_average.enter_context(self.driver.averaged("eval"))
-
-    def on_validation_end(self) -> None:
-        if self._eval_average is not None:
-            self._eval_average.close()  # back to each worker's own model
-            self._eval_average = None
-        super().on_validation_end()
-
-    def lightning_module_state_dict(self) -> dict[str, Any]:
-        """The averaged model (each rank's local model is left as it is)."""
-        assert self.lightning_module is not None
-        if self.driver is None or not self.driver.dirty or self._eval_average is not None:
-            return self.lightning_module.state_dict()
-        with self.driver.averaged("checkpoint"):
-            return {k: v.clone() for k, v in self.lightning_module.state_dict().items()}
-
-    @property
-    def averager(self) -> Averager | None:
-        return None if self.driver is None else self.driver.averager
-
-    @property
-    def node_comm(self) -> Communicator | None:
-        """The workers of this node, built at the first ``"inner"`` sync."""
-        return None if self.driver is None else self.driver.node_comm
-
-    @property
-    def num_steps(self) -> int:
-        """Optimizer steps taken so far in this fit (rank-consistent: every rank counts every call)."""
-        return 0 if self.driver is None else self.driver.num_steps
-
-    @num_steps.setter
-    def num_steps(self, value: int) -> None:
-        assert self.driver is not None
-        self.driver.num_steps = value
-
-    @property
-    def _dirty(self) -> bool:
-        return self.driver is not None and self.driver.dirty
-
-    @_dirty.setter
-    def _dirty(self, value: bool) -> None:
-        if self.driver is not None:
-            self.driver.dirty = value
-
-    @property
-    def divergence(self) -> float | None:
-        """The last ``localsgd/divergence`` measured (with ``log_divergence=True``)."""
-        return None if self.driver is None else self.driver.divergence
-
-    @property
-    def stops(self) -> StopRequests:
-        """Stop requests (SIGTERM, preemption) for the next sync, and what the last one agreed on."""
-        return self._stops if self.driver is None else self.driver.stops

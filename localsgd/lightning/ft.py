@@ -15,56 +15,48 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from localsgd.core.comm import Communicator, ProcessGroupCommunicator
-from localsgd.core.elastic import check_elastic
-from localsgd.core.options import Options
+from localsgd.core.options import Options, Setting, check_rules
 
 
-class FaultTolerantJob:
-    """The fault-tolerance part of :class:`~localsgd.LocalSGDStrategy`."""
+def communicator(fault_tolerance: Any, workers_per_process: int) -> Communicator:
+    """All workers: this job's processes, or (with fault tolerance) the replica groups."""
+    if fault_tolerance is None:
+        return ProcessGroupCommunicator(workers_per_process=workers_per_process)
+    from localsgd.ft import FaultTolerantCommunicator
 
-    fault_tolerance: Any
-    driver: Any
-    comm: Communicator | None
-    global_rank: int
-    world_size: int
+    return FaultTolerantCommunicator(fault_tolerance, group=ProcessGroupCommunicator())
 
-    def _communicator(self, workers_per_process: int) -> Communicator:
-        """All workers: this job's processes, or (with fault tolerance) the replica groups."""
-        if self.fault_tolerance is None:
-            return ProcessGroupCommunicator(workers_per_process=workers_per_process)
-        from localsgd.ft import FaultTolerantCommunicator
 
-        return FaultTolerantCommunicator(self.fault_tolerance, group=ProcessGroupCommunicator())
+def sampler_kwargs(
+    kwargs: dict[str, Any], fault_tolerance: Any, world_size: int, rank: int
+) -> dict[str, Any]:
+    """A replica group's processes read shard ``group x processes + rank`` of ``K x processes``."""
+    if fault_tolerance is None:
+        return kwargs
+    ft = fault_tolerance
+    return {
+        **kwargs,
+        "num_replicas": ft.num_replica_groups * world_size,
+        "rank": ft.replica_group * world_size + rank,
+    }
 
-    @property
-    def distributed_sampler_kwargs(self) -> dict[str, Any]:
-        kwargs: dict[str, Any] = super().distributed_sampler_kwargs  # type: ignore[misc]
-        if self.fault_tolerance is None:
-            return kwargs
-        ft, size = self.fault_tolerance, self.world_size
-        rank = ft.replica_group * size + self.global_rank
-        return {**kwargs, "num_replicas": ft.num_replica_groups * size, "rank": rank}
 
-    def _continue_where_healed(self, trainer: pl.Trainer) -> None:
-        """A group that joined a run in progress took the others' step count: so does the Trainer."""
-        if self.driver is None or self.driver.elastic is None or not self.driver.num_steps:
-            return
-        steps = self.driver.num_steps
-        loop = trainer.fit_loop.epoch_loop
-        for progress in (
-            loop.automatic_optimization.optim_progress.optimizer.step.total,
-            loop.manual_optimization.optim_step_progress.total,
-        ):
-            progress.ready = progress.completed = steps
-        loop._batches_that_stepped = steps
-        rank_zero_info(
-            f"LocalSGD: replica group {self.fault_tolerance.replica_group} joined the run at optimizer step "
-            f"{steps}, healed from a live group; its data restarts at the start of its shard"
-        )
-
-    def _leave(self) -> None:
-        if self.comm is not None and self.comm.elastic:
-            self.comm.close()  # type: ignore[attr-defined]
+def continue_where_healed(trainer: pl.Trainer, driver: Any, fault_tolerance: Any) -> None:
+    """A group that joined a run in progress took the others' step count: so does the Trainer."""
+    if driver.elastic is None or not driver.num_steps:
+        return
+    steps = driver.num_steps
+    loop = trainer.fit_loop.epoch_loop
+    for progress in (
+        loop.automatic_optimization.optim_progress.optimizer.step.total,
+        loop.manual_optimization.optim_step_progress.total,
+    ):
+        progress.ready = progress.completed = steps
+    loop._batches_that_stepped = steps
+    rank_zero_info(
+        f"LocalSGD: replica group {fault_tolerance.replica_group} joined the run at optimizer step "
+        f"{steps}, healed from a live group; its data restarts at the start of its shard"
+    )
 
 
 def checked_fault_tolerance(value: Any, options: Options, workers_per_device: int) -> Any:
@@ -77,5 +69,5 @@ def checked_fault_tolerance(value: Any, options: Options, workers_per_device: in
     if not isinstance(value, FaultTolerance):
         raise ValueError(f"fault_tolerance ({value!r}) must be None or a localsgd.ft.FaultTolerance")
     require_torchft()
-    check_elastic(options, workers_per_device)
+    check_rules(options, Setting(fault_tolerance=True, workers_per_process=workers_per_device))
     return value

@@ -147,112 +147,119 @@ def deal_shards(dataloader: Any, *, num_processes: int, rank: int, workers_per_p
     return WorkerLoader([_update_dataloader(dataloader, shard) for shard in shards])
 
 
-class SimulatedSteps:
-    """The part of :class:`~localsgd.LocalSGDStrategy` that runs ``workers_per_device`` > 1
-    simulated workers per process: their setup, and each step's forward/backward and optimizer
-    step on the sequential or the batched path."""
+class Simulation:
+    """The ``workers_per_device`` > 1 simulated workers of one process under the Trainer: their
+    models and optimizers, and each step's forward/backward and optimizer step on the sequential
+    or the batched path. :class:`~localsgd.LocalSGDStrategy` holds one and calls it from its
+    Lightning hooks.
 
-    # the strategy's, used here
-    lightning_module: Any
-    precision_plugin: Any
-    root_device: torch.device
-    driver: Any
-    workers_per_device: int
-    simulation: str
-    nonfinite_policy: str
-    replicas: WorkerReplicas | None
-    batched: BatchedWorkers | None
-    _batched_step: bool
-    _worker_logs: WorkerLogs | None
+    Args:
+        trainer: the Trainer (checked: what simulated workers support).
+        module: the LightningModule (every simulated worker's architecture).
+        optimizers: its optimizers (unwrapped).
+        workers_per_device: k.
+        precision_plugin: the strategy's (loss scaling is refused; autocast wraps the batched step).
+    """
 
-    def backward(
-        self, closure_loss: torch.Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any
-    ) -> Any:
-        if self._batched_step:
-            # the batched path computed every worker's gradients already; the hooks still run
-            assert self.lightning_module is not None
-            closure_loss = self.precision_plugin.pre_backward(closure_loss, self.lightning_module)
-            return self.precision_plugin.post_backward(closure_loss, self.lightning_module)
-        return super().backward(closure_loss, optimizer, *args, **kwargs)
-
-    def _simulated_workers(
-        self, trainer: Any, optimizers: list[Optimizer]
-    ) -> tuple[list[nn.Module], list[Any]]:
-        """This process's workers' models and optimizers (``workers_per_device`` > 1)."""
-        k = self.workers_per_device
-        check_simulation(trainer, self.lightning_module, k)
-        if getattr(self.precision_plugin, "scaler", None) is not None:
+    def __init__(
+        self,
+        trainer: Any,
+        module: Any,
+        optimizers: list[Optimizer],
+        workers_per_device: int,
+        precision_plugin: Any,
+    ) -> None:
+        k = workers_per_device
+        check_simulation(trainer, module, k)
+        if getattr(precision_plugin, "scaler", None) is not None:
             raise ValueError(
                 f"precision={trainer.precision!r} with workers_per_device ({k}) > 1 is not supported: "
                 "its loss scaling would need one GradScaler per simulated worker, as K processes have. "
                 "HINT: precision='bf16-mixed' (no loss scaling), or one worker per process"
             )
-        self.replicas = WorkerReplicas(self.lightning_module, optimizers, k)
-        self._worker_logs = WorkerLogs(self.lightning_module)
-        return list(self.replicas.replicas), [list(v) for v in self.replicas.optimizer_views]
+        self.module, self.precision_plugin = module, precision_plugin
+        self.replicas = WorkerReplicas(module, optimizers, k)
+        """The simulated workers' tensors and optimizer states."""
+        self.batched: BatchedWorkers | None = None
+        """The batched path, when it is the one in use."""
+        self.batched_step = False
+        """Whether the batched path is inside its step (the closure runs the batched forward/backward)."""
+        self._logs = WorkerLogs(module)
 
-    def _choose_path(self, trainer: Any, optimizers: list[Optimizer]) -> None:
+    @property
+    def models(self) -> list[nn.Module]:
+        return list(self.replicas.replicas)
+
+    @property
+    def optimizers(self) -> list[list[Any]]:
+        return [list(v) for v in self.replicas.optimizer_views]
+
+    def choose_path(
+        self, trainer: Any, optimizers: list[Optimizer], driver: Any, path: str, device: torch.device
+    ) -> None:
         """Point the module at worker 0 and set up the batched path if it is the one in use."""
-        assert self.replicas is not None
         self.replicas.point_at(0)
-        path = self.simulation
         if path == "auto":
-            path = "batched" if self.root_device.type == "cuda" else "sequential"
-        if path == "batched":
-            check_batched(trainer, optimizers)
-            if self.nonfinite_policy == "skip_worker" and type(optimizers[0]) is not torch.optim.SGD:
-                raise ValueError(
-                    f"nonfinite='skip_worker' with simulation='batched' cannot restart one worker's "
-                    f"{type(optimizers[0]).__name__} state alone: the stacked optimizer keeps one step "
-                    "count for all workers. HINT: simulation='sequential', or nonfinite='raise'"
-                )
-            averager = self.driver.averager
-            self.batched = BatchedWorkers(
-                self.lightning_module, optimizers[0], self.replicas, averager.stacked_views()
+            path = "batched" if device.type == "cuda" else "sequential"
+        if path != "batched":
+            return
+        check_batched(trainer, optimizers)
+        if driver.options.nonfinite == "skip_worker" and type(optimizers[0]) is not torch.optim.SGD:
+            raise ValueError(
+                f"nonfinite='skip_worker' with simulation='batched' cannot restart one worker's "
+                f"{type(optimizers[0]).__name__} state alone: the stacked optimizer keeps one step "
+                "count for all workers. HINT: simulation='sequential', or nonfinite='raise'"
             )
-            averager.after_reset = self.batched.reset_state
+        averager = driver.averager
+        self.batched = BatchedWorkers(self.module, optimizers[0], self.replicas, averager.stacked_views())
+        averager.on_reset(self.batched.reset_state)
 
-    def _simulated_training_step(
-        self, step: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
-    ) -> Any:
-        assert self.replicas is not None
-        if self.batched is not None and self._batched_step:
+    def backward(self, closure_loss: torch.Tensor) -> Any:
+        """The batched path computed every worker's gradients already; the hooks still run."""
+        closure_loss = self.precision_plugin.pre_backward(closure_loss, self.module)
+        return self.precision_plugin.post_backward(closure_loss, self.module)
+
+    @property
+    def in_step(self) -> bool:
+        """Whether a training_step now runs for a simulated worker (or the batched path)."""
+        return self.batched_step or self.replicas.active is not None
+
+    def training_step(self, step: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if self.batched is not None and self.batched_step:
             batch, batch_idx = (args[0], args[1]) if len(args) > 1 else (args[0], kwargs.get("batch_idx", 0))
             with self.precision_plugin.train_step_context():  # autocast under bf16-mixed, as K processes
                 return self.batched.forward_backward(batch, batch_idx)
         batch = args[0] if args else kwargs.pop("batch")
         args = (batch[self.replicas.active], *args[1:])
-        assert self._worker_logs is not None
-        with self._worker_logs.recording():
+        with self._logs.recording():
             output = step(*args, **kwargs)
         if self.replicas.active == self.replicas.num_workers - 1:
-            self._worker_logs.flush()  # the step's metrics: the mean over the simulated workers
+            self._logs.flush()  # the step's metrics: the mean over the simulated workers
         return output
 
-    def _fingerprint(self, batch: Any) -> None:
+    def fingerprint(self, driver: Any, batch: Any) -> None:
         """Pitfall 10: each worker's first batch of the fit, compared across workers at the first sync."""
-        if self.batched is not None and self._batched_step:
+        if self.batched is not None and self.batched_step:
             for i, worker_batch in enumerate(batch):
-                self.driver.note_batch(worker_batch, i)
-        elif self.replicas is None or self.replicas.active is None:
-            self.driver.note_batch(batch[0] if self.replicas is not None else batch, 0)
+                driver.note_batch(worker_batch, i)
+        elif self.replicas.active is None:
+            driver.note_batch(batch[0], 0)
         else:
-            self.driver.note_batch(batch[self.replicas.active], self.replicas.active)
+            driver.note_batch(batch[self.replicas.active], self.replicas.active)
 
-    def _simulated_step(self, step: Callable[[], Any], through_gradients: bool) -> Any:
+    def step(self, step: Callable[[], Any], through_gradients: bool, driver: Any) -> Any:
         """Every simulated worker's step; ``step`` runs the user's optimizer step (closure included)."""
-        assert self.replicas is not None
         if self.batched is not None:
             # the closure runs the batched forward/backward; the module's own parameters have
             # no gradients, so the user's optimizer step is a no-op, and the stacked one steps
-            self._batched_step = True
+            self.batched_step = True
             try:
                 output = step()
             finally:
-                self._batched_step = False
+                self.batched_step = False
             if through_gradients:
                 stacked = gradients_of(list(self.batched.trainable.values()))
-                self.driver.gradients.all_reduce(
+                driver.gradients.all_reduce(
                     [[g[w] for g in stacked] for w in range(self.replicas.num_workers)]
                 )
             self.batched.step()
@@ -264,19 +271,18 @@ class SimulatedSteps:
         self.replicas.deactivate()
         return output
 
-    def _sequential_gradient_step(
-        self, closure: Callable[[], Any], step: Callable[[Callable[[], Any]], Any]
+    def gradient_step(
+        self, closure: Callable[[], Any], step: Callable[[Callable[[], Any]], Any], driver: Any
     ) -> Any:
         """Simulated workers, one after another, in a round of one step through the gradients:
         every worker's forward and backward, the all-reduce, then every worker's step."""
-        assert self.replicas is not None
-        params = [p for p in self.lightning_module.parameters() if p.requires_grad]
+        params = [p for p in self.module.parameters() if p.requires_grad]
         outputs, grads = [], []
         for worker in range(self.replicas.num_workers):
             self.replicas.activate(worker)
             outputs.append(closure())
             grads.append(gradients_of(params))  # kept: the next activation clears .grad
-        self.driver.gradients.all_reduce(grads)
+        driver.gradients.all_reduce(grads)
         for worker, (out, worker_grads) in enumerate(zip(outputs, grads)):
             self.replicas.activate(worker)
             for p, g in zip(params, worker_grads):

@@ -21,15 +21,16 @@ import torch
 from lightning.fabric.plugins import CheckpointIO, ClusterEnvironment
 from lightning.fabric.plugins.collectives.torch_collective import default_pg_timeout
 from lightning.pytorch.plugins.precision import Precision
-from lightning.pytorch.strategies import DDPStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
+from typing_extensions import override
 
 from localsgd.core.comm import Communicator
 from localsgd.core.control import StopRequests, check_equal_lengths
 from localsgd.core.driver import LocalSGD
 from localsgd.core.driver_state import sync_state
+from localsgd.core.files import set_rng_state
 from localsgd.core.gradients import gradients_of
 from localsgd.core.options import (
     BufferPolicy,
@@ -37,41 +38,34 @@ from localsgd.core.options import (
     NonfinitePolicy,
     OptimizerStatePolicy,
     Options,
+    SyncEvery,
     check_choice,
+    with_option_docs,
 )
 from localsgd.core.outer import OuterOptimizer
 from localsgd.core.replicas import WorkerReplicas
-from localsgd.core.schedules import SyncSchedule
 from localsgd.core.wire import Wire
-from localsgd.lightning.common import DriverView, StartMethod, StrategyCommon, raw_optimizer, register
-from localsgd.lightning.ft import FaultTolerantJob, checked_fault_tolerance
-from localsgd.lightning.resume import ExactResume
-from localsgd.lightning.simulation import BatchedWorkers, SimulatedSteps, WorkerLogs, deal_shards
+from localsgd.lightning import ft, resume
+from localsgd.lightning.batched import BatchedWorkers
+from localsgd.lightning.common import StartMethod, StrategyCommon, raw_optimizer, register
+from localsgd.lightning.simulation import Simulation, deal_shards
 from localsgd.lightning.stops import act_on_agreed_stops, install_sigterm_handler, quiet_per_batch_broadcast
 
 log = logging.getLogger(__name__)
 
 
-class LocalSGDStrategy(
-    FaultTolerantJob, SimulatedSteps, DriverView, ExactResume, StrategyCommon, DDPStrategy
-):
+class LocalSGDStrategy(StrategyCommon):
     """Local SGD: each worker takes optimizer steps on its own data; every ``sync_every`` steps
     the workers average their parameters (one all-reduce per device and dtype).
 
+    A DDPStrategy (through :class:`~localsgd.lightning.common.StrategyCommon`, which it shares
+    with the SGD baseline) whose parts are objects: the driver (:class:`localsgd.LocalSGD`, made
+    in ``setup``), the simulated workers (:class:`~localsgd.lightning.simulation.Simulation`),
+    the rank files (:mod:`localsgd.lightning.resume`) and fault tolerance
+    (:mod:`localsgd.lightning.ft`).
+
     Args:
-        sync_every: H, the number of optimizer steps per round (an integer >= 1), or a
-            :class:`~localsgd.core.schedules.SyncSchedule` (``PostLocal``, ``QSR``, ``Hierarchical``,
-            your own), or a function ``(step, lr) -> bool``. One step is one ``optimizer.step``
-            call (not one per param group, not one per micro-batch under gradient accumulation).
-        buffers: ``"average"`` averages floating-point buffers (BatchNorm running stats) with
-            the parameters at each sync; ``"local"`` keeps each worker's own.
-        optimizer_state: at each sync, ``"local"`` keeps each worker's optimizer state,
-            ``"average"`` averages it (with ``sync_every=1`` this is exactly synchronous SGD),
-            ``"reset"`` zeroes it.
-        outer_optimizer: steps the global model on the pseudo-gradient ``anchor - average`` at
-            each sync across all workers (:class:`~localsgd.core.outer.SlowMo`,
-            :class:`~localsgd.core.outer.DiLoCo`, any :class:`~localsgd.core.outer.OuterOptimizer`);
-            ``None`` is plain averaging.
+        {options}
         workers_per_device: simulated workers in each process (see :mod:`localsgd.core.replicas`):
             P processes x ``workers_per_device`` = K workers, each with its own data shard
             (the one rank ``process_rank * workers_per_device + i`` of a K-process run would
@@ -82,27 +76,6 @@ class LocalSGDStrategy(
             ``vmap``-ed forward/backward and one optimizer step over stacked tensors, for GPUs
             where per-worker batches are too small to fill the device; elementwise optimizers
             only), or ``"auto"`` (batched on CUDA, sequential otherwise).
-        log_divergence: at each sync across all workers, log ``localsgd/divergence``, the
-            workers' mean squared distance to their average just before it (costs a copy of
-            the model and one scalar all-reduce per sync).
-        nonfinite: before each sync the workers agree (one small all-reduce) whether any holds
-            NaN/Inf parameters or buffers, and that all are at the same step: ``"raise"`` fails
-            on every rank naming the workers and the step; ``"skip_worker"`` leaves them out
-            of that average and restarts them from it, optimizer state zeroed.
-        h1_sync: how a round of one step (``sync_every=1``, ``PostLocal``'s first phase) makes the
-            workers synchronous: ``"gradients"`` all-reduces the gradients before the step (DDP's
-            arithmetic: synchronous training for every optimizer), ``"parameters"`` averages the
-            parameters and optimizer state after it (the same for SGD with momentum and weight
-            decay, not for Adam and the like), ``"auto"``: gradients for every optimizer but SGD.
-        wire: what a sync sends: ``"fp32"`` (exact), or each worker's delta from the global model
-            in ``"bf16"`` (half the bytes) or ``"int8"`` (blockwise absmax scales, about a quarter).
-        error_feedback: with a lossy wire, each worker (and each shard of the mean) carries what
-            its encoding lost into the next sync.
-        sync_delay: tau >= 0: a sync's mean travels while the workers take tau more steps, then
-            lands keeping their progress (``theta_new + theta_now - theta_snapshot``); 0 blocks.
-        num_fragments: F >= 1 dividing a constant H: the model cut into F fragments of near-equal
-            bytes, fragment f syncing every H steps offset by f * H / F (streaming: each sync
-            sends about 1/F of the model).
         fault_tolerance: a :class:`localsgd.ft.FaultTolerance` (needs ``pip install 'localsgd[ft]'``):
             this Trainer is one replica group of a run that goes on through lost groups; its
             processes all-reduce their gradients every step, and the syncs across groups run
@@ -120,7 +93,7 @@ class LocalSGDStrategy(
     def __init__(
         self,
         *,
-        sync_every: int | SyncSchedule | Callable[[int, float], bool] = 8,
+        sync_every: SyncEvery = 8,
         buffers: BufferPolicy = "average",
         optimizer_state: OptimizerStatePolicy = "local",
         outer_optimizer: OuterOptimizer | None = None,
@@ -151,28 +124,9 @@ class LocalSGDStrategy(
             raise ValueError(f"workers_per_device ({workers_per_device!r}) must be an integer >= 1")
         self.workers_per_device = workers_per_device
         self.simulation = check_choice("simulation", simulation, ("auto", "sequential", "batched"))
-        # the driver's own checks, so that both front ends name a bad argument alike
-        self.options = Options.checked(
-            sync_every=sync_every,
-            buffers=buffers,
-            optimizer_state=optimizer_state,
-            outer_optimizer=outer_optimizer,
-            nonfinite=nonfinite,
-            log_divergence=log_divergence,
-            h1_sync=h1_sync,
-            wire=wire,
-            error_feedback=error_feedback,
-            sync_delay=sync_delay,
-            num_fragments=num_fragments,
-        )
-        self.schedule: SyncSchedule = self.options.schedule
-        self.fault_tolerance = checked_fault_tolerance(fault_tolerance, self.options, workers_per_device)
-        self.outer_optimizer = self.options.outer_optimizer
-        self.buffer_policy = self.options.buffers
-        self.optimizer_state_policy = self.options.optimizer_state
-        self.nonfinite_policy = self.options.nonfinite
-        self.log_divergence = self.options.log_divergence
-        self.h1_sync = self.options.h1_sync
+        # the one options object (and its combination rules), as every front end builds it
+        self.options = Options.pick(locals())
+        self.fault_tolerance = ft.checked_fault_tolerance(fault_tolerance, self.options, workers_per_device)
         check_choice("start_method", start_method, ("popen", "spawn", "fork", "forkserver"))
         super().__init__(
             accelerator=accelerator,
@@ -188,18 +142,36 @@ class LocalSGDStrategy(
         """The algorithm (step counter, schedule, syncs), made in ``setup`` for a fit."""
         self.comm: Communicator | None = None
         """All workers."""
-        self.replicas: WorkerReplicas | None = None
+        self.simulated: Simulation | None = None
         """The simulated workers of this process (``workers_per_device`` > 1)."""
-        self.batched: BatchedWorkers | None = None
-        """The batched simulation path, when it is the one in use."""
-        self._batched_step = False
-        self._worker_logs: WorkerLogs | None = None
         self._stops = StopRequests()
+        self._gradients_averaged = False  # this step's gradients were all-reduced (a round of one step)
         self._eval_average: contextlib.ExitStack | None = None
         self._pending_local: dict[str, Any] | None = None
         self._pending_rng: dict[str, Any] | None = None
 
+    @property
+    def replicas(self) -> WorkerReplicas | None:
+        """The simulated workers' tensors and optimizer states (``workers_per_device`` > 1)."""
+        return None if self.simulated is None else self.simulated.replicas
+
+    @property
+    def batched(self) -> BatchedWorkers | None:
+        """The batched simulation path, when it is the one in use."""
+        return None if self.simulated is None else self.simulated.batched
+
+    @property
+    def num_steps(self) -> int:
+        """Optimizer steps taken so far in this fit (rank-consistent: every rank counts every call)."""
+        return 0 if self.driver is None else self.driver.num_steps
+
+    @property
+    def stops(self) -> StopRequests:
+        """Stop requests (SIGTERM, preemption) for the next sync, and what the last one agreed on."""
+        return self._stops if self.driver is None else self.driver.stops
+
     # ------------------------------------------------------------------ setup
+    @override
     def configure_ddp(self) -> None:
         """No DistributedDataParallel wrapper: workers must not all-reduce gradients."""
 
@@ -216,10 +188,11 @@ class LocalSGDStrategy(
         assert self.lightning_module is not None
         optimizers = [raw_optimizer(o) for o in self.optimizers]
         k = self.workers_per_device
-        self.comm = self._communicator(k)
-        self.replicas, self.batched = None, None
+        self.comm = ft.communicator(self.fault_tolerance, k)
+        self.simulated = None
         if k > 1:
-            modules, worker_optimizers = self._simulated_workers(trainer, optimizers)
+            self.simulated = Simulation(trainer, self.lightning_module, optimizers, k, self.precision_plugin)
+            modules, worker_optimizers = self.simulated.models, self.simulated.optimizers
         else:
             modules, worker_optimizers = [self.lightning_module], [optimizers]
         self.driver = LocalSGD(
@@ -229,12 +202,12 @@ class LocalSGDStrategy(
             comm=self.comm,
             local_world_size=self.num_processes,
             hook=False,  # Lightning's optimizer_step calls the driver, once per step of all workers
+            timeout=self._timeout,
+            before_sync=self.replicas.check_unchanged if self.replicas is not None else None,
         )
-        self._continue_where_healed(trainer)
-        self.driver.timeout = self._timeout
-        if self.replicas is not None:
-            self.driver.before_sync = self.replicas.check_unchanged
-            self._choose_path(trainer, optimizers)
+        ft.continue_where_healed(trainer, self.driver, self.fault_tolerance)
+        if self.simulated is not None:
+            self.simulated.choose_path(trainer, optimizers, self.driver, self.simulation, self.root_device)
         self._seed_workers_apart(trainer, self.global_rank)
         if self.comm.num_workers == 1:
             rank_zero_warn(
@@ -245,9 +218,9 @@ class LocalSGDStrategy(
             )
         rank_zero_info(
             f"LocalSGD: {self.comm.num_workers} workers ({self.world_size} processes x {k}), "
-            f"schedule {self.schedule!r}, "
-            f"buffers={self.buffer_policy!r}, optimizer_state={self.optimizer_state_policy!r}, "
-            f"outer_optimizer={self.outer_optimizer!r}, rounds of one step through the "
+            f"schedule {self.options.schedule!r}, "
+            f"buffers={self.options.buffers!r}, optimizer_state={self.options.optimizer_state!r}, "
+            f"outer_optimizer={self.options.outer_optimizer!r}, rounds of one step through the "
             f"{'gradients' if self.driver.h1_gradients else 'parameters'}, "
             f"{self.driver.averager.num_bytes} bytes per worker per sync"
         )
@@ -277,31 +250,44 @@ class LocalSGDStrategy(
 
     def on_train_start(self) -> None:
         trainer = self.lightning_module.trainer if self.lightning_module is not None else None
-        if trainer is not None and self.averager is not None:
+        if trainer is not None and self.driver is not None:
             total = trainer.estimated_stepping_batches
             per_epoch = None
             if isinstance(trainer.num_training_batches, int):
                 per_epoch = -(-trainer.num_training_batches // trainer.accumulate_grad_batches)
-            self.schedule.configure(
+            self.options.schedule.configure(
                 total_steps=int(total) if total != float("inf") else None, steps_per_epoch=per_epoch
             )
-        if trainer is not None and self.averager is not None and self.world_size > 1:
+        if trainer is not None and self.driver is not None and self.world_size > 1:
             # no collective between syncs: a SIGTERM waits for the next sync's control message
             quiet_per_batch_broadcast(trainer)
             install_sigterm_handler(self)
         super().on_train_start()  # restores a checkpoint's sync state
         local, self._pending_local = self._pending_local, None
         if local is not None:
-            self._load_local_state(local)
+            resume.load_local_state(self, local)
+            self._pending_rng = local["rng"]
 
     # ------------------------------------------------------------------ the sync
     def training_step(self, *args: Any, **kwargs: Any) -> Any:
         if self.driver is not None:
-            self.driver.dirty = True  # a forward pass in train mode moves BatchNorm statistics
-            self._fingerprint(args[0] if args else kwargs["batch"])
-        if self.replicas is not None and (self._batched_step or self.replicas.active is not None):
-            return self._simulated_training_step(super().training_step, args, kwargs)
+            self.driver.mark_dirty()  # a forward pass in train mode moves BatchNorm statistics
+            batch = args[0] if args else kwargs["batch"]
+            if self.simulated is None:
+                self.driver.note_batch(batch)  # pitfall 10: compared across workers at the first sync
+            else:
+                self.simulated.fingerprint(self.driver, batch)
+        if self.simulated is not None and self.simulated.in_step:
+            return self.simulated.training_step(super().training_step, args, kwargs)
         return super().training_step(*args, **kwargs)
+
+    @override
+    def backward(
+        self, closure_loss: torch.Tensor, optimizer: Optimizer | None, *args: Any, **kwargs: Any
+    ) -> Any:
+        if self.simulated is not None and self.simulated.batched_step:
+            return self.simulated.backward(closure_loss)
+        return super().backward(closure_loss, optimizer, *args, **kwargs)
 
     def optimizer_step(
         self,
@@ -321,20 +307,21 @@ class LocalSGDStrategy(
 
         if self.driver.group_gradients is not None:  # a replica group: DDP's mean inside it, every step
             closure = _then(closure, self.driver.average_group_gradients)
-        if self.replicas is None:
+        if self.simulated is None:
             output = step(self._averaging_gradients(closure) if through_gradients else closure)
-        elif through_gradients and self.batched is None:
-            output = self._sequential_gradient_step(closure, step)
+        elif through_gradients and self.simulated.batched is None:
+            output = self.simulated.gradient_step(closure, step, self.driver)
         else:
-            output = self._simulated_step(step, through_gradients)
-        self.driver.parameters_equal = through_gradients
+            output = self.simulated.step(step, through_gradients, self.driver)
+        self._gradients_averaged = through_gradients
         self._after_step(optimizer)
         return output
 
     def _after_step(self, optimizer: Optimizer) -> None:
         """Every sync happens here, through the driver; then what is Lightning's: stops, logging."""
         assert self.driver is not None
-        decision = self.driver.after_step(float(optimizer.param_groups[0]["lr"]))
+        lr = float(optimizer.param_groups[0]["lr"])
+        decision = self.driver.after_step(lr, gradients_averaged=self._gradients_averaged)
         if decision and decision != "inner":
             act_on_agreed_stops(self, self.lightning_module.trainer, self.num_steps)
             if self.driver.sync_divergence is not None:
@@ -378,11 +365,75 @@ class LocalSGDStrategy(
             + (sent if self.driver.comm.num_workers > 1 else "communication: none (1 worker)")
         )
 
+    @override
     def teardown(self) -> None:
-        self._leave()  # a replica group leaves the fault-tolerant run
+        if self.comm is not None and self.comm.elastic:
+            self.comm.close()  # type: ignore[attr-defined]  # a replica group leaves the fault-tolerant run
         super().teardown()
 
+    @property
+    @override
+    def distributed_sampler_kwargs(self) -> dict[str, Any]:
+        kwargs = super().distributed_sampler_kwargs
+        return ft.sampler_kwargs(kwargs, self.fault_tolerance, self.world_size, self.global_rank)
+
+    # ------------------------------------------------------------------ what validation and checkpoints see
+    @override
+    def on_validation_start(self) -> None:
+        super().on_validation_start()
+        if self.driver is not None and self.driver.dirty and self._eval_average is None:
+            self._eval_average = contextlib.ExitStack()
+            self._eval_average.enter_context(self.driver.averaged("eval"))
+
+    @override
+    def on_validation_end(self) -> None:
+        if self._eval_average is not None:
+            self._eval_average.close()  # back to each worker's own model
+            self._eval_average = None
+        super().on_validation_end()
+
+    @override
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The averaged model (each rank's local model is left as it is)."""
+        assert self.lightning_module is not None
+        if self.driver is None or not self.driver.dirty or self._eval_average is not None:
+            return self.lightning_module.state_dict()
+        with self.driver.averaged("checkpoint"):
+            return {k: v.clone() for k, v in self.lightning_module.state_dict().items()}
+
     # ------------------------------------------------------------------ checkpoints
+    @override
+    def save_checkpoint(
+        self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
+    ) -> None:
+        if self.driver is not None:
+            resume.save_rank_file(self, filepath)  # each rank's own state beside the main file
+        super().save_checkpoint(checkpoint, filepath, storage_options)
+
+    @override
+    def remove_checkpoint(self, filepath: Any) -> None:
+        super().remove_checkpoint(filepath)
+        resume.remove_rank_file(filepath, self.global_rank)
+
+    @override
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+        if self._pending_state is not None:  # None: evaluating, or nothing of this library's to restore
+            self._pending_local = resume.check_rank_file(self, checkpoint_path, checkpoint)
+        return checkpoint
+
+    @override
+    def _restore_rng(self) -> None:
+        """The checkpoint's RNG streams, once (the resumed loader calls it when the data is in place)."""
+        rng, self._pending_rng = self._pending_rng, None
+        if rng is not None:
+            set_rng_state(rng)
+
+    @override
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        self._restore_rng()  # a no-op unless the training loader never reached its first batch
+        super().on_train_batch_start(batch, batch_idx)
+
     def state_dict(self) -> dict[str, Any]:
         """The sync state: step count, schedule and communication counters."""
         sync = (
@@ -404,12 +455,11 @@ class LocalSGDStrategy(
         written_by = self._checkpoint_strategy(state)
         if written_by != self.strategy_name:
             # post-local SGD by hand: synchronous SGD first, then Local SGD from its checkpoint
-            self.driver.num_steps = int(state["num_steps"])
-            self.driver.dirty = False
+            self.driver.start_at(int(state["num_steps"]))
             rank_zero_info(
                 f"LocalSGD: starting from a {written_by or 'non-localsgd'} checkpoint at optimizer step "
                 f"{self.num_steps}: every worker starts from its model and optimizer state; the sync "
-                f"schedule {self.schedule!r} and the comm/* counters start fresh"
+                f"schedule {self.options.schedule!r} and the comm/* counters start fresh"
             )
             return
         self.driver.load_sync_state_dict(state)
@@ -424,4 +474,6 @@ def _then(closure: Callable[[], Any], after: Callable[[], None]) -> Callable[[],
     return closure_then
 
 
+# the algorithm's options, documented once in Options, for help() and LightningCLI's --help
+LocalSGDStrategy.__doc__ = with_option_docs(LocalSGDStrategy.__doc__)
 register(LocalSGDStrategy)

@@ -215,7 +215,7 @@ class SharpnessCallback(pl.Callback):
     averaged model.
 
     Under :class:`~localsgd.LocalSGDStrategy` the measurement runs inside
-    ``strategy.averager.averaged(...)``, which holds the workers' average on every rank (a
+    ``strategy.driver.averaged(...)``, which holds the workers' average on every rank (a
     collective: every rank enters it, only global rank 0 measures and logs); with any other
     strategy (the SGD baseline, one device) the model is measured as it is. Simulated workers
     all hold the average inside it, so the module's tensors are the average too.
@@ -314,8 +314,8 @@ class SharpnessCallback(pl.Callback):
         if step == self._last_step or step % self.every_n_steps:
             return
         self._last_step = step
-        averager = getattr(trainer.strategy, "averager", None)
-        averaged = averager.averaged("sharpness") if averager is not None else contextlib.nullcontext()
+        driver = getattr(trainer.strategy, "driver", None)
+        averaged = driver.averaged("sharpness") if driver is not None else contextlib.nullcontext()
         with averaged:  # a collective: every rank enters it
             metrics = self.measure(pl_module, step=step) if trainer.is_global_zero else None
         if metrics is None:
