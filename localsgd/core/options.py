@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
 import itertools
 import logging
@@ -173,12 +174,20 @@ def with_option_docs(doc: str | None) -> str | None:
     entry per option, from :meth:`Options.field_docs` (so that ``--help`` and ``help()`` show them)."""
     if doc is None:
         return None
-    indent = "        "
+    return doc.replace(_INDENT + "{options}", _option_entries())
+
+
+_INDENT = "        "
+
+
+@functools.cache
+def _option_entries() -> str:
+    """The options' ``Args:`` entries, rendered once for every front end (parsing the source)."""
     entries = []
     for name, text in Options.field_docs().items():
-        lines = textwrap.wrap(text, 96 - len(indent), initial_indent=f"{name}: ", subsequent_indent="    ")
-        entries.append("\n".join(indent + line for line in lines))
-    return doc.replace(indent + "{options}", "\n".join(entries))
+        lines = textwrap.wrap(text, 96 - len(_INDENT), initial_indent=f"{name}: ", subsequent_indent="    ")
+        entries.append("\n".join(_INDENT + line for line in lines))
+    return "\n".join(entries)
 
 
 # ---------------------------------------------------------------------- combination rules
