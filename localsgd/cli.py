@@ -68,10 +68,9 @@ class LocalSGDCLI(LightningCLI):
 
     def before_fit(self) -> None:
         # without Lightning's bar (off in the shipped configs: it floods logs), a line per tenth of the run
-        if self.trainer.progress_bar_callback is None and not any(
-            isinstance(c, StepLog) for c in self.trainer.callbacks
-        ):
-            self.trainer.callbacks.append(StepLog())
+        callbacks: list[Any] = self.trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning at init
+        if self.trainer.progress_bar_callback is None and not any(isinstance(c, StepLog) for c in callbacks):
+            callbacks.append(StepLog())
 
     def after_fit(self) -> None:
         rank_zero_info(summary(self.trainer))

@@ -108,7 +108,7 @@ class LocalSGDFabricStrategy(DDPStrategy):
         if self.driver is not None and self.driver.models[0].training:
             self.driver.note_batch(batch)
 
-    def setup_module(self, module: nn.Module) -> nn.Module:
+    def setup_module(self, module: nn.Module) -> nn.Module:  # type: ignore[override]
         """No DistributedDataParallel wrapper: workers must not all-reduce gradients."""
         return module
 

@@ -236,7 +236,7 @@ class FaultTolerantCommunicator(Communicator):
             raise RoundFailed(f"an earlier collective of this round failed: {self._failed}")
         t = tensors[0]
         opts = AllreduceOptions()
-        opts.reduceOp = ReduceOp.MAX if op == "max" else ReduceOp.SUM
+        opts.reduceOp = ReduceOp.MAX if op == "max" else ReduceOp.SUM  # type: ignore[assignment]
         try:
             self._pg.allreduce([t], opts).wait()
         except Exception as err:  # a lost peer: torchft reconfigures at the next quorum

@@ -20,7 +20,7 @@ from typing import get_args
 
 import torch
 from torch import Tensor, nn
-from torch.nn.parameter import UninitializedTensorMixin as _Uninitialized
+from torch.nn.parameter import UninitializedTensorMixin as _Uninitialized  # type: ignore[attr-defined]
 from torch.optim import Optimizer
 
 from localsgd.core import buckets

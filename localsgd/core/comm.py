@@ -346,8 +346,9 @@ class ProcessGroupCommunicator(Communicator):
         src_process, src_local = divmod(src, self._per_process)
         if self._rank == src_process and src_local != 0:
             tensors[0].copy_(tensors[src_local])
-        global_src = dist.get_global_rank(self.group, src_process) if self.group is not None else src_process
-        dist.broadcast(tensors[0], src=global_src, group=self.group)
+        group: Any = self.group  # a torch.distributed process group (or None: the default one)
+        global_src = dist.get_global_rank(group, src_process) if group is not None else src_process
+        dist.broadcast(tensors[0], src=global_src, group=group)
         _copy_from_first(tensors)
 
 

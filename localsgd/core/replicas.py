@@ -76,7 +76,7 @@ class WorkerReplicas:
         self.params = list(module.parameters())
         self.buffers = list(module.buffers())
         self.replicas = [_Replica(self.params, self.buffers) for _ in range(num_workers)]
-        index = {p: i for i, p in enumerate(self.params)}
+        index: dict[Tensor, int] = {p: i for i, p in enumerate(self.params)}
         # per worker, per optimizer: the state dict of each parameter (shared with the view)
         self._states: list[list[dict[Tensor, dict[str, Any]]]] = []
         self.optimizer_views: list[list[_OptimizerView]] = []
@@ -84,9 +84,11 @@ class WorkerReplicas:
             rparams = list(replica.parameters())
             states, views = [], []
             for opt in self.optimizers:
-                state = {p: {} for group in opt.param_groups for p in group["params"]}
+                state: dict[Tensor, dict[str, Any]] = {
+                    p: {} for group in opt.param_groups for p in group["params"]
+                }
                 groups = [{"params": [rparams[index[p]] for p in g["params"]]} for g in opt.param_groups]
-                view_state = {rparams[index[p]]: s for p, s in state.items()}
+                view_state: dict[Tensor, dict[str, Any]] = {rparams[index[p]]: s for p, s in state.items()}
                 states.append(state)
                 views.append(_OptimizerView(groups, view_state, opt))
             self._states.append(states)
@@ -137,8 +139,8 @@ class WorkerReplicas:
         for b, rb in zip(self.buffers, replica.buffers()):
             b.data = rb.data
         for opt, state in zip(self.optimizers, self._states[worker]):
-            for p, s in state.items():
-                opt.state[p] = s
+            for tensor, s in state.items():
+                opt.state[tensor] = s
 
     def activate(self, worker: int) -> None:
         """Switch to ``worker``: its tensors, optimizer state and RNG stream."""

@@ -104,7 +104,7 @@ class BatchedWorkers:
             for g in optimizer.param_groups
         ]
         replicas.point_at(0)  # the module sees worker 0, also where tensors were just stacked
-        self.stacked_optimizer = type(optimizer)(groups)
+        self.stacked_optimizer = type(optimizer)(groups)  # type: ignore[call-arg]
         self._index = [[id(p) for p in g["params"]] for g in optimizer.param_groups]
         self._num_workers = k
         self.loss: Tensor | None = None
@@ -131,7 +131,7 @@ class BatchedWorkers:
 
         # in-place updates (BatchNorm statistics) under vmap reach only contiguous inputs
         work = {name: t.contiguous() for name, t in self.tensors.items()}
-        module.log, module.log_dict = log, log_dict  # type: ignore[method-assign]
+        module.log, module.log_dict = log, log_dict  # type: ignore[assignment]
         try:
             grads, (losses, aux) = vmap(grad(loss_fn, has_aux=True), randomness="different")(
                 dict(self.trainable), work, _stack(batches)

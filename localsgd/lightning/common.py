@@ -138,7 +138,11 @@ class StrategyCommon(DDPStrategy):
         if self._pending_state is None or module is None:
             return dataloader
         progress = module.trainer.fit_loop.epoch_loop.batch_progress
-        return ResumedLoader(dataloader, done=lambda: progress.current.processed, restore=self._restore_rng)
+
+        def done() -> int:
+            return progress.current.processed  # type: ignore[attr-defined]  # a _ProcessedTracker when run
+
+        return ResumedLoader(dataloader, done=done, restore=self._restore_rng)
 
     @staticmethod
     def _checkpoint_strategy(state: dict[str, Any]) -> str | None:

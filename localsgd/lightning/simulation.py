@@ -7,6 +7,7 @@ are :class:`localsgd.core.replicas.WorkerReplicas`.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
@@ -133,7 +134,7 @@ def deal_shards(dataloader: Any, *, num_processes: int, rank: int, workers_per_p
             f"{type(sampler).__name__}"
         )
     k = workers_per_process
-    shards = [
+    shards: list[DistributedSampler[Any]] = [
         DistributedSampler(
             sampler.dataset,
             num_replicas=num_processes * k,
@@ -287,6 +288,11 @@ class Simulation:
             self.replicas.activate(worker)
             for p, g in zip(params, worker_grads):
                 p.grad = g
-            output = step(lambda out=out: out)
+            output = step(functools.partial(_identity, out))
         self.replicas.deactivate()
         return output
+
+
+def _identity(value: Any) -> Any:
+    """A closure for an optimizer step whose loss was computed already."""
+    return value

@@ -323,7 +323,9 @@ class LocalSGDStrategy(StrategyCommon):
         lr = float(optimizer.param_groups[0]["lr"])
         decision = self.driver.after_step(lr, gradients_averaged=self._gradients_averaged)
         if decision and decision != "inner":
-            act_on_agreed_stops(self, self.lightning_module.trainer, self.num_steps)
+            module = self.lightning_module
+            assert module is not None
+            act_on_agreed_stops(self, module.trainer, self.num_steps)
             if self.driver.sync_divergence is not None:
                 # straight to the loggers: a value logged through the module would be
                 # repeated in every later row of the epoch, as if measured there

@@ -353,11 +353,12 @@ class SharpnessCallback(pl.Callback):
     def _take_batches(self, trainer: pl.Trainer, module: pl.LightningModule) -> list[Any]:
         dataset = self.dataset
         if dataset == "train":
-            clean = getattr(trainer.datamodule, "clean_train_set", None)
+            datamodule = getattr(trainer, "datamodule", None)
+            clean = getattr(datamodule, "clean_train_set", None)
             if not callable(clean):
                 raise ValueError(
                     "SharpnessCallback(dataset='train') needs a datamodule with a clean_train_set() "
-                    f"method; {type(trainer.datamodule).__name__} has none. HINT: pass the Dataset itself"
+                    f"method; {type(datamodule).__name__} has none. HINT: pass the Dataset itself"
                 )
             dataset = clean()
         if dataset is not None:

@@ -243,7 +243,7 @@ def check_sweep(raw: Any, methods: dict[str, dict[str, Any]]) -> dict[str, list[
                 raise ValueError(f"sweep.lr ({value!r}) must hold numbers > 0")
         for method_name, method in methods.items():
             sets = key in ("max_steps",) and "max_steps" in method
-            sets = sets or (name and name in method.get(part, {}))
+            sets = sets or bool(name and name in method.get(part, {}))
             if sets:
                 raise ValueError(
                     f"methods.{method_name} sets {target}, which sweep.{key} sets for every method: "

@@ -266,6 +266,7 @@ def plot(config: CompareConfig, rows: Sequence[dict[str, Any]]) -> Path:
     )
     axes[1][0].set(xlabel=first, ylabel="Hessian trace", title=f"Hessian trace vs {first}{where}")
     for c, method in enumerate(others, start=1):
+        assert second is not None  # others is empty without a second key
         for j, value in enumerate(config.sweep[first]):
             (style, marker), color = line_style(j), f"C{j}"
             line = pick(method, **{first: value})
