@@ -20,8 +20,10 @@ while [ $# -gt 0 ]; do
   esac
 done
 case "$device" in cuda | cpu) ;; *) echo "gpu_check.sh: --device must be cuda or cpu, got '$device'" >&2; exit 2 ;; esac
-PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] && PY=.venv/bin/python
+# PYTHON if set, else the project's .venv, else python3
+PY=${PYTHON:-}
+[ -z "$PY" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
+PY=${PY:-python3}
 mkdir -p "$out"
 start=$(date +%s)
 

@@ -5,6 +5,8 @@
 # Extra arguments go to bench/gpu_simulate.py (e.g. --steps 12).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] && PY=.venv/bin/python
+# PYTHON if set, else the project's .venv, else python3
+PY=${PYTHON:-}
+[ -z "$PY" ] && [ -x .venv/bin/python ] && PY=.venv/bin/python
+PY=${PY:-python3}
 PYTHONPATH=. "$PY" bench/gpu_simulate.py "$@"

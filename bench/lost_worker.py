@@ -19,6 +19,8 @@ import json
 import os
 import socket
 import subprocess
+import sys
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -34,23 +36,44 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def _env(**extra: str) -> dict[str, str]:
+    """This process's environment, with this interpreter for the launch script (unless PYTHON is
+    set): the groups must run the Python that has localsgd and torchft, not whatever ./.venv holds."""
+    return {**os.environ, "PYTHON": os.environ.get("PYTHON", sys.executable), **extra}
+
+
 @contextlib.contextmanager
-def lighthouse(heartbeat_ms: int = 1000, join_ms: int = 60000) -> Iterator[str]:
-    """A Lighthouse on a free port for the duration; its address."""
+def lighthouse(heartbeat_ms: int = 1000, join_ms: int = 60000, start_timeout: float = 30) -> Iterator[str]:
+    """A Lighthouse on a free port for the duration; its address. It is up (it accepts connections)
+    when this returns; if it exits or does not answer in ``start_timeout`` s, RuntimeError with
+    its own output."""
     port = _free_port()
-    env = {**os.environ, "LIGHTHOUSE_PORT": str(port), "JOIN_TIMEOUT_MS": str(join_ms)}
-    env["HEARTBEAT_TIMEOUT_MS"] = str(heartbeat_ms)
-    proc = subprocess.Popen(
-        ["bash", str(ROOT / "launch" / "ft.sh"), "lighthouse"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    env = _env(
+        LIGHTHOUSE_PORT=str(port), JOIN_TIMEOUT_MS=str(join_ms), HEARTBEAT_TIMEOUT_MS=str(heartbeat_ms)
     )
-    try:
-        yield f"http://localhost:{port}"
-    finally:
-        proc.kill()
-        proc.wait()
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(
+            ["bash", str(ROOT / "launch" / "ft.sh"), "lighthouse"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            deadline = time.monotonic() + start_timeout
+            while True:
+                with contextlib.suppress(OSError), socket.create_connection(("localhost", port), timeout=1):
+                    break
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    why = f"exited with {proc.returncode}" if proc.poll() is not None else "did not answer"
+                    raise RuntimeError(
+                        f"the Lighthouse (launch/ft.sh lighthouse) {why}; its output:\n{log.read()}"
+                    )
+                time.sleep(0.2)
+            yield f"http://localhost:{port}"
+        finally:
+            proc.kill()
+            proc.wait()
 
 
 def run_groups(
@@ -64,8 +87,9 @@ def run_groups(
         procs = []
         try:
             for g in range(groups):
-                env = {**os.environ, "TORCHFT_LIGHTHOUSE": address, "NUM_REPLICA_GROUPS": str(groups)}
-                env["REPLICA_GROUP_ID"] = str(g)
+                env = _env(
+                    TORCHFT_LIGHTHOUSE=address, NUM_REPLICA_GROUPS=str(groups), REPLICA_GROUP_ID=str(g)
+                )
                 log = (folder / f"group{g}.log").open("w")
                 command = ["bash", str(ROOT / "launch" / "ft.sh"), "group", str(nproc)]
                 command += [str(ROOT / "examples" / "fault_tolerant.py"), "--record", str(folder), *args]

@@ -23,13 +23,23 @@
 # On SLURM: one job (or one array task) per group, each running `launch/ft.sh group ...` with
 # REPLICA_GROUP_ID=$SLURM_ARRAY_TASK_ID, and the Lighthouse in a job of its own (or on a login node);
 # `scontrol requeue` or `--requeue` brings back a group whose node was lost, and it heals the same way.
-# PYTHON: the interpreter with localsgd installed (default: the project's .venv/bin/python, else python3).
+# PYTHON: the interpreter with localsgd and torchft installed (default: the project's .venv/bin/python
+# if it imports localsgd, else python3 if it does; otherwise the script stops and says so).
 set -euo pipefail
 
 if [ -z "${PYTHON:-}" ]; then
     ROOT=$(cd "$(dirname "$0")/.." && pwd)
-    PYTHON=python3
-    [ -x "$ROOT/.venv/bin/python" ] && PYTHON=$ROOT/.venv/bin/python
+    for candidate in "$ROOT/.venv/bin/python" python3; do
+        if "$candidate" -c "import localsgd" 2>/dev/null; then
+            PYTHON=$candidate
+            break
+        fi
+    done
+    if [ -z "${PYTHON:-}" ]; then
+        echo "$0: no interpreter with localsgd installed ($ROOT/.venv/bin/python, python3)." \
+            "HINT: set PYTHON=/path/to/env/bin/python, or run bash scripts/setup.sh" >&2
+        exit 2
+    fi
 fi
 BIN=$(dirname "$PYTHON")
 usage() {
@@ -91,6 +101,22 @@ demo)
     LIGHTHOUSE_PID=$!
     GROUP_PIDS=()
     trap 'kill "${GROUP_PIDS[@]}" "$LIGHTHOUSE_PID" 2>/dev/null || true' EXIT
+    # the groups start only once the Lighthouse answers; if it dies, say why (its own output)
+    for ((i = 0; ; i++)); do
+        if ! kill -0 "$LIGHTHOUSE_PID" 2>/dev/null; then
+            echo "$0: the Lighthouse did not start; its output ($DEMO_DIR/lighthouse.log):" >&2
+            cat "$DEMO_DIR/lighthouse.log" >&2
+            exit 2
+        fi
+        "$PYTHON" -c "import socket, sys; socket.create_connection(('localhost', int(sys.argv[1])), 1)" "$PORT" \
+            2>/dev/null && break
+        if [ "$i" -ge 100 ]; then
+            echo "$0: the Lighthouse did not answer on port $PORT within 30 s; its output:" >&2
+            cat "$DEMO_DIR/lighthouse.log" >&2
+            exit 2
+        fi
+        sleep 0.3
+    done
     export TORCHFT_LIGHTHOUSE=http://localhost:$PORT NUM_REPLICA_GROUPS=$K
     for ((g = 0; g < K; g++)); do
         REPLICA_GROUP_ID=$g "$0" group 1 "$SCRIPT" "$@" >"$DEMO_DIR/group$g.log" 2>&1 &

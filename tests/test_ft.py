@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -307,3 +308,34 @@ def test_a_plain_loop_runs_fault_tolerant_rounds_with_a_schedule_and_diloco(tmp_
     finals = [torch.load(tmp_path / f"g{g}.pt") for g in range(2)]
     assert all(torch.equal(finals[0][k], finals[1][k]) for k in finals[0])
     assert not torch.equal(finals[0]["0.weight"], (torch.manual_seed(0), nn.Linear(8, 16))[1].weight)
+
+
+def test_launch_script_refuses_an_interpreter_without_localsgd(tmp_path: Path) -> None:
+    """No PYTHON, no ./.venv and a python3 without localsgd: ft.sh says so instead of starting
+    groups (or a Lighthouse) that fail later with a connection timeout."""
+    (tmp_path / "launch").mkdir()
+    (tmp_path / "launch" / "ft.sh").write_text((ROOT / "launch" / "ft.sh").read_text())
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    assert subprocess.run(["python3", "-c", "import localsgd"], env=env, capture_output=True).returncode != 0
+    proc = subprocess.run(
+        ["bash", str(tmp_path / "launch" / "ft.sh"), "lighthouse"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert "no interpreter with localsgd installed" in proc.stderr and "HINT: set PYTHON=" in proc.stderr
+
+
+def test_a_lighthouse_that_cannot_start_fails_at_once_with_its_own_output(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """PYTHON names an environment without torchft: the helper raises with the launch script's
+    message within seconds, not a client's 30 s connection timeout later."""
+    monkeypatch.setenv("PYTHON", "/usr/bin/python3")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    start = time.monotonic()
+    with pytest.raises(RuntimeError, match="torchft_lighthouse is not installed"), lighthouse():
+        pass
+    assert time.monotonic() - start < 15

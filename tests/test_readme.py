@@ -50,9 +50,19 @@ def _bash(command: str, cwd: Path, env: dict[str, str] | None = None) -> subproc
 
 
 @pytest.fixture(scope="module")
-def checkout(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The repository root as a newcomer's working folder: the project's files (linked) and a
-    fresh place for what the commands write (runs/)."""
+def set_up() -> str:
+    """README's setup as written, in the real root (it installs the project there): both of README's
+    first commands start with it, and every test here runs what it made (.venv), so it comes from
+    this fixture, not from whichever test ran first. A second run has nothing left to do."""
+    setup = _bash("bash scripts/setup.sh", ROOT)
+    assert setup.returncode == 0 and "localsgd ready" in setup.stdout, setup.stderr[-3000:]
+    return setup.stdout
+
+
+@pytest.fixture(scope="module")
+def checkout(tmp_path_factory: pytest.TempPathFactory, set_up: str) -> Path:
+    """The repository root as a newcomer's working folder, once README's setup has run: the
+    project's files (linked) and a fresh place for what the commands write (runs/)."""
     folder = tmp_path_factory.mktemp("readme")
     for name in ("configs", "launch", "scripts", ".venv", "localsgd", "examples"):
         (folder / name).symlink_to(ROOT / name)
@@ -71,7 +81,7 @@ def _short_compare_config(folder: Path) -> Path:
 def test_readme_commands_run_as_written(checkout: Path) -> None:
     commands = readme_commands()
     assert len(commands) >= 10, commands
-    ran, templates, set_up = [], [], False
+    ran, templates = [], []
     for command in commands:
         if TEMPLATE.search(command):
             templates.append(command)
@@ -79,12 +89,7 @@ def test_readme_commands_run_as_written(checkout: Path) -> None:
         if "launch/slurm.py" in command:
             continue  # needs the Slurm cluster: the next test
         if command.startswith("bash scripts/setup.sh && "):
-            # setup as written (in the real root: it installs the project there), then the job;
-            # both commands start with it, and a second run has nothing left to do (17 s of CI)
-            if not set_up:
-                setup = _bash("bash scripts/setup.sh", ROOT)
-                assert setup.returncode == 0 and "localsgd ready" in setup.stdout, setup.stderr[-3000:]
-                set_up = True
+            # the setup ran as written in the set_up fixture; then the job
             command = command.removeprefix("bash scripts/setup.sh && ")
             if command.endswith("-m pytest"):
                 continue  # this suite
