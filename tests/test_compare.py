@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -260,3 +262,31 @@ def test_a_run_that_fails_while_training_leaves_its_traceback_in_its_log(tmp_pat
     assert "Traceback" in log and "ValueError: num_fragments (8) must be at most the number" in log, log[
         -2000:
     ]
+
+
+@pytest.mark.integration
+def test_the_first_time_left_it_prints_is_within_3x_of_the_real_time(tmp_path: Path) -> None:
+    """The progress line's first 'about MM:SS left' against the time the job then really took
+    (timed as its lines arrive): step rate alone once promised 70 hours for a 17-minute job."""
+    config = _write(tmp_path, {**_TINY, "max_steps": 32, "eval_every": 16})
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "WORLD_SIZE", "RANK")
+    }
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "localsgd.cli", "compare", "--config", str(config)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**env, "LOCALSGD_PROGRESS_INTERVAL": "0.5"},
+    )
+    assert proc.stderr is not None
+    lines: list[tuple[float, str]] = []
+    while chunk := os.read(proc.stderr.fileno(), 65536):  # tqdm ends its updates with \r
+        now = time.monotonic() - start
+        lines += [(now, part) for part in re.split(r"[\r\n]", chunk.decode()) if part.strip()]
+    assert proc.wait(timeout=240) == 0, "\n".join(line for _, line in lines[-30:])
+    end = time.monotonic() - start
+    estimates = [(t, re.search(r"about (\d+):(\d\d) left", line)) for t, line in lines]
+    t, match = next((t, m) for t, m in estimates if m)
+    promised, real = 60 * int(match[1]) + int(match[2]), end - t
+    assert real / 3 <= max(promised, 1) <= 3 * real, (promised, real)

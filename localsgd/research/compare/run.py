@@ -172,13 +172,62 @@ def finished(run: RunSpec) -> bool:
     return False
 
 
-def _active(todo: Sequence[RunSpec], running: dict[int, Any]) -> str:
-    """The progress bar's note: which runs are training now."""
-    return (
-        "now: " + ", ".join(f"{todo[i].method} seed {todo[i].seed}" for i in sorted(running))
-        if running
-        else ""
-    )
+class _Clock:
+    """How long the runs left will take, ``jobs`` at a time, from the runs' own timing.
+
+    A run takes ``a + b * steps``: ``b`` (seconds per step) from the step reports of the runs that
+    trained, ``a`` (start-up in a fresh process, the final evaluation) from the finished runs, or
+    twice the start-up seen so far before any finished. Step rate alone (tqdm's own ETA) counted a
+    run's start-up as one step and promised 70 hours for a 17-minute job."""
+
+    def __init__(self, steps: Sequence[int], jobs: int) -> None:
+        self.steps, self.jobs = list(steps), jobs
+        self.start: dict[int, float] = {}
+        self.first: dict[int, tuple[float, int]] = {}  # the first step report: (time, step)
+        self.last: dict[int, tuple[float, int]] = {}
+        self.took: dict[int, float] = {}
+
+    def started(self, index: int) -> None:
+        self.start[index] = time.monotonic()
+
+    def stepped(self, index: int, step: int) -> None:
+        now = time.monotonic()
+        self.first.setdefault(index, (now, step))
+        self.last[index] = (now, step)
+
+    def finished(self, index: int) -> None:
+        self.took[index] = time.monotonic() - self.start[index]
+
+    def left(self) -> float | None:
+        """Seconds until every run is done, or None before there is a step rate to go by."""
+        rates = [
+            (self.last[i][0] - t) / (self.last[i][1] - k) for i, (t, k) in self.first.items() if self.last[i][1] > k
+        ]
+        if not rates:
+            return None
+        per_step = sum(rates) / len(rates)
+        if self.took:
+            fixed = sum(self.took[i] - per_step * self.steps[i] for i in self.took) / len(self.took)
+        else:
+            fixed = 2 * sum(t - self.start[i] for i, (t, _) in self.first.items()) / len(self.first)
+        now = time.monotonic()
+        work = [
+            max(0.0, fixed + per_step * n - (now - self.start[i] if i in self.start else 0.0))
+            for i, n in enumerate(self.steps)
+            if i not in self.took
+        ]
+        return max(max(work, default=0.0), sum(work) / self.jobs)
+
+
+def _note(todo: Sequence[RunSpec], running: dict[int, Any], clock: _Clock) -> str:
+    """The progress bar's note: the time left and which runs are training now."""
+    from tqdm import tqdm
+
+    left = clock.left()
+    notes = [] if left is None else [f"about {tqdm.format_interval(left)} left"]
+    if running:
+        notes.append("now: " + ", ".join(f"{todo[i].method} seed {todo[i].seed}" for i in sorted(running)))
+    return ", ".join(notes)
 
 
 def run_all(config: CompareConfig, *, progress: bool = True) -> list[dict[str, Any]]:
@@ -204,13 +253,16 @@ def run_all(config: CompareConfig, *, progress: bool = True) -> list[dict[str, A
     queue = ctx.Queue()
     threads = max(1, (os.cpu_count() or 1) // config.jobs)
     done_steps = [0] * len(todo)
+    clock = _Clock([r.max_steps for r in todo], config.jobs)
     bar = tqdm(
         total=sum(r.max_steps for r in todo),
         unit="step",
         desc=f"runs 0/{len(todo)}",
         disable=not progress or not todo,
-        mininterval=0.5 if sys.stderr.isatty() else 10,
+        mininterval=float(os.environ.get("LOCALSGD_PROGRESS_INTERVAL", 0.5 if sys.stderr.isatty() else 10)),
         dynamic_ncols=True,
+        # tqdm's own rate and ETA count steps only (see _Clock); the note says the time left
+        bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]",
     )
     # a child's OpenMP pool must be sized before torch loads: torch.set_num_threads alone left
     # two concurrent runs 30x slower than one (idle OpenMP threads spinning on a shared core)
@@ -228,17 +280,21 @@ def run_all(config: CompareConfig, *, progress: bool = True) -> list[dict[str, A
                     shutil.rmtree(run.folder)
                 process = ctx.Process(target=_child, args=(run, queue, index, threads), daemon=True)
                 process.start()
+                clock.started(index)
                 running[index] = process
-                bar.set_postfix_str(_active(todo, running), refresh=False)
+                bar.set_postfix_str(_note(todo, running, clock), refresh=False)
             with contextlib.suppress(Exception):
                 while True:
                     index, step = queue.get(timeout=0.2)
+                    clock.stepped(index, step)
+                    bar.set_postfix_str(_note(todo, running, clock), refresh=False)
                     bar.update(step - done_steps[index])
                     done_steps[index] = step
             for index, process in list(running.items()):
                 if process.exitcode is None:
                     continue
                 del running[index]
+                clock.finished(index)
                 run = todo[index]
                 if process.exitcode != 0 or not finished(run):
                     failed.append(run)
@@ -246,7 +302,7 @@ def run_all(config: CompareConfig, *, progress: bool = True) -> list[dict[str, A
                 done_steps[index] = run.max_steps
                 completed += 1
                 bar.set_description(f"runs {completed}/{len(todo)}")
-                bar.set_postfix_str(_active(todo, running), refresh=False)
+                bar.set_postfix_str(_note(todo, running, clock), refresh=False)
     finally:
         bar.close()
         for process in running.values():
