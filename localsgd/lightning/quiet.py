@@ -7,22 +7,42 @@ user's own scripts see everything their libraries say. Each filter matches one m
 from __future__ import annotations
 
 import logging
+import os
+import re
 import warnings
 
 
 class _NoLoggerTip(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
-        # an advertisement for a cloud logger, printed by every Trainer: no information about the run
-        return not record.getMessage().startswith("💡 Tip: For seamless cloud logging")
+        # advertisements for a cloud logger and a model registry (litlogger, litmodels), printed by
+        # every Trainer: no information about the run
+        return not record.getMessage().startswith("💡 Tip: For seamless cloud")
+
+
+# (message start, why): the warnings filtered in this process and, through PYTHONWARNINGS, in the
+# processes it spawns (Lightning's "spawn" start method, compare's runs), which start fresh
+_WARNINGS = {
+    # Lightning 2.6 builds torch pytree LeafSpec objects, which torch 2.13 deprecates: a note for
+    # Lightning's maintainers, printed twice per fit and rank; nothing a user can or needs to change
+    "`isinstance(treespec": "LeafSpec deprecation",
+    # on a machine with Slurm installed, Lightning suggests srun for every run started without it;
+    # the SLURM launchers here do use srun (sbatch template) or submitit, so a run without srun is local
+    "The `srun` command is available on your system but is not used": "srun hint",
+    # every `localsgd fit --ckpt_path=...` logs to a new version folder, so on every resume each
+    # rank said that the previous folder's best-k bookkeeping is not carried over
+    "The dirpath has changed from": "new version folder on resume",
+}
 
 
 def quiet_known_noise() -> None:
-    # Lightning 2.6 builds torch pytree LeafSpec objects, which torch 2.13 deprecates: a note for
-    # Lightning's maintainers, printed twice per fit; nothing a user can or needs to change
-    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")
-    # on a machine with Slurm installed, Lightning suggests srun for every run started without it;
-    # the SLURM launchers here do use srun (sbatch template) or submitit, so a run without srun is local
-    warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not")
+    for start in _WARNINGS:
+        warnings.filterwarnings("ignore", message=re.escape(start))
+    # PYTHONWARNINGS entries are "action:message": a message with a comma or colon cannot be one
+    entries = [f"ignore:{start}" for start in _WARNINGS if not set(start) & {",", ":"}]
+    current = os.environ.get("PYTHONWARNINGS", "")
+    os.environ["PYTHONWARNINGS"] = ",".join(
+        e for e in [current, *entries] if e and e not in current.split(",")
+    )
     rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
     if not any(isinstance(f, _NoLoggerTip) for f in rank_zero.filters):
         rank_zero.addFilter(_NoLoggerTip())

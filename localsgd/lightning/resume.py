@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
 from localsgd.core.files import atomic_save, exists, load, rank_file, remove, rng_state
@@ -49,6 +49,15 @@ class ResumedLoader:
     def __len__(self) -> int:
         return len(self.loader)
 
+    # Lightning asks whether a loader resumes mid-epoch (its _Stateful protocol: these two methods)
+    # and otherwise warns of "unreliable results". This one does, by skipping what the epoch
+    # trained on, and says so itself; its position is Lightning's batch counter, so no state.
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
     def __iter__(self) -> Iterator[Any]:
         return self._batches()
 
@@ -68,6 +77,10 @@ class ResumedLoader:
             next(it, None)
         if skip:
             restore()
+            rank_zero_info(
+                f"Resuming mid-epoch: skipped the {skip} batches this epoch had trained on (the same "
+                "sampler and epoch, so the same order); training continues as if never stopped"
+            )
         yield from it
 
 

@@ -217,11 +217,12 @@ class LocalSGDStrategy(StrategyCommon):
                 "simulated workers per process"
             )
         rank_zero_info(
-            f"LocalSGD: {self.comm.num_workers} workers ({self.world_size} processes x {k}), "
+            f"LocalSGD: {_count(self.comm.num_workers, 'worker')} "
+            f"({_count(self.world_size, 'process')} x {_count(k, 'simulated worker')} each), "
             f"schedule {self.options.schedule!r}, "
             f"buffers={self.options.buffers!r}, optimizer_state={self.options.optimizer_state!r}, "
-            f"outer_optimizer={self.options.outer_optimizer!r}, rounds of one step through the "
-            f"{'gradients' if self.driver.h1_gradients else 'parameters'}, "
+            f"outer_optimizer={self.options.outer_optimizer!r}, a sync after a single step (H = 1) averages "
+            f"the {'gradients' if self.driver.h1_gradients else 'parameters'}, "
             f"{self.driver.averager.num_bytes} bytes per worker per sync"
         )
 
@@ -479,3 +480,8 @@ def _then(closure: Callable[[], Any], after: Callable[[], None]) -> Callable[[],
 # the algorithm's options, documented once in Options, for help() and LightningCLI's --help
 LocalSGDStrategy.__doc__ = with_option_docs(LocalSGDStrategy.__doc__)
 register(LocalSGDStrategy)
+
+
+def _count(n: int, noun: str) -> str:
+    """``1 worker``, ``2 workers``, ``2 processes``."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun.endswith('s') else 's'}"

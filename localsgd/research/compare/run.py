@@ -201,7 +201,9 @@ class _Clock:
     def left(self) -> float | None:
         """Seconds until every run is done, or None before there is a step rate to go by."""
         rates = [
-            (self.last[i][0] - t) / (self.last[i][1] - k) for i, (t, k) in self.first.items() if self.last[i][1] > k
+            (self.last[i][0] - t) / (self.last[i][1] - k)
+            for i, (t, k) in self.first.items()
+            if self.last[i][1] > k
         ]
         if not rates:
             return None
