@@ -1,7 +1,7 @@
 """One replica group of a fault-tolerant Local SGD run (Lightning Trainer + torchft).
 
 Start a Lighthouse, then one torchrun per group, each restarting its own group when it dies
-(``launch/ft.sh`` does both; see README, "Training through a lost worker"):
+(``launch/ft.sh`` does both; see docs/how-to/fault-tolerance.md):
 
     launch/ft.sh lighthouse &                       # on one machine, port 29510
     export TORCHFT_LIGHTHOUSE=http://localhost:29510 NUM_REPLICA_GROUPS=3

@@ -1,11 +1,14 @@
-"""README's commands, run as written from the repository root after `bash scripts/setup.sh`.
+"""README's and the docs pages' commands, run as written from the repository root after
+`bash scripts/setup.sh`.
 
-Each shell line of README's ```bash blocks runs in bash with no virtual environment activated and
+Each shell line of the ```bash blocks of README.md and docs/**/*.md (each command once, in the
+order README then the pages) runs in bash with no virtual environment activated and
 no PYTHON set, as a newcomer would paste it. To fit in CI, the training ones are cut short: an
 extra `--trainer.max_steps=4` for `localsgd fit` and the launchers (the torchrun line's own 200
 steps become 4), and the main job on a copy of its config with 16 steps and one seed. The test
 suite's own command is this suite, so it is not run again; template lines (`configs/X.yaml`,
-`node0`, `<...>`) are only checked to be marked as templates.
+`node0`, `<...>`) are only checked to be marked as templates; a block after an HTML comment
+`<!-- template: why -->` is not run (tests/test_doc_blocks.py checks every block is run or marked).
 """
 
 from __future__ import annotations
@@ -26,16 +29,28 @@ SHORT = "--trainer.max_steps=4"
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 
 
+def doc_pages() -> list[Path]:
+    """README.md, then every page of the docs site (the commands README had moved there)."""
+    return [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+
+
+def bash_blocks(text: str) -> list[str]:
+    """The ```bash blocks of ``text`` not marked ``<!-- template: why -->`` on the line before."""
+    blocks = re.findall(r"(<!-- template:[^>]*-->\n)?```bash\n(.*?)```", text, flags=re.S)
+    return [body for marker, body in blocks if not marker]
+
+
 def readme_commands() -> list[str]:
-    """Every shell command in README's bash blocks: continuation lines joined, comments dropped."""
-    text = (ROOT / "README.md").read_text()
-    commands = []
-    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
-        joined = re.sub(r"\\\n\s*", " ", block)
-        for line in joined.splitlines():
-            line = re.sub(r"\s+#.*$", "", line).strip()
-            if line and not line.startswith("#"):
-                commands.append(line)
+    """Every shell command in the pages' bash blocks, once each: continuation lines joined,
+    comments dropped."""
+    commands: list[str] = []
+    for page in doc_pages():
+        for block in bash_blocks(page.read_text()):
+            joined = re.sub(r"\\\n\s*", " ", block)
+            for line in joined.splitlines():
+                line = re.sub(r"\s+#.*$", "", line).strip()
+                if line and not line.startswith("#") and line not in commands:
+                    commands.append(line)
     return commands
 
 

@@ -4,7 +4,7 @@
 ``LocalSGDStrategy``, ``LocalSGDFabricStrategy``) takes these same keyword arguments and builds
 one ``Options`` from them (``tests/test_options.py`` checks that their signatures agree with it).
 :data:`RULES` is the one list of the combinations that do not work; each names both options, and
-README's compatibility table is rendered from it (:func:`compatibility_table`).
+the compatibility table of docs/reference/options.md is rendered from it (:func:`compatibility_table`).
 """
 
 from __future__ import annotations
@@ -377,7 +377,8 @@ def _ft_schedules(o: Options, s: Setting) -> str | None:
 
 
 def compatibility_table() -> str:
-    """README's table of the combinations that do not work, rendered from :data:`RULES`."""
+    """The table of the combinations that do not work (docs/reference/options.md shows it),
+    rendered from :data:`RULES`."""
     lines = ["| options | refused, for example | why |", "|---|---|---|"]
     for r in RULES:
         values, setting = r.split_example()

@@ -33,8 +33,10 @@ class SGDBaselineStrategy(StrategyCommon):
 
     Args:
         find_unused_parameters: as for DistributedDataParallel.
-        process_group_backend, timeout, start_method, cluster_environment, checkpoint_io,
-            precision_plugin, accelerator, parallel_devices: as for Lightning's DDPStrategy.
+
+    The other arguments (``process_group_backend``, ``timeout``, ``start_method``,
+    ``cluster_environment``, ``checkpoint_io``, ``precision_plugin``, ``accelerator``,
+    ``parallel_devices``) are as for Lightning's DDPStrategy.
     """
 
     strategy_name = "sgd_baseline"

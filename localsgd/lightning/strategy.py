@@ -79,7 +79,7 @@ class LocalSGDStrategy(StrategyCommon):
         fault_tolerance: a :class:`localsgd.ft.FaultTolerance` (needs ``pip install 'localsgd[ft]'``):
             this Trainer is one replica group of a run that goes on through lost groups; its
             processes all-reduce their gradients every step, and the syncs across groups run
-            through torchft (see README, "Training through a lost worker").
+            through torchft (see docs/how-to/fault-tolerance.md).
         process_group_backend: ``"nccl"``, ``"gloo"``, ...; by default NCCL on GPUs, gloo on CPU.
         timeout: timeout of every collective.
         start_method: how Lightning starts the worker processes when it launches them itself.
