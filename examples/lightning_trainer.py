@@ -2,25 +2,18 @@
 
 Run on 2 CPU processes (Lightning starts them):
 
-    python examples/lightning.py
+    python examples/lightning_trainer.py
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from problem import BATCH_SIZE, EPOCHS, SYNC_EVERY, accuracy, dataset, model, optimizer
+from torch.utils.data import DataLoader
 
-# this file is named lightning.py: keep its folder from shadowing the lightning package
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
-sys.path.append(str(Path(__file__).resolve().parent))  # after site-packages: for problem.py
-
-import lightning.pytorch as pl  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-from problem import BATCH_SIZE, EPOCHS, SYNC_EVERY, accuracy, dataset, model, optimizer  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
-
-import localsgd  # noqa: E402
+import localsgd
 
 
 class Module(pl.LightningModule):

@@ -111,6 +111,12 @@ def test_compare_writes_csvs_plot_and_report_then_skips_finished_runs(tmp_path: 
     assert "Hessian trace" in report and "val/acc" in report
     # one name for a metric: the report's columns are summary.csv's
     assert "| val/acc | val/loss |" in report and {"val/acc", "val/loss"} <= set(rows[0])
+    # and the Hessian trace the report shows is a column of summary.csv too, per run
+    assert "`sharpness/hessian_trace`" in report
+    for row in rows:
+        run = "sgd" if row["method"] == "SGD" else "local-sgd-h-4"
+        trace = read_metrics(out / "runs" / run / f"seed{row['seed']}")["sharpness/hessian_trace"][-1][1]
+        assert float(row["sharpness/hessian_trace"]) == trace
     assert "runs/<method slug>/seed<S>/" in report
     png = (out / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

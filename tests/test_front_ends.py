@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import os
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -324,10 +325,15 @@ def test_without_lightning_the_core_and_a_two_process_plain_run_work(tmp_path: P
 def test_examples_run_on_two_processes(example: str, tmp_path: Path) -> None:
     env = newcomer_env()  # no stale MASTER_PORT or rank from earlier tests
     path = ROOT / "examples" / f"{example}.py"
-    if example == "plain_torch":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", str(path)]
-    else:
-        cmd = [sys.executable, str(path)]
+    # the command the example's docstring gives, as written (it once named a file that does not exist)
+    (line,) = [
+        line.strip()
+        for line in path.read_text().split('"""')[1].splitlines()
+        if line.startswith("    python")
+    ]
+    cmd = [sys.executable if word == "python" else word for word in shlex.split(line)]
+    assert f"examples/{example}.py" in cmd, line
+    cmd[cmd.index(f"examples/{example}.py")] = str(path)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     line = next(line for line in done.stdout.splitlines() if line.startswith(f"{example}:"))

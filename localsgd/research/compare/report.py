@@ -76,21 +76,28 @@ def summarize(config: CompareConfig, results: Sequence[dict[str, Any]]) -> list[
     return rows
 
 
+def _finals(config: CompareConfig, results: Sequence[dict[str, Any]]) -> list[dict[str, float]]:
+    """Each run's final metrics: the Trainer's last values, and the last value of every report
+    metric in its metrics.csv (the sharpness callback logs there only), so that summary.csv has
+    every column the report shows."""
+    finals = []
+    for run, result in zip(config.runs(), results):
+        curves = read_metrics(run.folder) if (run.folder / "metrics.csv").is_file() else {}
+        extra = {key: value for key, _, _ in _TABLE if (value := _last(curves, key)) is not None}
+        finals.append({**extra, **result["final"]})
+    return finals
+
+
 def write_summary_csv(config: CompareConfig, results: Sequence[dict[str, Any]]) -> Path:
     path = config.out / "summary.csv"
-    keys = sorted({k for r in results for k in r["final"]})
+    finals = _finals(config, results)
+    keys = sorted({k for final in finals for k in final})
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["method", "seed", "steps", "seconds", *keys])
-        for r in results:
+        for r, final in zip(results, finals):
             writer.writerow(
-                [
-                    r["method"],
-                    r["seed"],
-                    r["steps"],
-                    f"{r['seconds']:.2f}",
-                    *(r["final"].get(k, "") for k in keys),
-                ]
+                [r["method"], r["seed"], r["steps"], f"{r['seconds']:.2f}", *(final.get(k, "") for k in keys)]
             )
     return path
 
@@ -106,7 +113,8 @@ def write_markdown(config: CompareConfig, rows: Sequence[dict[str, Any]], comman
         f"{config.workers} worker(s) (simulated in one process) x local batch "
         f"{_local_batch(config.data)}, {config.max_steps} optimizer steps, unless a method sets "
         f"its own; seeds {config.seeds}; metrics at the last step, mean ± std over seeds "
-        "(`val/*`: the held-out split, never trained on; the same names as in summary.csv). "
+        "(`val/*`: the held-out split, never trained on; summary.csv has every column per run, "
+        "Hessian trace as `sharpness/hessian_trace`). "
         "Each run's files are in `runs/<method slug>/seed<S>/` (the method's name in lower case, "
         "dashes for the rest: `Local SGD (H=4)` -> `local-sgd-h-4`).",
         "",
