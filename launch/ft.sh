@@ -30,7 +30,8 @@ set -euo pipefail
 if [ -z "${PYTHON:-}" ]; then
     ROOT=$(cd "$(dirname "$0")/.." && pwd)
     for candidate in "$ROOT/.venv/bin/python" python3; do
-        if "$candidate" -c "import localsgd" 2>/dev/null; then
+        # find_spec locates torch and localsgd without importing them (seconds): usage checks stay instant
+        if "$candidate" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('torch') and u.find_spec('localsgd')))" 2>/dev/null; then
             PYTHON=$candidate
             break
         fi

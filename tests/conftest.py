@@ -9,6 +9,11 @@ os.environ.setdefault("PYTHONHASHSEED", "0")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    # every integration test (a CLI, a launcher, a bench: a fresh interpreter importing torch and
+    # Lightning, often several) is slow; `pytest -m "not slow"` is the day-to-day tier
+    for item in items:
+        if "integration" in item.keywords:
+            item.add_marker(pytest.mark.slow)
     # bench/gpu_check.sh --device cpu runs the gpu-marked tests on the CPU, to check that they run
     if torch.cuda.is_available() or os.environ.get("LOCALSGD_GPU_CHECK_DEVICE") == "cpu":
         return

@@ -97,6 +97,7 @@ CLI = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("args", "needle"), CLI, ids=[" ".join(a[:2]) + " " + n for a, n in CLI])
 def test_cli_rejects_bad_input_naming_the_field(args: tuple[str, ...], needle: str) -> None:
     out = _cli(*args, *(["--print_config"] if args[0] == "fit" else []))

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from test_quiet_output import NOISE
 
 from localsgd import LocalSGDStrategy
 from localsgd.cli import check_args, lightning_cli
@@ -45,8 +46,12 @@ def test_quickstart_trains_both_methods_and_prints_the_table() -> None:
     assert steps > 20
     assert int(local.split()[-2]) == steps // 4  # comm rounds
     assert 0.1 < float(local.split()[-4]) <= 1.0  # a test accuracy
+    # Lightning starts the ranks with "spawn": known noise is filtered in them too (test_quiet_output)
+    for noise in NOISE:
+        assert noise not in out.stdout + out.stderr, noise
 
 
+@pytest.mark.slow
 def test_quickstart_rejects_bad_arguments() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "localsgd.cli", "quickstart", "--sync-every", "0"],
@@ -286,6 +291,7 @@ trainer:
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["yaml", "flag"])
 def test_a_bad_value_ends_fit_with_one_error_line_naming_the_field(tmp_path: Path, where: str) -> None:
     args = ["fit", "--config", str(ROOT / "configs/quickstart.yaml"), "--trainer.max_steps=2"]
@@ -314,6 +320,7 @@ def test_a_bad_value_ends_fit_with_one_error_line_naming_the_field(tmp_path: Pat
     assert debug.returncode != 0 and "Traceback" in debug.stderr and "sync_every (0)" in debug.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("change", "flags", "needle"),
     [

@@ -90,6 +90,7 @@ def _processes(rank: int) -> Tensor:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_processes_with_a_background_all_reduce_equal_two_simulated_workers() -> None:
     nets = [_net() for _ in range(K)]
@@ -231,6 +232,7 @@ def test_the_control_message_travels_with_the_round_and_is_read_when_it_lands() 
     ls.close()
 
 
+@pytest.mark.slow
 def test_a_plain_loops_own_process_group_is_left_to_it_at_exit_and_the_process_exits_cleanly() -> None:
     # Left to interpreter finalization, gloo worker threads that still hold a finished background
     # collective's tensors aborted the process ("terminate called without an active exception"):

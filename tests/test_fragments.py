@@ -61,6 +61,7 @@ def test_fragments_are_whole_tensors_of_near_equal_bytes_in_a_fixed_order() -> N
         split_fragments([torch.zeros(1000), torch.zeros(1), torch.zeros(1)], 4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("delay", "diloco"), [(0, False), (0, True), (1, True)], ids=["averaging", "diloco", "diloco-delay1"]
 )
@@ -167,6 +168,7 @@ def _processes(rank: int, steps: int, knobs: str) -> Tensor:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 @pytest.mark.parametrize("knobs", list(KNOBS))
 def test_four_processes_equal_four_simulated_workers(knobs: str) -> None:
@@ -186,6 +188,7 @@ def test_four_processes_equal_four_simulated_workers(knobs: str) -> None:
     ls.close()
 
 
+@pytest.mark.slow
 def test_a_checkpoint_with_a_compressed_fragment_in_flight_resumes_bitwise() -> None:
     steps = 3 * 16
     batches = [_batches(k, steps) for k in range(K)]

@@ -293,6 +293,7 @@ sys.meta_path.insert(0, _NoLightning())
 """
 
 
+@pytest.mark.slow
 def test_without_lightning_the_core_and_a_two_process_plain_run_work(tmp_path: Path) -> None:
     (tmp_path / "sitecustomize.py").write_text(BLOCK_LIGHTNING)
     env = newcomer_env()  # no stale MASTER_PORT or rank from earlier tests
@@ -321,6 +322,7 @@ def test_without_lightning_the_core_and_a_two_process_plain_run_work(tmp_path: P
     assert "plain_torch: 128 steps, 8 syncs" in done.stdout, done.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("example", ["plain_torch", "fabric", "lightning_trainer"])
 def test_examples_run_on_two_processes(example: str, tmp_path: Path) -> None:
     env = newcomer_env()  # no stale MASTER_PORT or rank from earlier tests

@@ -185,6 +185,7 @@ def _check_fault_run(records: dict[str, Any], groups: int, nproc: int, kill_at: 
             assert torch.equal(value, finals[0][1][key]), (name, key)
 
 
+@pytest.mark.slow
 @needs_torchft
 @pytest.mark.distributed
 @pytest.mark.parametrize(
@@ -212,6 +213,7 @@ def test_a_lost_group_heals_and_every_group_ends_bitwise_equal(
     _check_fault_run(records, groups, nproc, kill_at, in_sync)
 
 
+@pytest.mark.slow
 @needs_torchft
 @pytest.mark.distributed
 def test_without_faults_equals_ordinary_processes(tmp_path: Path) -> None:
@@ -287,6 +289,7 @@ comm.close()
 """
 
 
+@pytest.mark.slow
 @needs_torchft
 @pytest.mark.distributed
 def test_a_plain_loop_runs_fault_tolerant_rounds_with_a_schedule_and_diloco(tmp_path: Path) -> None:

@@ -63,6 +63,7 @@ def hutchinson_std(hessians: list[Tensor], num_probes: int) -> float:
     return math.sqrt(var / num_probes) / len(hessians)
 
 
+@pytest.mark.slow
 def test_hutchinson_trace_matches_the_exact_hessian() -> None:
     model, batches = small_mlp()
     hessians = [exact_hessian(model, [b]) for b in batches]
@@ -86,6 +87,7 @@ def test_hutchinson_is_exact_for_a_diagonal_hessian() -> None:
     assert trace == pytest.approx(a.sum().item(), rel=1e-12)
 
 
+@pytest.mark.slow
 def test_power_iteration_matches_the_top_eigenvalue() -> None:
     model, batches = small_mlp()
     eigenvalues = torch.linalg.eigvalsh(exact_hessian(model, batches))

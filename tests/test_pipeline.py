@@ -317,6 +317,7 @@ torch.distributed.destroy_process_group()
 """
 
 
+@pytest.mark.slow
 @pytest.mark.distributed
 def test_4_11_fabric_checks_that_the_ranks_read_different_batches(tmp_path: Path) -> None:
     import subprocess

@@ -4,7 +4,8 @@ Lightning's "resuming from a checkpoint that ended before the epoch ended ... un
 is false here (the resumed loader skips the epoch's finished batches: tested bitwise elsewhere), so
 the library answers Lightning's resumability check and says what it did instead; deprecation notes
 for Lightning's maintainers, cloud-service tips and a once-per-rank "dirpath has changed" are
-filtered in every process of a run, spawned ones included."""
+filtered in every process of a run, spawned ones included (`localsgd quickstart`, whose ranks
+Lightning spawns, is checked in test_cli.py)."""
 
 from __future__ import annotations
 
@@ -57,11 +58,3 @@ def test_a_mid_epoch_resume_says_what_it_skipped_and_nothing_false(tmp_path: Pat
     assert resumed.count("Resuming mid-epoch") == 1  # rank 0 says it for both
     for noise in NOISE:
         assert noise not in first + resumed, noise
-
-
-@pytest.mark.integration
-def test_quickstart_prints_no_known_noise_from_its_spawned_ranks(tmp_path: Path) -> None:
-    out = _localsgd("quickstart", "--epochs", "1", cwd=tmp_path)
-    assert "Local SGD, H=8" in out
-    for noise in NOISE:
-        assert noise not in out, noise

@@ -302,6 +302,7 @@ print("done", flush=True)
 """
 
 
+@pytest.mark.slow
 def test_a_process_group_the_user_created_is_still_theirs_at_exit() -> None:
     port = str(free_port())
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}

@@ -11,6 +11,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -19,6 +21,7 @@ def _fake(path: Path, body: str) -> None:
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
 
 
+@pytest.mark.slow
 def test_setup_prints_what_it_does_at_least_every_heartbeat(tmp_path: Path) -> None:
     # the real script in a folder whose .venv has a pip that takes 7 s and a python with torch
     (tmp_path / "scripts").mkdir()

@@ -149,6 +149,7 @@ def test_one_worker_warns_that_it_is_plain_sgd_and_reports_no_communication(capl
     assert "bytes per worker" in caplog.text
 
 
+@pytest.mark.slow
 def test_the_baseline_destroys_the_process_group_at_exit() -> None:
     # DDP's gradient all-reduces run in the background as overlapped rounds do; left to interpreter
     # finalization, the gloo group aborted a spawned quickstart process after its fit ("terminate

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from common import ToyModule, make_trainer, max_diff, snapshot
 
@@ -28,6 +29,7 @@ def _fit(compiled: bool, workers: int) -> dict[str, torch.Tensor]:
     return {k.replace("_orig_mod.", ""): v for k, v in snapshot(module).items()}
 
 
+@pytest.mark.slow
 def test_a_compiled_inner_network_trains_as_the_uncompiled_one() -> None:
     # the buckets re-point parameters into flat storage, and simulated workers swap them per
     # worker: the compiled code must follow both
