@@ -57,3 +57,22 @@ def test_benchmarks_md_covers_every_benchmark() -> None:
     for script in ("bench/link.py", "bench/averaging.py", "bench/simulate.py", "bench/gpu_check.sh"):
         assert script in text, script
     assert "BENCHMARKS.md" in (ROOT / "README.md").read_text()
+
+
+def test_each_options_row_names_every_option_its_rules_exclude() -> None:
+    """A row's 'Not with ...' is what the rules say (the fault_tolerance row once left out
+    h1_sync="gradients", which its own rule refuses)."""
+    from localsgd.core.options import RULES
+
+    section = OPTIONS_PAGE.read_text().split("## `LocalSGDStrategy` arguments (keyword-only)", 1)[1]
+    section = section.split("\n\n", 2)[1]  # the argument table, as _argument_table reads it
+    rows = {
+        re.findall(r"`([a-z_0-9]+)`", row.split("|")[1])[0]: row
+        for row in section.splitlines()
+        if row[:3] == "| `"
+    }
+    for name in ("fault_tolerance", "sync_delay", "num_fragments"):
+        others = {o for rule in RULES if name in rule.options for o in rule.options if o != name}
+        assert others, name
+        missing = [o for o in others if f"`{o}" not in rows[name]]
+        assert not missing, (name, missing)
