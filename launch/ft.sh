@@ -27,22 +27,22 @@
 # if it imports localsgd, else python3 if it does; otherwise the script stops and says so).
 set -euo pipefail
 
-if [ -z "${PYTHON:-}" ]; then
-    ROOT=$(cd "$(dirname "$0")/.." && pwd)
-    for candidate in "$ROOT/.venv/bin/python" python3; do
-        # find_spec locates torch and localsgd without importing them (seconds): usage checks stay instant
+# sets PYTHON (once the arguments are checked: a usage mistake is said first)
+need_python() {
+    [ -n "${PYTHON:-}" ] && return
+    local root candidate
+    root=$(cd "$(dirname "$0")/.." && pwd)
+    for candidate in "$root/.venv/bin/python" python3; do
+        # find_spec locates torch and localsgd without importing them (seconds)
         if "$candidate" -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('torch') and u.find_spec('localsgd')))" 2>/dev/null; then
             PYTHON=$candidate
-            break
+            return
         fi
     done
-    if [ -z "${PYTHON:-}" ]; then
-        echo "$0: no interpreter with localsgd installed ($ROOT/.venv/bin/python, python3)." \
-            "HINT: set PYTHON=/path/to/env/bin/python, or run bash scripts/setup.sh" >&2
-        exit 2
-    fi
-fi
-BIN=$(dirname "$PYTHON")
+    echo "$0: no interpreter with localsgd installed ($root/.venv/bin/python, python3)." \
+        "HINT: set PYTHON=/path/to/env/bin/python, or run bash scripts/setup.sh" >&2
+    exit 2
+}
 usage() {
     echo "usage: $0 lighthouse | $0 group NPROC SCRIPT [ARGS...] | $0 demo K SCRIPT [ARGS...]  (see $0's header)" >&2
     exit 2
@@ -56,15 +56,16 @@ need_int() {
 
 case "${1:-}" in
 lighthouse)
-    LIGHTHOUSE=$BIN/torchft_lighthouse
+    LIGHTHOUSE_PORT=${LIGHTHOUSE_PORT:-29510} MIN_REPLICAS=${MIN_REPLICAS:-1}
+    JOIN_TIMEOUT_MS=${JOIN_TIMEOUT_MS:-600000} HEARTBEAT_TIMEOUT_MS=${HEARTBEAT_TIMEOUT_MS:-5000}
+    for name in LIGHTHOUSE_PORT MIN_REPLICAS JOIN_TIMEOUT_MS HEARTBEAT_TIMEOUT_MS; do need_int $name 1; done
+    need_python
+    LIGHTHOUSE=$(dirname "$PYTHON")/torchft_lighthouse
     [ -x "$LIGHTHOUSE" ] || LIGHTHOUSE=$(command -v torchft_lighthouse || true)
     if [ -z "$LIGHTHOUSE" ]; then
         echo "$0: torchft_lighthouse is not installed. HINT: pip install -e '.[ft]'" >&2
         exit 2
     fi
-    LIGHTHOUSE_PORT=${LIGHTHOUSE_PORT:-29510} MIN_REPLICAS=${MIN_REPLICAS:-1}
-    JOIN_TIMEOUT_MS=${JOIN_TIMEOUT_MS:-600000} HEARTBEAT_TIMEOUT_MS=${HEARTBEAT_TIMEOUT_MS:-5000}
-    for name in LIGHTHOUSE_PORT MIN_REPLICAS JOIN_TIMEOUT_MS HEARTBEAT_TIMEOUT_MS; do need_int $name 1; done
     exec "$LIGHTHOUSE" --bind "[::]:$LIGHTHOUSE_PORT" --min_replicas "$MIN_REPLICAS" \
         --join_timeout_ms "$JOIN_TIMEOUT_MS" --heartbeat_timeout_ms "$HEARTBEAT_TIMEOUT_MS" --quorum_tick_ms 100
     ;;
@@ -85,6 +86,7 @@ group)
     MAX_RESTARTS=${MAX_RESTARTS:-100}
     need_int MAX_RESTARTS 0
     export REPLICA_GROUP_ID NUM_REPLICA_GROUPS TORCHFT_LIGHTHOUSE
+    need_python
     # a fresh store for each attempt of this group (see launch/torchrun.sh)
     export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
     exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node="$NPROC" \
@@ -95,6 +97,8 @@ demo)
     K=$2 SCRIPT=$3
     shift 3
     need_int K 1
+    need_python
+    export PYTHON  # for the Lighthouse and the groups this starts
     DEMO_DIR=${DEMO_DIR:-runs/ft_demo}
     mkdir -p "$DEMO_DIR"
     PORT=$("$PYTHON" -c "import socket; s = socket.socket(); s.bind(('', 0)); print(s.getsockname()[1])")

@@ -254,6 +254,7 @@ def test_without_faults_equals_ordinary_processes(tmp_path: Path) -> None:
 def test_launch_script_names_what_is_wrong(args: list[str], env: dict[str, str], message: str) -> None:
     clean = {k: v for k, v in os.environ.items() if k not in ("REPLICA_GROUP_ID", "NUM_REPLICA_GROUPS")}
     clean.pop("TORCHFT_LIGHTHOUSE", None)
+    clean["PYTHON"] = sys.executable  # this interpreter, not whatever ./.venv holds
     proc = subprocess.run(
         ["bash", str(ROOT / "launch" / "ft.sh"), *args],
         cwd=ROOT,
