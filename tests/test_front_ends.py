@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from common import TIMEOUT, ToyNet, make_optimizer, make_trainer, newcomer_env, snapshot, toy_batches
 from distributed import run
+from test_readme import readme_commands
 from torch import Tensor
 
 from localsgd import DiLoCo, LocalSGD, LocalSGDStrategy
@@ -335,6 +336,8 @@ def test_examples_run_on_two_processes(example: str, tmp_path: Path) -> None:
     ]
     cmd = [sys.executable if word == "python" else word for word in shlex.split(line)]
     assert f"examples/{example}.py" in cmd, line
+    # README and the docs give the same command (test_readme.py leaves it to this test)
+    assert f".venv/bin/{line}" in readme_commands(), line
     cmd[cmd.index(f"examples/{example}.py")] = str(path)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
