@@ -1,0 +1,136 @@
+"""A user's first mistakes with the `localsgd` command: each ends with ONE `error:` line on stderr
+that names the key and the fix (exit code 2); `--debug` keeps the whole report."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import localsgd
+
+ROOT = Path(__file__).resolve().parents[1]
+_LAUNCH_VARS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
+_LAUNCH_VARS += ("LOCALSGD_DEBUG",)
+_ENV = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
+_ENV.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+QUICKSTART = str(ROOT / "configs/quickstart.yaml")
+
+
+def _config(tmp_path: Path, old: str, new: str, name: str = "quickstart.yaml") -> Path:
+    text = (ROOT / "configs" / name).read_text()
+    assert old in text
+    path = tmp_path / "bad.yaml"
+    path.write_text(text.replace(old, new))
+    return path
+
+
+def _localsgd(tmp_path: Path, *args: str, timeout: int = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "localsgd", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=_ENV,
+        cwd=tmp_path,
+    )
+
+
+def _error_lines(stderr: str, prog: str = "localsgd fit") -> list[str]:
+    return [line for line in stderr.splitlines() if re.match(rf"({prog}: )?error:", line)]
+
+
+# (old, new) in configs/quickstart.yaml, then what the one line must say
+TYPOS = [
+    (
+        ("sync_every: 8", "sync_evry: 8"),
+        "trainer.strategy.init_args.sync_evry: no such option; did you mean sync_every?",
+    ),
+    (("max_epochs: 10", "max_epoch: 10"), "trainer.max_epoch: no such option; did you mean max_epochs?"),
+    (
+        ("buffers: average", "buffers: averag"),
+        "trainer.strategy.init_args.buffers: 'averag' is not one of 'average', 'local'; "
+        "did you mean average?",
+    ),
+    (
+        ("in_channels: 1 ", "in_chanels: 1 "),
+        "model.init_args.net.init_args.in_chanels: no such option; did you mean in_channels?",
+    ),
+    (
+        ("class_path: localsgd.LocalSGDStrategy", "class_path: localsgd.LocalSGDStrategi"),
+        "trainer.strategy: no class localsgd.LocalSGDStrategi; did you mean localsgd.LocalSGDStrategy?",
+    ),
+    (("batch_size: 16", "batch_size: sixteen"), "data.init_args.batch_size: expected int, got 'sixteen'"),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), TYPOS, ids=[t[0][1].split(":")[0] for t in TYPOS])
+def test_a_config_mistake_is_one_line_naming_the_key_and_the_fix(
+    tmp_path: Path, change: tuple[str, str], message: str
+) -> None:
+    config = _config(tmp_path, *change)
+    out = _localsgd(tmp_path, "fit", "--config", str(config), "--print_config")
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert lines == [f"localsgd fit: error: {message}"], out.stderr[-2000:]
+    debug = _localsgd(tmp_path, "fit", "--config", str(config), "--print_config", "--debug")
+    assert debug.returncode != 0
+    assert len(debug.stderr.splitlines()) > len(lines)  # the usage block and jsonargparse's report
+
+
+@pytest.mark.parametrize(
+    ("flag", "message"),
+    [
+        ("--trainer.max_stepz=5", "--trainer.max_stepz: no such option; did you mean --trainer.max_steps?"),
+        ("--trainer.max_steps=abc", "trainer.max_steps: expected int, got 'abc'"),
+        (
+            "--trainer.strategy.init_args.sync_evry=4",
+            "trainer.strategy.init_args.sync_evry: no such option; did you mean sync_every?",
+        ),
+        (
+            "--trainer.strategy.init_args.accelerator=cpu",
+            "trainer.strategy.init_args.accelerator: no such option; set trainer.accelerator",
+        ),
+    ],
+)
+def test_a_flag_mistake_is_one_line_naming_the_key(tmp_path: Path, flag: str, message: str) -> None:
+    out = _localsgd(tmp_path, "fit", "--config", QUICKSTART, flag, "--print_config")
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"localsgd fit: error: {message}"), out.stderr[-2000:]
+
+
+def test_the_help_names_debug(tmp_path: Path) -> None:
+    out = _localsgd(tmp_path, "--help")
+    assert out.returncode == 0
+    assert "--debug" in out.stdout and "LOCALSGD_DEBUG=1" in out.stdout
+
+
+# ---------------------------------------------------------------- outer_optimizer: class vs instance
+def test_outer_optimizer_class_in_python_says_how_to_pass_an_instance() -> None:
+    with pytest.raises(ValueError) as error:
+        localsgd.LocalSGDStrategy(outer_optimizer=localsgd.DiLoCo)  # type: ignore[arg-type]
+    message = str(error.value)
+    assert "HINT: pass an instance: outer_optimizer=localsgd.DiLoCo()" in message
+    assert "localsgd.outer." not in message  # no such module
+    # every name the message offers can be imported as written
+    for name in re.findall(r"\blocalsgd\.[\w.]*[A-Z]\w*", message):
+        module, _, attr = name.rpartition(".")
+        assert hasattr(__import__(module, fromlist=[attr]), attr), name
+
+
+def test_outer_optimizer_class_path_in_yaml_is_made_into_an_instance(tmp_path: Path) -> None:
+    # the YAML form the hint offers: a class path alone parses, and the strategy gets a DiLoCo()
+    outer = "optimizer_state: local\n      outer_optimizer: localsgd.DiLoCo\n#"
+    config = _config(tmp_path, "optimizer_state: local ", outer)
+    flags = ["--trainer.devices=1", "--trainer.max_steps=2", "--trainer.logger=false"]
+    flags += ["--trainer.callbacks=[]", "--trainer.enable_checkpointing=false"]
+    flags += ["--trainer.limit_val_batches=0"]
+    out = _localsgd(tmp_path, "fit", "--config", str(config), *flags, timeout=240)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "outer_optimizer=DiLoCo(" in out.stdout + out.stderr
+    assert not _error_lines(out.stderr)
