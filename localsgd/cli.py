@@ -14,12 +14,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import difflib
-import importlib
-import inspect
 import io
 import os
-import re
 import sys
 import time
 import warnings
@@ -33,6 +29,7 @@ from torch.optim import Optimizer
 
 from localsgd.core.scaling import WarmupDecayLR
 from localsgd.lightning.baseline import SGDBaselineStrategy
+from localsgd.lightning.config_errors import error_reason, parse_error_line
 from localsgd.lightning.progress import StepLog, summary
 from localsgd.lightning.quiet import quiet_known_noise
 from localsgd.lightning.strategy import LocalSGDStrategy
@@ -74,7 +71,7 @@ class OneLineErrorParser(LightningArgumentParser):
         parser = getattr(ex, "subcommand_parser", None) or self._subcommand_parser()
         if speaks():
             prog = parser.prog.replace(" [options]", "")
-            print(f"{prog}: error: {parse_error_line(message, parser)}", file=sys.stderr)
+            print(f"{prog}: error: {parse_error_line(message, parser, _TRAINER_FILLS)}", file=sys.stderr)
         raise SystemExit(2)
 
     def _subcommand_parser(self) -> Any:
@@ -292,140 +289,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         with one_line_errors(f"localsgd {args[0] if args else ''}".strip(), args):
             # None lets LightningCLI read sys.argv itself (it warns when given both)
             lightning_cli(None if argv is None else [a for a in argv if a != "--debug"])
-
-
-_NOT_THE_CAUSE = (  # lines of jsonargparse's report that are context, not the error
-    "Does not validate against any of the Union subtypes",
-    "Subtypes:",
-    "Errors:",
-    "Given value type:",
-    "Given value:",
-    "Expected a <class 'NoneType'>",
-    "Expected a <class 'str'>",
-    "Expected a path but ",
-)
-
-
-def _closest(word: str, choices: Sequence[str], prefix: str = "") -> str:
-    match = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
-    return f"; did you mean {prefix}{match[0]}?" if match else ""
-
-
-def _class_options(class_path: str | None) -> list[str]:
-    """The keyword arguments ``class_path`` accepts (those the Trainer fills in aside)."""
-    if not class_path or "." not in class_path:
-        return []
-    module, _, name = class_path.rpartition(".")
-    try:
-        signature = inspect.signature(getattr(importlib.import_module(module), name))
-    except (ImportError, AttributeError, TypeError, ValueError):
-        return []
-    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
-    return [p.name for p in signature.parameters.values() if p.kind in kinds and p.name not in _TRAINER_FILLS]
-
-
-def _parser_keys(parser: Any) -> list[str]:
-    return [a.dest for a in getattr(parser, "_actions", []) if not a.dest.endswith(".help")]
-
-
-def _report_cause(message: str) -> tuple[list[str], str, str | None]:
-    """The innermost error of a jsonargparse report: (the key's path, the error's line, the class
-    whose option it is). The report nests by indentation: ``Parser key "k":`` and ``Problem with
-    given class_path 'C':`` open a level; each other line is an error, one per subtype tried."""
-    stack: list[tuple[int, list[str], str | None]] = []  # (indent, path parts, class_path)
-    best: tuple[list[str], str, str | None] = (
-        [],
-        message.strip().splitlines()[0] if message.strip() else "",
-        None,
-    )
-    for raw in message.splitlines():
-        line = raw.strip()
-        if not line:
-            continue
-        indent = len(raw) - len(raw.lstrip())
-        if line.startswith("- "):
-            line, indent = line[2:], indent + 2
-        while stack and stack[-1][0] >= indent:
-            stack.pop()
-        path = [part for _, parts, _ in stack for part in parts]
-        owner = next((c for _, _, c in reversed(stack) if c), None)
-        key = re.match(r'Parser key "([^"]+)":\s*(.*)', line)
-        if key:
-            stack.append((indent, key[1].split("."), owner))
-            line = key[2]
-            path, indent = path + key[1].split("."), indent + 1
-            if not line:
-                continue
-        given = re.match(r"Problem with given class_path '([^']+)':", line)
-        if given:
-            stack.append((indent, ["init_args"], given[1]))
-            continue
-        if line.startswith(_NOT_THE_CAUSE):
-            continue
-        if len(path) >= len(best[0]) and (len(path) > len(best[0]) or not best[0]):
-            best = (path, line, owner)
-    return best
-
-
-def parse_error_line(message: str, parser: Any = None) -> str:
-    """jsonargparse's error ``message`` as one line: the key, what is wrong, the closest valid
-    choice ("did you mean")."""
-    path, line, owner = _report_cause(message)
-    option = re.match(r"Option '([^']+)' is not accepted", line) or re.match(
-        r"Group '([^']+)' does not accept option '([^']+)'", line
-    )
-    if option and option.lastindex == 2:  # a Trainer-level (or other group) key
-        group, name = option[1], option[2]
-        keys = [k[len(group) + 1 :].split(".")[0] for k in _parser_keys(parser) if k.startswith(group + ".")]
-        return f"{group}.{name}: no such option{_closest(name, keys)}"
-    if option:
-        name = option[1]
-        if name in _TRAINER_FILLS:
-            fix = " (the Trainer fills it in)" if name != "accelerator" else "; set trainer.accelerator"
-        else:
-            fix = _closest(name, _class_options(owner))
-        return f"{'.'.join([*path, name])}: no such option{fix}"
-    unknown = re.match(r"unrecognized arguments: (--[^\s=]+)", line, re.IGNORECASE)
-    if unknown:
-        flag = unknown[1]
-        keys = [f"--{k}" for k in _parser_keys(parser)]
-        return f"{flag}: no such option{_closest(flag, keys)}"
-    where = ".".join(path[:-1] if path[-1:] == ["init_args"] else path)
-    prefix = f"{where}: " if where else ""
-    missing = re.match(r"module '([^']+)' has no attribute '([^']+)'", line)
-    if missing:
-        module, name = missing[1], missing[2]
-        names = [n for n in dir(sys.modules.get(module)) if not n.startswith("_")]
-        return f"{prefix}no class {module}.{name}{_closest(name, names, module + '.')}"
-    choice = re.match(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", line)
-    if choice:
-        choices = re.findall(r"'([^']*)'", choice[1])
-        return f"{prefix}{choice[2]!r} is not one of {choice[1]}{_closest(choice[2], choices)}"
-    typed = re.match(r"Expected a (?:<class '([^']+)'>|(.+?))\. Got value: (.*)", line)
-    if typed:
-        return f"{prefix}expected {typed[1] or typed[2]}, got {typed[3]!r}"
-    cut = " (--debug shows the full report)" if len(message.strip().splitlines()) > 1 else ""
-    return f"{prefix}{line}{cut}"
-
-
-def error_reason(text: str) -> str:
-    """The library's own message in an error text that jsonargparse (or a remote traceback) may
-    wrap: a class that failed to instantiate is reported as a Union mismatch listing each
-    subtype's error; a traceback ends with the error's line."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    reasons, listing = [], False
-    for line in lines:  # jsonargparse: "Errors:" then one "- ..." line per subtype tried
-        if line == "Errors:":
-            listing = True
-        elif listing and line.startswith("- "):
-            if not line.startswith("- Expected a "):
-                reasons.append(line[2:])
-        else:
-            listing = False
-    if reasons:
-        return reasons[-1]
-    errors = [line for line in lines if re.match(r"[\w.]*(Error|Exception)\b", line)]
-    return errors[-1] if errors else (lines[0] if lines else text)
 
 
 @contextlib.contextmanager

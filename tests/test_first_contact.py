@@ -134,3 +134,36 @@ def test_outer_optimizer_class_path_in_yaml_is_made_into_an_instance(tmp_path: P
     assert out.returncode == 0, out.stderr[-2000:]
     assert "outer_optimizer=DiLoCo(" in out.stdout + out.stderr
     assert not _error_lines(out.stderr)
+
+
+# ---------------------------------------------------------------- `localsgd compare`: its own schema
+COMPARE_TYPOS = [
+    (("eval_every: 100", "eval_evry: 100"), "unknown key(s) ['eval_evry'] in "),
+    (
+        ("strategy: {sync_every: 4}", "strategy: {sync_evry: 4}"),
+        "method 'Local SGD (H=4)' (seed 0): strategy.sync_evry: no such option; did you mean sync_every?",
+    ),
+    (
+        ("strategy: {sync_every: 16}", "strategy: {sync_every: 16, buffers: averag}"),
+        "method 'Local SGD (H=16)' (seed 0): strategy.buffers: 'averag' is not one of 'average', 'local'; "
+        "did you mean average?",
+    ),
+    (
+        ("num_probes: 8", "num_probe: 8"),
+        "method 'SGD' (seed 0): sharpness.num_probe: no such option; did you mean num_probes?",
+    ),
+]
+
+
+@pytest.mark.parametrize(("change", "message"), COMPARE_TYPOS, ids=[t[0][1][:12] for t in COMPARE_TYPOS])
+def test_a_compare_config_mistake_is_one_line_naming_the_key_and_the_fix(
+    tmp_path: Path, change: tuple[str, str], message: str
+) -> None:
+    config = _config(tmp_path, *change, name="compare_quickstart.yaml")
+    out = _localsgd(tmp_path, "compare", "--config", str(config), "--out", str(tmp_path / "out"))
+    assert out.returncode == 2
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"localsgd compare: error: {message}"), out.stderr[-2000:]
+    if "eval_evry" in change[1]:
+        assert "bad.yaml (did you mean eval_every?); the keys are" in lines[0]
+    assert not (tmp_path / "out" / "runs").exists()  # nothing trained
