@@ -167,3 +167,63 @@ def test_a_compare_config_mistake_is_one_line_naming_the_key_and_the_fix(
     if "eval_evry" in change[1]:
         assert "bad.yaml (did you mean eval_every?); the keys are" in lines[0]
     assert not (tmp_path / "out" / "runs").exists()  # nothing trained
+
+
+# ---------------------------------------------------------------- under torchrun: once, then a summary
+def _nonempty(out: subprocess.CompletedProcess[str]) -> list[str]:
+    return [line for line in (out.stdout + out.stderr).splitlines() if line.strip()]
+
+
+@pytest.mark.integration
+def test_torchrun_a_wrong_device_count_is_said_once(tmp_path: Path) -> None:
+    # two processes, four devices asked for: every rank fails alike; only rank 0 says it
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m"]
+    out = subprocess.run(
+        [*run, "localsgd", "fit", "--config", QUICKSTART, "--trainer.max_steps=2", "--trainer.devices=4"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=_ENV,
+        cwd=tmp_path,
+    )
+    assert out.returncode != 0
+    errors = _error_lines(out.stderr)
+    assert len(errors) == 1, out.stderr[-3000:]
+    assert "devices=4" in errors[0] and "world size (2)" in errors[0]
+
+
+def _torchrun_sh(tmp_path: Path, config: str, *flags: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["bash", str(ROOT / "launch/torchrun.sh"), config, *flags],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**_ENV, "NPROC_PER_NODE": "2", "PYTHON": sys.executable},
+        cwd=tmp_path,
+    )
+
+
+@pytest.mark.integration
+def test_torchrun_script_ends_with_the_error_line(tmp_path: Path) -> None:
+    config = _config(tmp_path, "sync_every: 8", "sync_evry: 8")
+    out = _torchrun_sh(tmp_path, str(config), "--trainer.max_steps=2")
+    assert out.returncode == 2, out.stderr[-3000:]
+    message = "localsgd fit: error: " + TYPOS[0][1]
+    assert _error_lines(out.stderr) == [message], out.stderr[-3000:]
+    assert _nonempty(out)[-1] == message
+
+
+@pytest.mark.integration
+def test_torchrun_resume_with_another_schedule_is_one_error_line(tmp_path: Path) -> None:
+    first = _torchrun_sh(tmp_path, QUICKSTART, "--trainer.max_steps=4")
+    assert first.returncode == 0, first.stderr[-3000:]
+    (checkpoint,) = tmp_path.glob("runs/quickstart/localsgd/version_*/checkpoints/last.ckpt")
+    qsr = "--trainer.strategy.init_args.sync_every="
+    qsr += "{class_path: localsgd.QSR, init_args: {base: 4, alpha: 0.02}}"
+    out = _torchrun_sh(tmp_path, QUICKSTART, "--trainer.max_steps=8", f"--ckpt_path={checkpoint}", qsr)
+    assert out.returncode == 2, out.stderr[-3000:]
+    (error,) = _error_lines(out.stderr)
+    assert "was written with sync schedule Constant, this run uses QSR" in error
+    assert "HINT: resume with the same sync_every" in error
+    assert _nonempty(out)[-1] == error
+    assert out.stderr.count("Traceback") <= 1  # torchrun's own report; the workers print none
