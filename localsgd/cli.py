@@ -109,6 +109,14 @@ class LocalSGDCLI(LightningCLI):
             parser.args_given = tuple(str(a) for a in given)
         super().parse_arguments(parser, args)
 
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except TypeError as error:  # a constructor refused a config value (`devices: two`)
+            if debug_mode():
+                raise
+            raise ValueError(str(error)) from error
+
     def before_fit(self) -> None:
         # without Lightning's bar (off in the shipped configs: it floods logs), a line per tenth of the run
         callbacks: list[Any] = self.trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning at init

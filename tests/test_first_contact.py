@@ -65,6 +65,8 @@ TYPOS = [
         "trainer.strategy: no class localsgd.LocalSGDStrategi; did you mean localsgd.LocalSGDStrategy?",
     ),
     (("batch_size: 16", "batch_size: sixteen"), "data.init_args.batch_size: expected int, got 'sixteen'"),
+    (("seed_everything: 0", "seed_everything: zero"), "seed_everything: expected bool or int, got 'zero'"),
+    (("data:", "dta:"), "dta: no such option; did you mean data?"),
 ]
 
 
@@ -80,6 +82,28 @@ def test_a_config_mistake_is_one_line_naming_the_key_and_the_fix(
     debug = _localsgd(tmp_path, "fit", "--config", str(config), "--print_config", "--debug")
     assert debug.returncode != 0
     assert len(debug.stderr.splitlines()) > len(lines)  # the usage block and jsonargparse's report
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (
+            ("sync_every: 8", "sync_every: localsgd.QSR"),  # a class where an instance is expected
+            "trainer.strategy.init_args.sync_every: localsgd.QSR needs init_args: base, alpha",
+        ),
+        (("devices: 2 ", "devices: two "), "`devices` selected with `CPUAccelerator` should be an int > 0"),
+    ],
+    ids=["class-without-args", "devices-text"],
+)
+def test_a_value_the_constructor_refuses_is_one_line(
+    tmp_path: Path, change: tuple[str, str], message: str
+) -> None:
+    # parses; the class refuses it when the CLI builds it, before anything trains
+    flags = ["--trainer.max_steps=1", "--trainer.logger=false", "--trainer.callbacks=[]"]
+    out = _localsgd(tmp_path, "fit", "--config", str(_config(tmp_path, *change)), *flags)
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = [line for line in out.stderr.splitlines() if line.strip() and not line.startswith("Seed set")]
+    assert len(lines) == 1 and lines[0].startswith(f"localsgd fit: error: {message}"), out.stderr[-2000:]
 
 
 @pytest.mark.parametrize(

@@ -22,8 +22,6 @@ _NOT_THE_CAUSE = (  # lines of jsonargparse's report that are context, not the e
     "Errors:",
     "Given value type:",
     "Given value:",
-    "Expected a <class 'NoneType'>",
-    "Expected a <class 'str'>",
     "Expected a path but ",
 )
 
@@ -50,11 +48,26 @@ def _parser_keys(parser: Any) -> list[str]:
     return [a.dest for a in getattr(parser, "_actions", []) if not a.dest.endswith(".help")]
 
 
+def _unknown_dotted(name: str, keys: Sequence[str]) -> str:
+    """``dta.init_args.batch_size: ...`` names an unknown ``dta``: the first part no key starts with."""
+    parts = name.split(".")
+    for i in range(len(parts)):
+        above = ".".join(parts[:i])
+        here = ".".join(parts[: i + 1])
+        if not any(k == here or k.startswith(here + ".") for k in keys):
+            siblings = {k[len(above) + 1 :].split(".")[0] if above else k.split(".")[0] for k in keys}
+            siblings &= {k.split(".")[i] for k in keys if len(k.split(".")) > i}
+            return f"{here}: no such option{_closest(parts[i], sorted(siblings))}"
+    return f"{name}: no such option"
+
+
 def _report_cause(message: str) -> tuple[list[str], str, str | None]:
     """The innermost error of a jsonargparse report: (the key's path, the error's line, the class
     whose option it is). The report nests by indentation: ``Parser key "k":`` and ``Problem with
     given class_path 'C':`` open a level; each other line is an error, one per subtype tried."""
     stack: list[tuple[int, list[str], str | None]] = []  # (indent, path parts, class_path)
+    types: dict[tuple[str, ...], list[str]] = {}  # a Union's plain subtypes that did not match
+    values: dict[tuple[str, ...], str] = {}
     best: tuple[list[str], str, str | None] = (
         [],
         message.strip().splitlines()[0] if message.strip() else "",
@@ -82,10 +95,24 @@ def _report_cause(message: str) -> tuple[list[str], str, str | None]:
         if given:
             stack.append((indent, ["init_args"], given[1]))
             continue
+        plain = re.fullmatch(r"Expected a <class '([^']+)'>", line)
+        if plain:  # one subtype of a Union, said alone: a cause only if no subtype says more
+            types.setdefault(tuple(path), []).append(plain[1])
+            continue
+        if line.startswith("Given value: "):
+            values.setdefault(tuple(path), line[len("Given value: ") :])
         if line.startswith(_NOT_THE_CAUSE):
             continue
         if len(path) >= len(best[0]) and (len(path) > len(best[0]) or not best[0]):
             best = (path, line, owner)
+    if not best[0]:  # no subtype said more than "Expected a <class 'X'>"
+        for path_key, names in types.items():
+            if path_key in values and len(path_key) >= len(best[0]):
+                best = (
+                    list(path_key),
+                    f"Expected a {' or '.join(names)}. Got value: {values[path_key]}",
+                    None,
+                )
     return best
 
 
@@ -101,6 +128,8 @@ def parse_error_line(message: str, parser: Any = None, hidden: Collection[str] =
         group, name = option[1], option[2]
         keys = [k[len(group) + 1 :].split(".")[0] for k in _parser_keys(parser) if k.startswith(group + ".")]
         return f"{group}.{name}: no such option{_closest(name, keys)}"
+    if option and not path and "." in option[1]:
+        return _unknown_dotted(option[1], _parser_keys(parser))
     if option:
         name = option[1]
         if name in hidden:
@@ -120,6 +149,9 @@ def parse_error_line(message: str, parser: Any = None, hidden: Collection[str] =
         module, name = missing[1], missing[2]
         names = [n for n in dir(sys.modules.get(module)) if not n.startswith("_")]
         return f"{prefix}no class {module}.{name}{_closest(name, names, module + '.')}"
+    required = re.match(r"the following arguments are required: (.*)", line)
+    if required and owner:  # a class path alone, where the class needs arguments
+        return f"{prefix}{owner} needs init_args: {required[1]}"
     choice = re.match(r"Expected a typing\.Literal\[(.*)\]\. Got value: (.*)", line)
     if choice:
         choices = re.findall(r"'([^']*)'", choice[1])
