@@ -68,6 +68,7 @@ def _report_cause(message: str) -> tuple[list[str], str, str | None]:
     stack: list[tuple[int, list[str], str | None]] = []  # (indent, path parts, class_path)
     types: dict[tuple[str, ...], list[str]] = {}  # a Union's plain subtypes that did not match
     values: dict[tuple[str, ...], str] = {}
+    found = False
     best: tuple[list[str], str, str | None] = (
         [],
         message.strip().splitlines()[0] if message.strip() else "",
@@ -103,9 +104,9 @@ def _report_cause(message: str) -> tuple[list[str], str, str | None]:
             values.setdefault(tuple(path), line[len("Given value: ") :])
         if line.startswith(_NOT_THE_CAUSE):
             continue
-        if len(path) >= len(best[0]) and (len(path) > len(best[0]) or not best[0]):
-            best = (path, line, owner)
-    if not best[0]:  # no subtype said more than "Expected a <class 'X'>"
+        if not found or len(path) > len(best[0]):
+            best, found = (path, line, owner), True
+    if not found:  # no subtype said more than "Expected a <class 'X'>"
         for path_key, names in types.items():
             if path_key in values and len(path_key) >= len(best[0]):
                 best = (
