@@ -50,14 +50,11 @@ def _parser_keys(parser: Any) -> list[str]:
 
 def _unknown_dotted(name: str, keys: Sequence[str]) -> str:
     """``dta.init_args.batch_size: ...`` names an unknown ``dta``: the first part no key starts with."""
-    parts = name.split(".")
+    parts, split = name.split("."), [k.split(".") for k in keys]
     for i in range(len(parts)):
-        above = ".".join(parts[:i])
-        here = ".".join(parts[: i + 1])
-        if not any(k == here or k.startswith(here + ".") for k in keys):
-            siblings = {k[len(above) + 1 :].split(".")[0] if above else k.split(".")[0] for k in keys}
-            siblings &= {k.split(".")[i] for k in keys if len(k.split(".")) > i}
-            return f"{here}: no such option{_closest(parts[i], sorted(siblings))}"
+        if not any(k[: i + 1] == parts[: i + 1] for k in split):
+            siblings = sorted({k[i] for k in split if len(k) > i and k[:i] == parts[:i]})
+            return f"{'.'.join(parts[: i + 1])}: no such option{_closest(parts[i], siblings)}"
     return f"{name}: no such option"
 
 
