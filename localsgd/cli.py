@@ -313,7 +313,13 @@ def one_line_errors(prog: str, args: Sequence[str]) -> Iterator[None]:
         if debug_mode():
             raise
         if speaks():  # every rank of a launch fails alike: rank 0 says it
-            print(f"{prog}: error: {error_reason(str(error))} (--debug shows the traceback)", file=sys.stderr)
+            reason = error_reason(str(error))
+            if "does not match the world size" in reason:  # Lightning's check under torchrun
+                reason += (
+                    " HINT: under torchrun, devices x num_nodes must be --nproc-per-node x --nnodes "
+                    "(launch/torchrun.sh sets both)"
+                )
+            print(f"{prog}: error: {reason} (--debug shows the traceback)", file=sys.stderr)
         raise SystemExit(2) from None
 
 

@@ -214,6 +214,7 @@ def test_torchrun_a_wrong_device_count_is_said_once(tmp_path: Path) -> None:
     errors = _error_lines(out.stderr)
     assert len(errors) == 1, out.stderr[-3000:]
     assert "devices=4" in errors[0] and "world size (2)" in errors[0]
+    assert "HINT: under torchrun, devices x num_nodes must be --nproc-per-node x --nnodes" in errors[0]
 
 
 def _torchrun_sh(tmp_path: Path, config: str, *flags: str) -> subprocess.CompletedProcess[str]:
