@@ -75,10 +75,11 @@ def test_a_config_mistake_is_one_line_naming_the_key_and_the_fix(
     tmp_path: Path, change: tuple[str, str], message: str
 ) -> None:
     config = _config(tmp_path, *change)
-    out = _localsgd(tmp_path, "fit", "--config", str(config), "--print_config")
-    assert out.returncode == 2, out.stderr[-2000:]
-    lines = [line for line in out.stderr.splitlines() if line.strip()]
-    assert lines == [f"localsgd fit: error: {message}"], out.stderr[-2000:]
+    for how in ([], ["--print_config"]):  # the run a user starts, and the check of its config
+        out = _localsgd(tmp_path, "fit", "--config", str(config), *how, "--trainer.max_steps=1")
+        assert out.returncode == 2, out.stderr[-2000:]
+        lines = [line for line in out.stderr.splitlines() if line.strip()]
+        assert lines == [f"localsgd fit: error: {message}"], out.stderr[-2000:]
     debug = _localsgd(tmp_path, "fit", "--config", str(config), "--print_config", "--debug")
     assert debug.returncode != 0
     assert len(debug.stderr.splitlines()) > len(lines)  # the usage block and jsonargparse's report

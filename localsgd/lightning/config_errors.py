@@ -119,6 +119,9 @@ def parse_error_line(message: str, parser: Any = None, hidden: Collection[str] =
     choice ("did you mean"). ``parser`` (the one that failed) knows the valid keys; ``hidden`` are
     arguments deliberately not offered (LightningCLI's ``skip``): the frame fills them in."""
     path, line, owner = _report_cause(message)
+    nested = re.match(r"Subcommand '[^']+' does not accept option '([^']+)'", line)
+    if nested:  # `fit --config X` with a misspelt trainer key: relative to the subcommand's parser
+        return _unknown_dotted(nested[1], _parser_keys(parser))
     option = re.match(r"Option '([^']+)' is not accepted", line) or re.match(
         r"Group '([^']+)' does not accept option '([^']+)'", line
     )
