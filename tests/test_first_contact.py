@@ -112,6 +112,7 @@ def test_a_value_the_constructor_refuses_is_one_line(
     [
         ("--trainer.max_stepz=5", "--trainer.max_stepz: no such option; did you mean --trainer.max_steps?"),
         ("--trainer.max_steps=abc", "trainer.max_steps: expected int, got 'abc'"),
+        ("--dta.batch_size=8", "--dta: no such option; did you mean data?"),
         (
             "--trainer.strategy.init_args.sync_evry=4",
             "trainer.strategy.init_args.sync_evry: no such option; did you mean sync_every?",

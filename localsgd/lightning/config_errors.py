@@ -140,9 +140,9 @@ def parse_error_line(message: str, parser: Any = None, hidden: Collection[str] =
         return f"{'.'.join([*path, name])}: no such option{fix}"
     unknown = re.match(r"unrecognized arguments: (--[^\s=]+)", line, re.IGNORECASE)
     if unknown:
-        flag = unknown[1]
-        keys = [f"--{k}" for k in _parser_keys(parser)]
-        return f"{flag}: no such option{_closest(flag, keys)}"
+        flag, keys = unknown[1], _parser_keys(parser)
+        close = _closest(flag, [f"--{k}" for k in keys])
+        return f"{flag}: no such option{close}" if close else f"--{_unknown_dotted(flag[2:], keys)}"
     where = ".".join(path[:-1] if path[-1:] == ["init_args"] else path)
     prefix = f"{where}: " if where else ""
     missing = re.match(r"module '([^']+)' has no attribute '([^']+)'", line)
