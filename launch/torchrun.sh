@@ -86,6 +86,39 @@ else
     RUN+=(--rdzv-backend=c10d --rdzv-endpoint="$RDZV_ENDPOINT" --rdzv-id="${RDZV_ID:-localsgd}")
 fi
 
+# The workers' stderr passes through a filter that holds back their one-line errors
+# ("localsgd fit: error: ..."; rank 0 prints the mistakes every rank makes, once): a failed launch
+# ends with the first of them as its last line (exit code 2), after torchrun's report of the failed
+# processes.
+# LOCALSGD_DEBUG=1 shows every rank's traceback instead.
+ERROR_LINE='^localsgd( [a-z]+)?: error: '
+LOG=$(mktemp "${TMPDIR:-/tmp}/localsgd-torchrun.XXXXXX")
+trap 'rm -f "$LOG"' EXIT
+exec 3> >(tee "$LOG" | grep -Ev --line-buffered "$ERROR_LINE" >&2)
+FILTER=$!
 # our device flags come last: the launch decides the world size
-exec "$PYTHON" -m torch.distributed.run "${RUN[@]}" -m localsgd.cli fit --config "$CONFIG" "$@" \
-    --trainer.num_nodes="$NNODES" --trainer.devices="$NPROC_PER_NODE"
+"$PYTHON" -m torch.distributed.run "${RUN[@]}" -m localsgd.cli fit --config "$CONFIG" "$@" \
+    --trainer.num_nodes="$NNODES" --trainer.devices="$NPROC_PER_NODE" 2>&3 &
+TORCHRUN=$!
+exec 3>&-
+# torchrun runs in the background so that a signal to this script reaches it (it stops the workers)
+trap 'kill -TERM "$TORCHRUN" 2>/dev/null || true' TERM INT HUP
+status=0
+wait "$TORCHRUN" || status=$?
+while kill -0 "$TORCHRUN" 2>/dev/null; do  # a signal interrupted the wait
+    status=0
+    wait "$TORCHRUN" || status=$?
+done
+wait "$FILTER" 2>/dev/null || true  # its last lines come before the summary
+if [ "$status" -ne 0 ]; then
+    line=$(grep -Em1 "$ERROR_LINE" "$LOG" || true)
+    if [ -n "$line" ]; then
+        echo "$line" >&2
+        exit 2  # a mistake in the config or flags, as `localsgd fit` says it
+    fi
+    echo "$0: torchrun failed (exit $status); the lines above name the failed workers," \
+        "and LOCALSGD_DEBUG=1 shows their tracebacks" >&2
+else
+    grep -E "$ERROR_LINE" "$LOG" >&2 || true  # from an attempt that torchrun restarted
+fi
+exit "$status"

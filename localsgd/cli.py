@@ -16,12 +16,11 @@ import argparse
 import contextlib
 import io
 import os
-import re
 import sys
 import time
 import warnings
 from collections.abc import Iterator, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import lightning.pytorch as pl
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -30,6 +29,7 @@ from torch.optim import Optimizer
 
 from localsgd.core.scaling import WarmupDecayLR
 from localsgd.lightning.baseline import SGDBaselineStrategy
+from localsgd.lightning.config_errors import error_reason, parse_error_line
 from localsgd.lightning.progress import StepLog, summary
 from localsgd.lightning.quiet import quiet_known_noise
 from localsgd.lightning.strategy import LocalSGDStrategy
@@ -45,6 +45,43 @@ _TRAINER_FILLS = (
     "checkpoint_io",
     "precision_plugin",
 )
+
+
+def debug_mode() -> bool:
+    """``--debug`` (``main`` turns it into ``LOCALSGD_DEBUG=1``): full reports and tracebacks."""
+    return os.environ.get("LOCALSGD_DEBUG", "") not in ("", "0")
+
+
+def speaks() -> bool:
+    """Whether this process prints a one-line error. Under torchrun (or Lightning's own launcher)
+    every rank reads the same config and hits the same error: rank 0 says it, once."""
+    return all(os.environ.get(name, "0") in ("", "0") for name in ("RANK", "LOCAL_RANK"))
+
+
+class OneLineErrorParser(LightningArgumentParser):
+    """jsonargparse's parser, whose report of a bad config or flag (a usage block, then every
+    subtype it tried) becomes one line naming the key and the fix; ``--debug`` keeps the report."""
+
+    args_given: tuple[str, ...] = ()
+    """The command line parsed (LocalSGDCLI sets it), to tell which subcommand's keys to suggest."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error or debug_mode():  # nested parsers raise; --debug: the whole report
+            super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self._subcommand_parser()
+        if speaks():
+            prog = parser.prog.replace(" [options]", "")
+            print(f"{prog}: error: {parse_error_line(message, parser, _TRAINER_FILLS)}", file=sys.stderr)
+        raise SystemExit(2)
+
+    def _subcommand_parser(self) -> Any:
+        """The parser of the subcommand given (``fit``: ``trainer.*`` and the rest), else this one."""
+        for action in self._actions:
+            parsers = getattr(action, "_name_parser_map", None) or {}
+            chosen = [parsers[a] for a in self.args_given if a in parsers]
+            if chosen:
+                return chosen[0]
+        return self
 
 
 class LocalSGDCLI(LightningCLI):
@@ -65,6 +102,20 @@ class LocalSGDCLI(LightningCLI):
         parser.add_lightning_class_args(
             self._datamodule_class, "data", subclass_mode=self.subclass_mode_data, required=False
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        given = sys.argv[1:] if args is None else args
+        if isinstance(parser, OneLineErrorParser) and isinstance(given, list | tuple):
+            parser.args_given = tuple(str(a) for a in given)
+        super().parse_arguments(parser, args)
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except TypeError as error:  # a constructor refused a config value (`devices: two`)
+            if debug_mode():
+                raise
+            raise ValueError(str(error)) from error
 
     def before_fit(self) -> None:
         # without Lightning's bar (off in the shipped configs: it floods logs), a line per tenth of the run
@@ -101,9 +152,12 @@ def lightning_cli(args: Sequence[str] | None = None, **kwargs: Any) -> LocalSGDC
         {
             "prog": "localsgd",
             "description": "Lightning's fit/validate/test/predict driven by YAML "
-            "(`localsgd quickstart --help` for the built-in comparison).",
+            "(`localsgd quickstart --help` for the built-in comparison). A mistake in the config "
+            "or a flag ends with one `error:` line; --debug (or LOCALSGD_DEBUG=1) shows the full "
+            "report or traceback instead.",
         },
     )
+    kwargs.setdefault("parser_class", OneLineErrorParser)
     return LocalSGDCLI(
         pl.LightningModule,
         pl.LightningDataModule,
@@ -245,40 +299,27 @@ def main(argv: Sequence[str] | None = None) -> None:
             lightning_cli(None if argv is None else [a for a in argv if a != "--debug"])
 
 
-def error_reason(text: str) -> str:
-    """The library's own message in an error text that jsonargparse (or a remote traceback) may
-    wrap: a class that failed to instantiate is reported as a Union mismatch listing each
-    subtype's error; a traceback ends with the error's line."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    reasons, listing = [], False
-    for line in lines:  # jsonargparse: "Errors:" then one "- ..." line per subtype tried
-        if line == "Errors:":
-            listing = True
-        elif listing and line.startswith("- "):
-            if not line.startswith("- Expected a "):
-                reasons.append(line[2:])
-        else:
-            listing = False
-    if reasons:
-        return reasons[-1]
-    errors = [line for line in lines if re.match(r"[\w.]*(Error|Exception)\b", line)]
-    return errors[-1] if errors else (lines[0] if lines else text)
-
-
 @contextlib.contextmanager
 def one_line_errors(prog: str, args: Sequence[str]) -> Iterator[None]:
     """A ValueError (a bad value the library names) ends the command with one ``error:`` line, as
     a misspelled key does, instead of a traceback; ``--debug`` or ``LOCALSGD_DEBUG=1`` keeps it."""
-    debug = "--debug" in args or os.environ.get("LOCALSGD_DEBUG", "") not in ("", "0")
+    if "--debug" in args:
+        os.environ["LOCALSGD_DEBUG"] = "1"  # the parser reads it; so do Lightning's workers
     if "--debug" in sys.argv:
         sys.argv.remove("--debug")  # LightningCLI reads sys.argv, and re-runs it for Lightning's workers
-        os.environ["LOCALSGD_DEBUG"] = "1"
     try:
         yield
     except ValueError as error:
-        if debug:
+        if debug_mode():
             raise
-        print(f"{prog}: error: {error_reason(str(error))} (--debug shows the traceback)", file=sys.stderr)
+        if speaks():  # every rank of a launch fails alike: rank 0 says it
+            reason = error_reason(str(error))
+            if "does not match the world size" in reason:  # Lightning's check under torchrun
+                reason += (
+                    " HINT: under torchrun, devices x num_nodes must be --nproc-per-node x --nnodes "
+                    "(launch/torchrun.sh sets both)"
+                )
+            print(f"{prog}: error: {reason} (--debug shows the traceback)", file=sys.stderr)
         raise SystemExit(2) from None
 
 

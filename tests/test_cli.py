@@ -132,7 +132,7 @@ def test_quickstart_config_shows_everything_and_takes_overrides(capsys: pytest.C
 def test_strategy_plumbing_is_not_a_flag(capsys: pytest.CaptureFixture[str]) -> None:
     config = str(ROOT / "configs/quickstart.yaml")
     assert cli_exit_code("fit", "--config", config, "--trainer.strategy.init_args.accelerator=cpu") == 2
-    assert "'accelerator' is not accepted" in capsys.readouterr().err
+    assert "trainer.strategy.init_args.accelerator: no such option" in capsys.readouterr().err
 
 
 def _bad_config(tmp_path: Path, old: str, new: str) -> Path:
@@ -146,9 +146,9 @@ def _bad_config(tmp_path: Path, old: str, new: str) -> Path:
 @pytest.mark.parametrize(
     ("old", "new", "message"),
     [
-        ("sync_every: 8", "sync_evry: 8", "'sync_evry' is not accepted"),
-        ("buffers: average", "buffers: avrage", "Got value: avrage"),
-        ("lr: 0.05", "lrate: 0.05", "'lrate' is not accepted"),
+        ("sync_every: 8", "sync_evry: 8", "sync_evry: no such option"),
+        ("buffers: average", "buffers: avrage", "'avrage' is not one of"),
+        ("lr: 0.05", "lrate: 0.05", "lrate: no such option"),
         ("max_epochs: 10", "max_epoch: 10", "max_epoch"),
         ("batch_size: 16", "batch_size: sixteen", "batch_size"),
     ],

@@ -119,11 +119,14 @@ class Options:
         check_choice("optimizer_state", self.optimizer_state, get_args(OptimizerStatePolicy))
         outer = self.outer_optimizer
         if outer is not None and not isinstance(outer, OuterOptimizer):
-            hint = (
-                f" HINT: pass an instance, {outer.__name__}() (the class was given)"
-                if isinstance(outer, type) and issubclass(outer, OuterOptimizer)
-                else ""
-            )
+            hint = ""
+            if isinstance(outer, type) and issubclass(outer, OuterOptimizer):  # the class itself
+                public = outer.__module__ == OuterOptimizer.__module__  # localsgd re-exports its own
+                name = f"localsgd.{outer.__name__}" if public else f"{outer.__module__}.{outer.__qualname__}"
+                hint = (
+                    f" HINT: pass an instance: outer_optimizer={name}() (in YAML, `outer_optimizer: {name}` "
+                    f"or `{{class_path: {name}, init_args: {{...}}}}` is made into one)"
+                )
             raise ValueError(
                 f"outer_optimizer ({outer!r}) must be None (plain averaging) or a localsgd.OuterOptimizer "
                 f"such as localsgd.SlowMo(lr=1.0, momentum=0.5) or localsgd.DiLoCo().{hint}"

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import hashlib
 import itertools
 import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -189,6 +191,13 @@ def _baseline(value: Any, methods: dict[str, Any]) -> str | None:
     return value
 
 
+def _did_you_mean(unknown: Iterable[Any], keys: Iterable[str]) -> str:
+    """`` (did you mean eval_every?)`` for the unknown keys that are close to a valid one."""
+    close = {str(k): difflib.get_close_matches(str(k), list(keys), n=1) for k in sorted(unknown, key=str)}
+    guesses = [f"{match[0]} for {k}" if len(close) > 1 else match[0] for k, match in close.items() if match]
+    return f" (did you mean {', '.join(guesses)}?)" if guesses else ""
+
+
 def _mapping(name: str, value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise ValueError(
@@ -267,7 +276,10 @@ def load_config(path: str | Path, *, out: str | Path | None = None, jobs: int | 
     raw = _mapping(f"the config {path}", raw)
     unknown = set(raw) - _TOP_KEYS
     if unknown:
-        raise ValueError(f"unknown key(s) {sorted(unknown)} in {path}; the keys are {sorted(_TOP_KEYS)}")
+        raise ValueError(
+            f"unknown key(s) {sorted(unknown)} in {path}{_did_you_mean(unknown, _TOP_KEYS)}; "
+            f"the keys are {sorted(_TOP_KEYS)}"
+        )
     for key in ("model", "data", "methods", "max_steps", "eval_every", "workers"):
         if key not in raw:
             raise ValueError(f"{key} is missing from {path}")
@@ -289,7 +301,8 @@ def load_config(path: str | Path, *, out: str | Path | None = None, jobs: int | 
         bad = set(method) - _METHOD_KEYS
         if bad:
             raise ValueError(
-                f"methods.{name} has unknown key(s) {sorted(bad)}; a method may set {sorted(_METHOD_KEYS)}"
+                f"methods.{name} has unknown key(s) {sorted(bad)}{_did_you_mean(bad, _METHOD_KEYS)}; "
+                f"a method may set {sorted(_METHOD_KEYS)}"
             )
         for key in ("strategy", "model", "data"):
             _mapping(f"methods.{name}.{key}", method.get(key, {}))

@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from localsgd.lightning.config_errors import parse_error_line
 from localsgd.lightning.quiet import quiet_known_noise
 from localsgd.research.compare.config import _SHARPNESS_FIXED, _STRATEGY_FIXED, CompareConfig, RunSpec
 
@@ -65,10 +66,8 @@ def build(run: RunSpec) -> dict[str, Any]:
                 if hasattr(parser, "instantiate")
                 else parser.instantiate_classes(parsed)
             )
-    except ValueError as error:
-        raise ValueError(f"{where}: {error}") from None
-    except Exception as error:  # jsonargparse's ArgumentError, a TypeError from a constructor
-        raise ValueError(f"{where}: {error}") from None
+    except Exception as error:  # a ValueError, jsonargparse's ArgumentError, a TypeError from a constructor
+        raise ValueError(f"{where}: {parse_error_line(str(error), parser)}") from None
     return {
         "model": built.model,
         "data": built.data,
