@@ -7,7 +7,9 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -38,6 +40,37 @@ def _localsgd(tmp_path: Path, *args: str, timeout: int = 120) -> subprocess.Comp
         env=_ENV,
         cwd=tmp_path,
     )
+
+
+@pytest.fixture
+def localsgd_here(
+    tmp_path: Path, capfd: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., subprocess.CompletedProcess[str]]:
+    """The `localsgd` command run in this process (a mistake fails while parsing or building,
+    before anything trains: a fresh interpreter per case cost 3.5 s each), its stdout and stderr
+    read at the file descriptors as a subprocess's would be; ``test_the_real_command_...``
+    runs one case as a subprocess to show that the two agree."""
+    from localsgd.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    for name in _LAUNCH_VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("PYTHONWARNINGS", os.environ.get("PYTHONWARNINGS", ""))  # the CLI adds to it
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        capfd.readouterr()
+        monkeypatch.setattr(sys, "argv", ["localsgd", *args])  # as the command sees them
+        code: int | str | None = 0
+        try:
+            main()  # reads sys.argv, as the command does
+        except SystemExit as done:
+            code = done.code
+        out, err = capfd.readouterr()
+        return subprocess.CompletedProcess(
+            ["localsgd", *args], code if isinstance(code, int) else 1, out, err
+        )
+
+    return run
 
 
 def _error_lines(stderr: str, prog: str = "localsgd fit") -> list[str]:
@@ -72,17 +105,28 @@ TYPOS = [
 
 @pytest.mark.parametrize(("change", "message"), TYPOS, ids=[t[0][1].split(":")[0] for t in TYPOS])
 def test_a_config_mistake_is_one_line_naming_the_key_and_the_fix(
-    tmp_path: Path, change: tuple[str, str], message: str
+    tmp_path: Path, change: tuple[str, str], message: str, localsgd_here: Callable[..., Any]
 ) -> None:
     config = _config(tmp_path, *change)
     for how in ([], ["--print_config"]):  # the run a user starts, and the check of its config
-        out = _localsgd(tmp_path, "fit", "--config", str(config), *how, "--trainer.max_steps=1")
+        out = localsgd_here("fit", "--config", str(config), *how, "--trainer.max_steps=1")
         assert out.returncode == 2, out.stderr[-2000:]
         lines = [line for line in out.stderr.splitlines() if line.strip()]
         assert lines == [f"localsgd fit: error: {message}"], out.stderr[-2000:]
-    debug = _localsgd(tmp_path, "fit", "--config", str(config), "--print_config", "--debug")
+    debug = localsgd_here("fit", "--config", str(config), "--print_config", "--debug")
     assert debug.returncode != 0
     assert len(debug.stderr.splitlines()) > len(lines)  # the usage block and jsonargparse's report
+
+
+@pytest.mark.slow
+def test_the_real_command_prints_the_same_one_line(tmp_path: Path) -> None:
+    message, config = TYPOS[0][1], _config(tmp_path, *TYPOS[0][0])
+    for how in ([], ["--print_config"]):
+        out = _localsgd(tmp_path, "fit", "--config", str(config), *how, "--trainer.max_steps=1")
+        assert out.returncode == 2, out.stderr[-2000:]
+        assert [line for line in out.stderr.splitlines() if line.strip()] == [
+            f"localsgd fit: error: {message}"
+        ]
 
 
 @pytest.mark.parametrize(
@@ -97,11 +141,11 @@ def test_a_config_mistake_is_one_line_naming_the_key_and_the_fix(
     ids=["class-without-args", "devices-text"],
 )
 def test_a_value_the_constructor_refuses_is_one_line(
-    tmp_path: Path, change: tuple[str, str], message: str
+    tmp_path: Path, change: tuple[str, str], message: str, localsgd_here: Callable[..., Any]
 ) -> None:
     # parses; the class refuses it when the CLI builds it, before anything trains
     flags = ["--trainer.max_steps=1", "--trainer.logger=false", "--trainer.callbacks=[]"]
-    out = _localsgd(tmp_path, "fit", "--config", str(_config(tmp_path, *change)), *flags)
+    out = localsgd_here("fit", "--config", str(_config(tmp_path, *change)), *flags)
     assert out.returncode == 2, out.stderr[-2000:]
     lines = [line for line in out.stderr.splitlines() if line.strip() and not line.startswith("Seed set")]
     assert len(lines) == 1 and lines[0].startswith(f"localsgd fit: error: {message}"), out.stderr[-2000:]
@@ -123,15 +167,17 @@ def test_a_value_the_constructor_refuses_is_one_line(
         ),
     ],
 )
-def test_a_flag_mistake_is_one_line_naming_the_key(tmp_path: Path, flag: str, message: str) -> None:
-    out = _localsgd(tmp_path, "fit", "--config", QUICKSTART, flag, "--print_config")
+def test_a_flag_mistake_is_one_line_naming_the_key(
+    flag: str, message: str, localsgd_here: Callable[..., Any]
+) -> None:
+    out = localsgd_here("fit", "--config", QUICKSTART, flag, "--print_config")
     assert out.returncode == 2
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"localsgd fit: error: {message}"), out.stderr[-2000:]
 
 
-def test_the_help_names_debug(tmp_path: Path) -> None:
-    out = _localsgd(tmp_path, "--help")
+def test_the_help_names_debug(localsgd_here: Callable[..., Any]) -> None:
+    out = localsgd_here("--help")
     assert out.returncode == 0
     assert "--debug" in out.stdout and "LOCALSGD_DEBUG=1" in out.stdout
 
@@ -149,6 +195,7 @@ def test_outer_optimizer_class_in_python_says_how_to_pass_an_instance() -> None:
         assert hasattr(__import__(module, fromlist=[attr]), attr), name
 
 
+@pytest.mark.slow
 def test_outer_optimizer_class_path_in_yaml_is_made_into_an_instance(tmp_path: Path) -> None:
     # the YAML form the hint offers: a class path alone parses, and the strategy gets a DiLoCo()
     outer = "optimizer_state: local\n      outer_optimizer: localsgd.DiLoCo\n#"
@@ -183,10 +230,10 @@ COMPARE_TYPOS = [
 
 @pytest.mark.parametrize(("change", "message"), COMPARE_TYPOS, ids=[t[0][1][:12] for t in COMPARE_TYPOS])
 def test_a_compare_config_mistake_is_one_line_naming_the_key_and_the_fix(
-    tmp_path: Path, change: tuple[str, str], message: str
+    tmp_path: Path, change: tuple[str, str], message: str, localsgd_here: Callable[..., Any]
 ) -> None:
     config = _config(tmp_path, *change, name="compare_quickstart.yaml")
-    out = _localsgd(tmp_path, "compare", "--config", str(config), "--out", str(tmp_path / "out"))
+    out = localsgd_here("compare", "--config", str(config), "--out", str(tmp_path / "out"))
     assert out.returncode == 2
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"localsgd compare: error: {message}"), out.stderr[-2000:]
