@@ -2,4 +2,5 @@
 
 from localsgd.cli import main
 
-main()
+if __name__ == "__main__":  # an import (the API docs inspect every module) runs nothing
+    main()
