@@ -12,14 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from common import newcomer_env
 
 import localsgd
 
 ROOT = Path(__file__).resolve().parents[1]
 _LAUNCH_VARS = ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK", "LOCAL_RANK", "NODE_RANK")
 _LAUNCH_VARS += ("LOCALSGD_DEBUG",)
-_ENV = {k: v for k, v in os.environ.items() if k not in _LAUNCH_VARS}
-_ENV.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+_ENV = {k: v for k, v in newcomer_env().items() if k not in _LAUNCH_VARS}  # no rank another test left
+_ENV.update(PYTHONPATH=str(ROOT))
 QUICKSTART = str(ROOT / "configs/quickstart.yaml")
 
 
@@ -53,8 +54,9 @@ def localsgd_here(
     from localsgd.cli import main
 
     monkeypatch.chdir(tmp_path)
-    for name in _LAUNCH_VARS:
-        monkeypatch.delenv(name, raising=False)
+    for name in set(os.environ) - set(_ENV):
+        if not name.startswith("PYTEST"):  # pytest's own, which it removes itself after the call
+            monkeypatch.delenv(name)
     monkeypatch.setenv("PYTHONWARNINGS", os.environ.get("PYTHONWARNINGS", ""))  # the CLI adds to it
 
     def run(*args: str) -> subprocess.CompletedProcess[str]:

@@ -9,12 +9,12 @@ Lightning spawns, is checked in test_cli.py)."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from common import newcomer_env
 
 from localsgd.lightning.strategy import _count
 
@@ -23,9 +23,9 @@ NOISE = ("LeafSpec", "srun", "dirpath has changed", "💡 Tip", "ended before th
 
 
 def _localsgd(*args: str, cwd: Path) -> str:
-    env = {
-        k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "MASTER_ADDR", "WORLD_SIZE", "RANK")
-    }
+    env = (
+        newcomer_env()
+    )  # a LOCAL_RANK an earlier test left made Lightning wait for a rank 1 it never started
     proc = subprocess.run(
         [sys.executable, "-m", "localsgd.cli", *args],
         cwd=cwd,
