@@ -1,4 +1,5 @@
 import os
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -6,6 +7,18 @@ import torch
 # Two cores: keep every test process single-threaded so gloo peers don't starve each other.
 torch.set_num_threads(1)
 os.environ.setdefault("PYTHONHASHSEED", "0")
+
+
+@pytest.fixture(autouse=True)
+def _environment_as_found() -> Iterator[None]:
+    """Each test leaves the environment as it found it: code run in this process (the CLI, a
+    Lightning fit) may set variables, and a LOCAL_RANK left behind once made a later 2-process fit
+    wait for a rank 1 that Lightning never started."""
+    before = dict(os.environ)
+    yield
+    if os.environ != before:
+        os.environ.clear()
+        os.environ.update(before)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

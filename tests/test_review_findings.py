@@ -285,8 +285,9 @@ dist.init_process_group("gloo")
 def at_exit():  # the user's own exit code, registered first: it runs after any the library adds
     alive = dist.is_initialized()
     print("initialized at exit:", alive, flush=True)
-    if alive:
-        dist.destroy_process_group()  # the user's group, destroyed by its user
+    if alive:  # the user's group, destroyed by its user; together, as a careful user leaves: a rank
+        dist.barrier()  # that destroys it while its peer's gloo threads still talk can abort the peer
+        dist.destroy_process_group()
 
 atexit.register(at_exit)
 from common import ToyNet, make_optimizer, toy_batches, train_step
