@@ -16,19 +16,24 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _fake(path: Path, body: str) -> None:
-    path.write_text("#!/usr/bin/env bash\n" + body)
-    path.chmod(path.stat().st_mode | stat.S_IEXEC)
+def _checkout(folder: Path, *, pip: str, python: str) -> Path:
+    """``folder`` holding the real scripts/setup.sh and a .venv whose pip and python are the
+    given bash scripts."""
+    (folder / "scripts").mkdir()
+    (folder / "scripts" / "setup.sh").write_text((ROOT / "scripts" / "setup.sh").read_text())
+    (folder / ".venv" / "bin").mkdir(parents=True)
+    for name, body in (("pip", pip), ("python", python)):
+        path = folder / ".venv" / "bin" / name
+        path.write_text("#!/usr/bin/env bash\n" + body)
+        path.chmod(path.stat().st_mode | stat.S_IEXEC)
+    return folder
 
 
 @pytest.mark.slow
 def test_setup_prints_what_it_does_at_least_every_heartbeat(tmp_path: Path) -> None:
-    # the real script in a folder whose .venv has a pip that takes 7 s and a python with torch
-    (tmp_path / "scripts").mkdir()
-    (tmp_path / "scripts" / "setup.sh").write_text((ROOT / "scripts" / "setup.sh").read_text())
-    (tmp_path / ".venv" / "bin").mkdir(parents=True)
-    _fake(tmp_path / ".venv" / "bin" / "pip", 'echo "pip $*" >> "$(dirname "$0")/pip.log"; sleep 7\n')
-    _fake(tmp_path / ".venv" / "bin" / "python", 'case "$*" in *localsgd*) echo "localsgd ready";; esac\n')
+    # a pip that takes 7 s, and a python that has torch
+    pip = 'echo "pip $*" >> "$(dirname "$0")/pip.log"; sleep 7\n'
+    _checkout(tmp_path, pip=pip, python='case "$*" in *localsgd*) echo "localsgd ready";; esac\n')
     start = time.monotonic()
     proc = subprocess.Popen(
         ["bash", "scripts/setup.sh"],
@@ -53,11 +58,7 @@ def test_setup_prints_what_it_does_at_least_every_heartbeat(tmp_path: Path) -> N
 
 
 def test_setup_stops_with_the_step_that_failed(tmp_path: Path) -> None:
-    (tmp_path / "scripts").mkdir()
-    (tmp_path / "scripts" / "setup.sh").write_text((ROOT / "scripts" / "setup.sh").read_text())
-    (tmp_path / ".venv" / "bin").mkdir(parents=True)
-    _fake(tmp_path / ".venv" / "bin" / "pip", "echo 'ERROR: no matching distribution' >&2; exit 1\n")
-    _fake(tmp_path / ".venv" / "bin" / "python", "exit 0\n")
+    _checkout(tmp_path, pip="echo 'ERROR: no matching distribution' >&2; exit 1\n", python="exit 0\n")
     proc = subprocess.run(
         ["bash", "scripts/setup.sh"], cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
