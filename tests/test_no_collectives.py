@@ -26,6 +26,7 @@ COLLECTIVES = (
     "broadcast", "all_reduce", "barrier", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor",
     "all_to_all_single", "broadcast_object_list", "all_gather_object", "gather", "scatter", "reduce",
     "send", "recv", "isend", "irecv",
+    "all_gather_single", "reduce_scatter_single",  # torch 2.13's names (FSDP2 calls them)
 )  # fmt: skip
 
 

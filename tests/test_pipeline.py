@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 import localsgd
 from localsgd import InProcessCommunicator, LocalSGD, LocalSGDFabricStrategy, LocalSGDStrategy
-from localsgd.core.options import RULES, Options, compatibility_table
+from localsgd.core.options import RULES, SHARDED, Options, compatibility_table
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "localsgd"
@@ -57,6 +57,9 @@ def _build(front_end: str, example: dict[str, Any]) -> None:
         k = kwargs.pop("workers_per_device", 1)
         nets = [ToyNet() for _ in range(k)]
         comm = _Elastic(k) if fault_tolerant else InProcessCommunicator(k)
+        if kwargs.pop(SHARDED, 1) > 1:  # a plain loop's sharded workers: a mesh (the rule refuses first)
+            kwargs["mesh"] = object()
+            comm = _Elastic(k) if fault_tolerant else None
         LocalSGD(nets, [torch.optim.SGD(n.parameters(), lr=0.1) for n in nets], comm=comm, **kwargs)
     elif front_end == "LocalSGDStrategy":
         if fault_tolerant:
@@ -72,6 +75,8 @@ def test_each_forbidden_combination_gets_the_same_error_from_every_front_end(rul
     front_ends = list(FRONT_ENDS)
     if "fault_tolerance" in rule.options or "workers_per_device" in rule.options:
         front_ends.remove("LocalSGDFabricStrategy")  # Fabric runs one model per process, no torchft
+    if SHARDED in rule.options:  # the strategies that take shards_per_worker (a plain loop: mesh=)
+        front_ends = [f for f in front_ends if f == "LocalSGD" or SHARDED in inspect.signature(FRONT_ENDS[f]).parameters]
     messages = set()
     for front_end in front_ends:
         with pytest.raises(ValueError) as err:

@@ -6,6 +6,10 @@ tensor later (``module.to(dtype)``, a buffer re-assigned by its module) or adds 
 averager notices at the next round and rebuilds its buckets. It also holds the evaluation swap
 (:meth:`Averager.averaged`: the average in, each worker's own model back afterwards).
 
+A model sharded by FSDP2 (its parameters DTensors) is held in :class:`~localsgd.core.buckets.CopiedBucket`s:
+copies of this process's shards, taken in before each round and written back after it
+(:meth:`Averager.session`); everything else is the same, on 1/S of the model.
+
 It holds the parts of a round that touch the models (a bucket's mean, the optimizer state's
 mean and reset, the outer step, the divergence); the round itself, and its kinds, are in
 :mod:`localsgd.core.rounds`.
@@ -15,7 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import get_args
 
 import torch
@@ -24,7 +28,15 @@ from torch.nn.parameter import UninitializedTensorMixin as _Uninitialized  # typ
 from torch.optim import Optimizer
 
 from localsgd.core import buckets
-from localsgd.core.buckets import FlatBucket, by_device_and_dtype, float_tensors, split_fragments
+from localsgd.core.buckets import (
+    CopiedBucket,
+    FlatBucket,
+    by_device_and_dtype,
+    float_tensors,
+    local_numel,
+    sharded,
+    split_fragments,
+)
 from localsgd.core.comm import Communicator
 from localsgd.core.optim_state import StateAverager, fresh_optimizer_state
 from localsgd.core.options import BufferPolicy, OptimizerStatePolicy, check_choice
@@ -85,6 +97,7 @@ class Averager:
         self.after_reset: Callable[[], None] | None = None
         """Called after every worker's optimizer state was reset (the batched path's stacked state)."""
         self._state_averager = StateAverager()
+        self._in_session = False
         self.outer = outer
         self._build()
         self._bind_outer()
@@ -135,6 +148,9 @@ class Averager:
             for m in self.modules
         ]
         keys = list(per_worker[0])
+        # an FSDP2-sharded model's shards live in FSDP2's storage: copied in and out around a round
+        params = [t for m in self.modules for t in m.parameters()]
+        bucket_type = CopiedBucket if sharded(params) else FlatBucket
         self.bucket_fragments = [key[0] for key in keys]
         """The fragment of each bucket."""
         for i, groups in enumerate(per_worker[1:], start=1):
@@ -146,12 +162,12 @@ class Averager:
         self._storage: list[Tensor] = []
         for k in keys:
             first = per_worker[0][k]
-            numel = sum(t.numel() for t in first)
+            numel = sum(local_numel(t) for t in first)
             self._storage.append(
                 torch.empty(len(per_worker), numel, dtype=first[0].dtype, device=first[0].device)
             )
         self._buckets = [
-            [FlatBucket(groups[k], flat=storage[w]) for k, storage in zip(keys, self._storage)]
+            [bucket_type(groups[k], flat=storage[w]) for k, storage in zip(keys, self._storage)]
             for w, groups in enumerate(per_worker)
         ]
         self.swap.rebind(self._buckets)
@@ -168,9 +184,9 @@ class Averager:
             return None
         out: dict[int, Tensor] = {}
         for bucket, anchor in zip(self._buckets[0], self.outer.anchors):
-            for t, offset in zip(bucket.tensors, bucket.offsets):
+            for t, offset, n in zip(bucket.tensors, bucket.offsets, bucket.numels):
                 if isinstance(t, nn.Parameter):
-                    out[id(t)] = anchor[offset : offset + t.numel()].clone()
+                    out[id(t)] = anchor[offset : offset + n].clone()
         return out
 
     def _rebind_outer(self, anchors: dict[int, Tensor]) -> None:
@@ -180,10 +196,10 @@ class Averager:
         new = []
         for bucket in self._buckets[0]:
             anchor = bucket.params.detach().clone()
-            for t, offset in zip(bucket.tensors, bucket.offsets):
+            for t, offset, n in zip(bucket.tensors, bucket.offsets, bucket.numels):
                 old = anchors.get(id(t))
-                if old is not None and old.numel() == t.numel():
-                    anchor[offset : offset + t.numel()].copy_(old)
+                if old is not None and old.numel() == n:
+                    anchor[offset : offset + n].copy_(old)
             new.append(anchor)
         for anchor in new:  # one tensor per local worker: the same anchor for all of them
             self.comm.broadcast_([anchor] * self.comm.num_local_workers, src=0)
@@ -236,12 +252,35 @@ class Averager:
         self._ensure_intact()
         return [b.flat for b in self._buckets[worker]]
 
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        """While it is open, the flat buckets hold the models: a round reads and writes them, and
+        the models take what they hold when it closes. The models are what a training step
+        changes, so every use of the buckets opens one (nested: only the outermost acts). For
+        views (the usual buckets) it costs nothing; copied buckets (FSDP2 shards) copy the
+        shards in on opening and back on closing."""
+        if self._in_session:
+            yield
+            return
+        self._ensure_intact()
+        for w in self._buckets:
+            for b in w:
+                b.pull()
+        self._in_session = True
+        try:
+            yield
+        finally:
+            self._in_session = False
+            for w in self._buckets:
+                for b in w:
+                    b.push()
+
     # ------------------------------------------------------------------ collectives
     def broadcast(self, src: int = 0) -> None:
         """Make every worker's model equal to worker ``src``'s (all buffers included)."""
-        self._ensure_intact()
-        for i in range(len(self._buckets[0])):
-            self.comm.broadcast_([w[i].flat for w in self._buckets], src=src)
+        with self.session():
+            for i in range(len(self._buckets[0])):
+                self.comm.broadcast_([w[i].flat for w in self._buckets], src=src)
         # integer buffers (and float buffers under buffers="local") are not in the buckets
         rest = [
             [b for b in m.buffers() if not (self.buffers == "average" and b.is_floating_point())]
@@ -344,7 +383,7 @@ class Averager:
         an outer optimizer its step from it (its state is not advanced); each worker's own model
         back on exit. No control message, and not counted as a round under ``tag``'s name only."""
         self._ensure_intact()
-        return self.swap.hold(self._preview_global, tag)
+        return self.swap.hold(self._preview_global, tag, self.session)
 
     def _preview_global(self, tag: str) -> None:
         with self.comm.round(tag):
@@ -360,12 +399,12 @@ class Averager:
         """Temporarily hold ``flats`` (one tensor per bucket: a global model kept elsewhere, such as
         the last committed round's) in every worker; each worker's own model back on exit."""
         self._ensure_intact()
-        return self.swap.hold(lambda _: self.swap.fill(flats), "hold")
+        return self.swap.hold(lambda _: self.swap.fill(flats), "hold", self.session)
 
     def own_models(self) -> contextlib.AbstractContextManager[None]:
         """Each worker's own model, also inside :meth:`averaged` (a checkpoint saved during
         validation stores the workers' models, not the average evaluated at that moment)."""
-        return self.swap.own_models()
+        return self.swap.own_models(self.session)
 
     @property
     def _device(self) -> torch.device:

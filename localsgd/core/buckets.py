@@ -45,23 +45,46 @@ def watch_registrations() -> None:
         register(_count_registration)
 
 
+def local_tensor(t: Tensor) -> Tensor:
+    """This process's part of ``t``: a DTensor's local shard (a view of its storage), else ``t``."""
+    to_local = getattr(t, "to_local", None)
+    if to_local is None:
+        return t
+    with torch.no_grad():  # the local tensor itself, not an autograd view of it
+        return to_local()
+
+
+def local_numel(t: Tensor) -> int:
+    """How many of ``t``'s elements this process holds."""
+    return local_tensor(t).numel()
+
+
+def sharded(tensors: Sequence[Tensor]) -> bool:
+    """Whether any of ``tensors`` is a DTensor (a parameter of an FSDP2-sharded model)."""
+    return any(hasattr(t, "to_local") for t in tensors)
+
+
 class FlatBucket:
     """Tensors of one (device, dtype) whose ``.data`` are views into one flat tensor."""
 
     def __init__(self, tensors: Sequence[Tensor], flat: Tensor | None = None) -> None:
         assert tensors, "a bucket holds at least one tensor"
         self.tensors = list(tensors)
+        self.numels = [local_numel(t) for t in self.tensors]
+        """Each tensor's elements in the flat tensor (a DTensor's: its local shard's)."""
+        self.offsets = [sum(self.numels[:i]) for i in range(len(self.numels))]
         # parameters come first: the outer optimizer steps this prefix, never the buffers after it
-        self.param_numel = sum(t.numel() for t in self.tensors if isinstance(t, nn.Parameter))
-        first = self.tensors[0]
-        numel = sum(t.numel() for t in self.tensors)
+        self.param_numel = sum(n for t, n in zip(self.tensors, self.numels) if isinstance(t, nn.Parameter))
+        first = local_tensor(self.tensors[0])
+        numel = sum(self.numels)
         self.flat = torch.empty(numel, dtype=first.dtype, device=first.device) if flat is None else flat
         assert self.flat.shape == (numel,) and self.flat.is_contiguous()
-        self.offsets: list[int] = []
-        self._ptrs: list[int] = []
-        offset = 0
-        for t in self.tensors:
-            n = t.numel()
+        self._take_in()
+        self._ptrs = self._places()
+
+    def _take_in(self) -> None:
+        """The tensors' values into the flat tensor, and each tensor re-pointed to its place there."""
+        for t, offset in zip(self.tensors, self.offsets):
             if not _dense(t):
                 raise ValueError(
                     f"a parameter or buffer of shape {tuple(t.shape)} has strides {t.stride()}, which "
@@ -73,18 +96,55 @@ class FlatBucket:
             view.copy_(t.data)
             # keeps the Parameter object (and every optimizer reference to it)
             t.data = view
-            self._ptrs.append(view.data_ptr())
-            self.offsets.append(offset)
-            offset += n
+
+    def _places(self) -> list[int]:
+        return list(map(Tensor.data_ptr, self.tensors))
 
     def intact(self) -> bool:
-        """Whether every tensor still lives where the bucket put it."""
-        return list(map(Tensor.data_ptr, self.tensors)) == self._ptrs
+        """Whether every tensor still lives where the bucket put it (or found it)."""
+        return self._places() == self._ptrs
 
     @property
     def params(self) -> Tensor:
         """The parameter part of the flat tensor."""
         return self.flat[: self.param_numel]
+
+    def pull(self) -> None:
+        """The flat tensor takes the tensors' current values (views: it holds them already)."""
+
+    def push(self) -> None:
+        """The tensors take the flat tensor's values (views: they are them already)."""
+
+
+class CopiedBucket(FlatBucket):
+    """Tensors whose storage another library owns (an FSDP2 parameter's local shard, which its
+    all-gather reads): the flat tensor holds a copy, in the same layout as a :class:`FlatBucket`.
+    :meth:`pull` fills it from the tensors, :meth:`push` writes it back: the averager does both
+    around every round (:meth:`~localsgd.core.averager.Averager.session`)."""
+
+    def _take_in(self) -> None:
+        self.pull()
+
+    def _places(self) -> list[int]:
+        return [local_tensor(t).data_ptr() for t in self.tensors]
+
+    def _pairs(self) -> list[tuple[Tensor, Tensor]]:
+        """(local tensor, its place in the flat tensor), per tensor."""
+        pairs = []
+        for t, offset, n in zip(self.tensors, self.offsets, self.numels):
+            local = local_tensor(t)
+            pairs.append((local, self.flat[offset : offset + n].view(local.shape)))
+        return pairs
+
+    @torch.no_grad()
+    def pull(self) -> None:
+        for local, place in self._pairs():
+            place.copy_(local)
+
+    @torch.no_grad()
+    def push(self) -> None:
+        for local, place in self._pairs():
+            local.copy_(place)
 
 
 def _dense(t: Tensor) -> bool:

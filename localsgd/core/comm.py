@@ -91,6 +91,10 @@ class Communicator(ABC):
     elastic = False
     group: Communicator | None = None
     """The processes of this worker (an elastic worker may be a group of devices)."""
+    control: Communicator | None = None
+    """Where control messages go when it is wider than this one: over sharded workers, this
+    communicator reaches the same shard of every worker, and the control message every process
+    (a sharded worker's processes must take the same decisions)."""
 
     def __init__(self) -> None:
         self.stats: dict[str, CommStats] = {}
@@ -267,7 +271,8 @@ class ProcessGroupCommunicator(Communicator):
             or workers_per_process < 1
         ):
             raise ValueError(f"workers_per_process ({workers_per_process!r}) must be an integer >= 1")
-        self.group = group
+        self.process_group = group
+        """The torch.distributed process group (``None``: the default one)."""
         self._per_process = workers_per_process
         self._processes = dist.get_world_size(group)
         self._rank = dist.get_rank(group)
@@ -295,10 +300,10 @@ class ProcessGroupCommunicator(Communicator):
         if op == "mean" and self.fused_average:
             if len(tensors) > 1:  # every process holds as many workers: the mean of the means
                 tensors[0].div_(len(tensors))
-            dist.all_reduce(tensors[0], op=dist.ReduceOp.AVG, group=self.group)
+            dist.all_reduce(tensors[0], op=dist.ReduceOp.AVG, group=self.process_group)
         else:
             dist_op = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
-            dist.all_reduce(tensors[0], op=dist_op, group=self.group)
+            dist.all_reduce(tensors[0], op=dist_op, group=self.process_group)
             if op == "mean" and self.num_workers > 1:
                 tensors[0].div_(self.num_workers)
         _copy_from_first(tensors)
@@ -312,7 +317,7 @@ class ProcessGroupCommunicator(Communicator):
             dist_op, divide = dist.ReduceOp.AVG, False
         else:
             dist_op = dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM
-        work = dist.all_reduce(tensors[0], op=dist_op, group=self.group, async_op=True)
+        work = dist.all_reduce(tensors[0], op=dist_op, group=self.process_group, async_op=True)
 
         def then() -> None:  # gloo has no mean: the division once the sum has arrived
             if divide:
@@ -333,20 +338,20 @@ class ProcessGroupCommunicator(Communicator):
 
     def exchange_start_(self, tensor: Tensor) -> tuple[Tensor, Pending]:
         out = torch.empty_like(tensor)
-        work = dist.all_to_all_single(out, tensor, group=self.group, async_op=True)
+        work = dist.all_to_all_single(out, tensor, group=self.process_group, async_op=True)
         return out, Pending(work)
 
     def gather_start_(self, shard: Tensor) -> tuple[Tensor, Pending]:
         out = torch.empty(self._processes * shard.numel(), dtype=shard.dtype, device=shard.device)
         gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor  # renamed in 2.13
-        work = gather(out, shard.contiguous().view(-1), group=self.group, async_op=True)
+        work = gather(out, shard.contiguous().view(-1), group=self.process_group, async_op=True)
         return out.view(self._processes, *shard.shape), Pending(work)
 
     def _broadcast(self, tensors: Sequence[Tensor], src: int) -> None:
         src_process, src_local = divmod(src, self._per_process)
         if self._rank == src_process and src_local != 0:
             tensors[0].copy_(tensors[src_local])
-        group: Any = self.group  # a torch.distributed process group (or None: the default one)
+        group: Any = self.process_group  # a torch.distributed process group (or None: the default one)
         global_src = dist.get_global_rank(group, src_process) if group is not None else src_process
         dist.broadcast(tensors[0], src=global_src, group=group)
         _copy_from_first(tensors)
@@ -400,6 +405,37 @@ def node_communicator(local_world_size: int, *, workers_per_process: int = 1) ->
         )
     group, _ = dist.new_subgroups(group_size=local_world_size)
     return ProcessGroupCommunicator(group, workers_per_process=workers_per_process)
+
+
+MESH_DIMS = ("replicate", "shard")
+"""A mesh of sharded workers: one row per worker, its processes shard the model (FSDP2)."""
+
+
+def mesh_communicator(mesh: Any) -> ProcessGroupCommunicator:
+    """For workers that are groups of processes sharding one model (FSDP2 over ``mesh["shard"]``):
+    a communicator over ``mesh["replicate"]``, so that each process averages its own shards with
+    the same shards of the other workers; its control messages go to every process of the mesh.
+
+    Args:
+        mesh: a 2-D ``DeviceMesh`` of shape (K workers, S shards per worker) whose dimensions are
+            named ``("replicate", "shard")``.
+    """
+    names = getattr(mesh, "mesh_dim_names", None)
+    if getattr(mesh, "ndim", None) != 2 or tuple(names or ()) != MESH_DIMS:
+        raise ValueError(
+            f"mesh ({mesh!r}) must be a 2-D DeviceMesh with mesh_dim_names {MESH_DIMS} (one row per "
+            "worker, its processes sharding the model). HINT: init_device_mesh(device_type, (K, S), "
+            "mesh_dim_names=('replicate', 'shard')), and fully_shard(model, mesh=mesh['shard'])"
+        )
+    if not dist.is_available() or not dist.is_initialized() or mesh.size() != dist.get_world_size():
+        world = dist.get_world_size() if dist.is_initialized() else "no process group"
+        raise ValueError(
+            f"mesh (shape {tuple(mesh.shape)}) must span every process of the default process group "
+            f"({world}): its control messages go to all of them"
+        )
+    comm = ProcessGroupCommunicator(mesh.get_group("replicate"))
+    comm.control = ProcessGroupCommunicator()  # every process: a worker's shards decide together
+    return comm
 
 
 class InProcessCommunicator(Communicator):

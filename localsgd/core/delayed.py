@@ -169,7 +169,7 @@ class OverlappedRound(RoundKind):
     def agree(self, r: Round) -> None:
         # sent now with the mean, read at the landing: no worker waits for the others here
         r.pending = ControlMessage(
-            self.comm,
+            self.control,
             self.averager.worker_flats(),
             r.step,
             nonfinite="raise",

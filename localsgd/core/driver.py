@@ -29,6 +29,7 @@ from localsgd.core.comm import (
     InProcessCommunicator,
     between_workers,
     default_communicator,
+    mesh_communicator,
     node_communicator,
 )
 from localsgd.core.control import StopRequests, batch_digest
@@ -86,6 +87,11 @@ class LocalSGD:
             warning: each process then trains on its own). An elastic one
             (:class:`localsgd.ft.FaultTolerantCommunicator`) makes every sync a round whose workers
             may change (:mod:`localsgd.core.elastic`); this process joins its run on creation.
+        mesh: workers that are groups of processes sharding one model: a 2-D ``DeviceMesh`` of
+            shape (K workers, S processes each) named ``("replicate", "shard")``, the model sharded
+            with ``fully_shard(..., mesh=mesh["shard"])``. Each process averages its own shards
+            with the same shards of the other workers (over ``mesh["replicate"]``); between syncs
+            nothing crosses that dimension. Not with ``comm``.
         local_world_size: processes per node, for ``Hierarchical`` schedules (default: the
             ``LOCAL_WORLD_SIZE`` torchrun sets, else 1).
         hook: register the optimizer hooks (``False``: the caller calls :meth:`before_step` and
@@ -112,6 +118,7 @@ class LocalSGD:
         num_fragments: int = 1,
         log_divergence: bool = False,
         comm: Communicator | None = None,
+        mesh: Any = None,
         local_world_size: int | None = None,
         hook: bool = True,
         options: Options | None = None,
@@ -122,10 +129,23 @@ class LocalSGD:
         self.models = [model] if isinstance(model, nn.Module) else list(model)
         if not self.models or not all(isinstance(m, nn.Module) for m in self.models):
             raise ValueError(f"model ({model!r}) must be an nn.Module or a non-empty list of them")
-        if comm is not None and comm.elastic:
-            check_rules(options, Setting(fault_tolerance=True, workers_per_process=len(self.models)))
+        elastic = comm is not None and comm.elastic
+        if elastic or mesh is not None:
+            sharded = mesh is not None
+            check_rules(
+                options,
+                Setting(fault_tolerance=elastic, workers_per_process=len(self.models), sharded=sharded),
+            )
+        if mesh is not None:
+            if comm is not None:
+                raise ValueError(
+                    "pass comm or mesh, not both: with a mesh the driver averages over mesh['replicate']"
+                )
+            comm = mesh_communicator(mesh)
         self.optimizers = per_worker(optimizer, len(self.models))
         given, self.comm = comm, comm or default_communicator(len(self.models))
+        self.sharded = mesh is not None
+        """Whether each worker is a group of processes sharding its model (``mesh``)."""
         comm = self.comm
         if given is None and isinstance(comm, InProcessCommunicator) and comm.num_workers == 1:
             warnings.warn(
@@ -196,6 +216,8 @@ class LocalSGD:
 
     def _rounds_of_one_step_through_gradients(self) -> bool:
         h1 = self.options.h1_sync
+        if self.sharded:
+            return False  # FSDP2 reduces the gradients inside a worker; across workers: parameters
         if self.elastic is not None:
             if h1 == "auto":
                 log.info("LocalSGD: fault tolerance: a round of one step averages the parameters (h1_sync)")
@@ -360,7 +382,7 @@ class LocalSGD:
     def agree(self, value: float) -> float:
         """A decision all ranks must share (stop training?), in a control message with the step count:
         the max of ``value`` over all workers (with fault tolerance: over this worker's processes)."""
-        comm = self.comm.group if self.elastic is not None else self.comm
+        comm = self.comm.group if self.elastic is not None else self.comm.control or self.comm
         if comm is None:
             return value
         with self.reported("decision"):

@@ -197,17 +197,20 @@ def _option_entries() -> str:
 @dataclass(frozen=True)
 class Setting:
     """What a front end adds to the options: whether the run is fault-tolerant (an elastic
-    communicator, ``LocalSGDStrategy(fault_tolerance=...)``) and the workers each process holds."""
+    communicator, ``LocalSGDStrategy(fault_tolerance=...)``), the workers each process holds, and
+    whether each worker is a group of processes sharding its model (``LocalSGD(mesh=...)``)."""
 
     fault_tolerance: bool = False
     workers_per_process: int = 1
+    sharded: bool = False
 
 
 @dataclass(frozen=True)
 class Rule:
     """A combination of two options that does not work. ``check`` returns the error (naming
     both options, the rule and a HINT) or ``None``; ``example`` is a combination it refuses,
-    where ``fault_tolerance`` and ``workers_per_device`` stand for the :class:`Setting`."""
+    where ``fault_tolerance``, ``workers_per_device`` and ``shards_per_worker`` stand for the
+    :class:`Setting`."""
 
     options: tuple[str, str]
     check: Callable[[Options, Setting], str | None]
@@ -219,6 +222,7 @@ class Rule:
         setting = Setting(
             fault_tolerance=bool(values.pop("fault_tolerance", False)),
             workers_per_process=int(values.pop("workers_per_device", 1)),
+            sharded=int(values.pop("shards_per_worker", 1)) > 1,
         )
         return values, setting
 
@@ -242,6 +246,8 @@ def check_rules(options: Options, setting: Setting | None = None) -> None:
     setting = setting or Setting()
     for r in RULES:
         if "fault_tolerance" in r.options and not setting.fault_tolerance:
+            continue
+        if SHARDED in r.options and not setting.sharded:
             continue
         message = r.check(options, setting)
         if message:
@@ -377,6 +383,70 @@ def _ft_schedules(o: Options, s: Setting) -> str | None:
     else:
         return None
     return _fault_tolerance_with("sync_every", o.schedule, why, "sync_every=<int> or QSR")
+
+
+# ---- sharded workers: each worker a group of processes sharding its model with FSDP2
+SHARDED = "shards_per_worker"
+"""The name rules give a sharded setting (``LocalSGD(mesh=...)``, a strategy's ``shards_per_worker``)."""
+
+
+def _sharded_with(name: str, value: object, why: str, hint: str) -> str:
+    what = f"sharded workers (mesh=, {SHARDED}) with {_knob(name, value)}"
+    return f"{what} are not supported: {why}. HINT: {hint}"
+
+
+def _sharded_only_at(name: str, allowed: object, why: str) -> _Check:
+    def check(o: Options, s: Setting) -> str | None:
+        value = getattr(o, name)
+        if value == allowed or (name == "h1_sync" and value == "parameters"):
+            return None
+        return _sharded_with(name, value, why, f"{name}={allowed!r}")
+
+    return check
+
+
+for _name, _allowed_value, _refused_value, _why in (
+    ("nonfinite", "raise", "skip_worker", "a worker's shards would be left out one process at a time"),
+    ("optimizer_state", "local", "average", "the optimizer state of FSDP2's parameters is not averaged yet"),
+    (
+        "h1_sync",
+        "auto",
+        "gradients",
+        "inside a worker FSDP2 reduces the gradients; across workers a round of one step averages "
+        "the parameters",
+    ),
+    ("log_divergence", False, True, "the divergence is not summed over a worker's shards yet"),
+):
+    _rule(SHARDED, _name, **{SHARDED: 2, _name: _refused_value})(
+        _sharded_only_at(_name, _allowed_value, _why)
+    )
+
+
+@_rule(SHARDED, "sync_every", **{SHARDED: 2, "sync_every": Hierarchical(inner=2, outer=8)})
+def _sharded_schedules(o: Options, s: Setting) -> str | None:
+    if not isinstance(o.schedule, Hierarchical):
+        return None
+    why = "a Hierarchical schedule's inner rounds average whole workers inside a node"
+    return _sharded_with("sync_every", o.schedule, why, "sync_every=<int>, PostLocal or QSR")
+
+
+@_rule(SHARDED, "workers_per_device", **{SHARDED: 2, "workers_per_device": 2})
+def _sharded_one_worker_per_process(o: Options, s: Setting) -> str | None:
+    if s.workers_per_process == 1:
+        return None
+    why = "a simulated worker is a whole model in one process"
+    return _sharded_with("workers_per_device", s.workers_per_process, why, "workers_per_device=1")
+
+
+@_rule(SHARDED, "fault_tolerance", **{SHARDED: 2, "fault_tolerance": True})
+def _sharded_fault_tolerance(o: Options, s: Setting) -> str | None:
+    if not s.fault_tolerance:
+        return None
+    why = (
+        "torchft 0.2 heals a replica group from one peer process's whole state dict, and has no way "
+        "to send each of a sharded worker's processes its own shards"
+    )
+    return _sharded_with("fault_tolerance", True, why, "fault_tolerance=None, or one process per worker")
 
 
 def compatibility_table() -> str:

@@ -86,21 +86,23 @@ class Round:
 def run_round(kind: RoundKind, r: Round) -> bool:
     """One round through ``kind``: agree -> reduce, then (at once, or at ``r.due`` for a round in
     flight) :func:`land_round`. Returns whether it was applied now."""
-    kind.agree(r)  # the control message: step, NaN/Inf, data streams, stop flags
-    kind.reduce(r)  # the mean: exact, compressed, of one fragment, or started in the background
-    if r.due is not None:
-        return False  # in flight: the driver lands it at step r.due
-    return land_round(kind, r)
+    with kind.averager.session():  # the buckets hold the models (FSDP2 shards: copied in, and back)
+        kind.agree(r)  # the control message: step, NaN/Inf, data streams, stop flags
+        kind.reduce(r)  # the mean: exact, compressed, of one fragment, or started in the background
+        if r.due is not None:
+            return False  # in flight: the driver lands it at step r.due
+        return land_round(kind, r)
 
 
 def land_round(kind: RoundKind, r: Round) -> bool:
     """The rest of a round, once its mean can be had: commit -> outer step -> state policy."""
-    kind.wait(r)  # a round in flight: its mean and its control message arrive (checked)
-    if not kind.commit(r):
-        return False  # a collective failed: every worker keeps its own model
-    kind.outer_step(r)  # the global model from the mean; every worker takes it
-    kind.averager.apply_state_policy(r.optimizer_state)  # "reset": a fresh optimizer state
-    return True
+    with kind.averager.session():
+        kind.wait(r)  # a round in flight: its mean and its control message arrive (checked)
+        if not kind.commit(r):
+            return False  # a collective failed: every worker keeps its own model
+        kind.outer_step(r)  # the global model from the mean; every worker takes it
+        kind.averager.apply_state_policy(r.optimizer_state)  # "reset": a fresh optimizer state
+        return True
 
 
 class RoundKind(ABC):
@@ -110,6 +112,8 @@ class RoundKind(ABC):
     def __init__(self, averager: Averager, comm: Communicator | None = None) -> None:
         self.averager = averager
         self.comm = comm or averager.comm
+        self.control = self.comm.control or self.comm
+        """Where the control message goes: every process of a sharded worker must agree too."""
 
     def agree(self, r: Round) -> None:
         """The control message, blocking: the workers that contribute nothing go to ``r.bad``;
@@ -117,7 +121,7 @@ class RoundKind(ABC):
         if not r.checked:
             return
         bad, _, r.agreed_flags, absent = control.agree(
-            self.comm,
+            self.control,
             self.averager.worker_flats(),
             r.step,
             nonfinite=r.nonfinite,
@@ -127,9 +131,10 @@ class RoundKind(ABC):
         )
         if bad and r.nonfinite == "raise":
             raise FloatingPointError(
-                f"non-finite parameters or buffers (NaN/Inf) on worker(s) {bad} of {self.comm.num_workers} "
-                f"at optimizer step {r.step}: refusing to average them into the others. HINT: lower the "
-                "learning rate or clip gradients, or LocalSGDStrategy(nonfinite='skip_worker')"
+                f"non-finite parameters or buffers (NaN/Inf) on worker(s) {bad} of "
+                f"{self.control.num_workers} at optimizer step {r.step}: refusing to average them into "
+                "the others. HINT: lower the learning rate or clip gradients, or "
+                "LocalSGDStrategy(nonfinite='skip_worker')"
             )
         r.bad = sorted({*bad, *absent})  # absent workers, like skipped ones, contribute nothing
         if len(r.bad) == self.comm.num_workers:

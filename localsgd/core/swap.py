@@ -10,6 +10,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
+Session = Callable[[], contextlib.AbstractContextManager[None]]
+"""The averager's :meth:`~localsgd.core.averager.Averager.session`: the buckets hold the models
+while it is open (copied buckets take the models in, and write them back on closing)."""
+
 
 class EvaluationSwap:
     """Swaps what the local workers' flat buckets hold: :meth:`hold` puts a global model in
@@ -41,16 +45,22 @@ class EvaluationSwap:
                 b.flat.copy_(flat)
 
     @contextlib.contextmanager
-    def hold(self, put_in: Callable[[str], None], tag: str) -> Iterator[None]:
+    def hold(self, put_in: Callable[[str], None], tag: str, session: Session) -> Iterator[None]:
         """``put_in(tag)`` makes the workers hold a global model; their own back on exit."""
-        self.save_backup()
+        with session():
+            self.save_backup()
+            try:
+                put_in(tag)
+            except BaseException:
+                self._copy_backup_in()
+                raise
+        self._holding = True
         try:
-            put_in(tag)
-            self._holding = True
             yield
         finally:
             self._holding = False
-            self._copy_backup_in()
+            with session():
+                self._copy_backup_in()
 
     def _copy_backup_in(self) -> None:
         for w, backup in zip(self._buckets, self._backup):
@@ -58,17 +68,19 @@ class EvaluationSwap:
                 b.flat.copy_(copy)
 
     @contextlib.contextmanager
-    def own_models(self) -> Iterator[None]:
+    def own_models(self, session: Session) -> Iterator[None]:
         """Each worker's own model, also inside :meth:`hold`; what was held comes back on exit.
         Outside a hold the models are their own already."""
         if not self._holding:
             yield
             return
-        held = [[b.flat.clone() for b in w] for w in self._buckets]
-        self._copy_backup_in()
+        with session():
+            held = [[b.flat.clone() for b in w] for w in self._buckets]
+            self._copy_backup_in()
         try:
             yield
         finally:
-            for w, saved in zip(self._buckets, held):
-                for b, copy in zip(w, saved):
-                    b.flat.copy_(copy)
+            with session():
+                for w, saved in zip(self._buckets, held):
+                    for b, copy in zip(w, saved):
+                        b.flat.copy_(copy)
