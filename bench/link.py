@@ -10,7 +10,10 @@ workload is what users run: the project's CIFAR ResNet-56 (0.85M parameters) on 
 Rows: no communication (the limit: the same strategy with no sync in the run), the SGD baseline
 (DDP), Local SGD H = 1, 4, 16, 64, DiLoCo H = 16, and H = 16 with a compressed wire (bf16,
 int8, int8 with error feedback), overlapped (``sync_delay``), streamed in 4 fragments
-(``num_fragments=4``) and combinations of them; ``--rows H=16`` runs those with the limit. Columns:
+(``num_fragments=4``) and combinations of them, and H = 16 over sharded workers (``H=16 sharded
+S=2``: each node runs one worker as 2 processes sharding the model with FSDP2,
+``shards_per_worker=2``; the cell is that worker's samples/s); ``--rows H=16`` runs those with the
+limit. Columns:
 unthrottled, 1 Gbit/s, 100 Mbit/s, 10 Mbit/s. A cell is samples/s per worker: the median, over
 windows of whole rounds after the first ones, of the window's throughput, and its ratio to the
 column's limit. Beside it, the cost
@@ -67,6 +70,7 @@ ROWS: list[tuple[str, int | None, str | None]] = [
     ("H=16 int8+EF delay=8", 16, "int8+ef+delay8"),
     ("H=16 int8+EF delay=15", 16, "int8+ef+delay15"),
     ("H=16 int8+EF F=4 delay=3", 16, "int8+ef+F4+delay3"),
+    ("H=16 sharded S=2", 16, "sharded2"),
 ]
 _INT8_EF = {"wire": "int8", "error_feedback": True}
 VARIANTS: dict[str, dict[str, Any]] = {
@@ -76,6 +80,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "delay8": {"sync_delay": 8},
     "delay15": {"sync_delay": 15},
     "F4": {"num_fragments": 4},
+    "sharded2": {"shards_per_worker": 2},  # 2 processes per node shard one worker's model
     "F4+delay3": {"num_fragments": 4, "sync_delay": 3},
     "int8+ef+delay8": _INT8_EF | {"sync_delay": 8},
     "int8+ef+delay15": _INT8_EF | {"sync_delay": 15},
@@ -114,6 +119,17 @@ def _worker(spec: dict[str, Any]) -> None:
         def __init__(self) -> None:
             super().__init__()
             self.net = resnet(56, num_classes=10)
+
+        def configure_model(self) -> None:
+            if self.device_mesh is None:  # one process per worker
+                return
+            from torch.distributed.fsdp import fully_shard
+
+            mesh = self.device_mesh["shard"]
+            for child in self.net.children():  # each stage its own FSDP unit, then the root
+                if any(True for _ in child.parameters()):
+                    fully_shard(child, mesh=mesh)
+            fully_shard(self.net, mesh=mesh)
 
         def training_step(self, batch: Any, batch_idx: int) -> Any:
             x, y = batch
@@ -165,7 +181,7 @@ def _worker(spec: dict[str, Any]) -> None:
     pl.seed_everything(0, verbose=False)
     trainer = pl.Trainer(
         accelerator="cpu",
-        devices=1,
+        devices=spec["per_node"],
         num_nodes=2,
         strategy=strategy,
         max_steps=spec["steps"],
@@ -211,7 +227,10 @@ def _worker(spec: dict[str, Any]) -> None:
         dist.all_reduce(flat)
         if i:
             allreduce.append(time.perf_counter() - start)
-    out = {"times": times, "allreduce": allreduce, "bytes": 4 * numel, "sync_parts": sync_parts}
+    driver = getattr(trainer.strategy, "driver", None)
+    rounds = driver.comm.rounds("sync") if driver is not None else 0
+    sent = driver.comm.bytes("sync") / rounds if rounds else None  # this process's share, per sync
+    out = {"times": times, "allreduce": allreduce, "bytes": 4 * numel, "sync_parts": sync_parts, "sent": sent}
     Path(spec["out"]).write_text(json.dumps(out))
     dist.barrier()  # leave together: a peer's gloo threads must not outlive this process's
     dist.destroy_process_group()
@@ -248,20 +267,24 @@ def run_cell(
     first, block, pairs = _plan(H, quick, pairs)
     steps = first + 2 * block * pairs
     port = _free_port()
+    per_node = VARIANTS.get(outer or "", {}).get("shards_per_worker", 1)  # processes per node (worker)
+    ranks = range(2 * per_node)
     with tempfile.TemporaryDirectory() as folder:
         procs = []
-        for rank in (0, 1):
+        for rank in ranks:
+            node = rank // per_node
             spec = {"rank": rank, "H": H, "outer": outer, "steps": steps, "straggler": straggler}
-            spec |= {"t_compute": t_compute, "out": f"{folder}/rank{rank}.json"}
+            spec |= {"t_compute": t_compute, "out": f"{folder}/rank{rank}.json", "per_node": per_node}
             spec |= {"paired": {"first": first, "block": block}}
             env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM", "TORCHELASTIC"))}
             env.update(
-                MASTER_ADDR=nodes.addresses[0], MASTER_PORT=str(port), WORLD_SIZE="2", RANK=str(rank),
-                LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", NODE_RANK=str(rank), GROUP_RANK=str(rank),
+                MASTER_ADDR=nodes.addresses[0], MASTER_PORT=str(port), WORLD_SIZE=str(len(ranks)),
+                RANK=str(rank), LOCAL_RANK=str(rank % per_node), LOCAL_WORLD_SIZE=str(per_node),
+                NODE_RANK=str(node), GROUP_RANK=str(node),
                 GLOO_SOCKET_IFNAME=IFNAME, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT),
             )  # fmt: skip
             argv = [sys.executable, str(BENCH / "link.py"), "--worker", json.dumps(spec)]
-            command = nodes.command(rank, argv)
+            command = nodes.command(node, argv)
             procs.append(
                 subprocess.Popen(
                     command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -271,7 +294,7 @@ def run_cell(
         for p, log in zip(procs, logs):
             if p.returncode != 0:
                 raise RuntimeError(f"a worker failed (H={H}, rate {nodes.rate_mbit}):\n{log[-3000:]}")
-        results = [json.loads(Path(f"{folder}/rank{r}.json").read_text()) for r in (0, 1)]
+        results = [json.loads(Path(f"{folder}/rank{r}.json").read_text()) for r in ranks]
     rates: dict[str, list[float]] = {"alone": [], "synced": []}
     steps_ms: dict[str, list[float]] = {"alone": [], "synced": []}  # rank 0's median step, per block
     for k in range(2 * pairs):
@@ -281,7 +304,7 @@ def run_cell(
         # process), so one worker's lead, or its wait at a sync, never counts for either
         began = max(r["times"][start - 1] for r in results)
         ended = max(r["times"][end - 1] for r in results)
-        rate = BATCH * block / (ended - began)
+        rate = BATCH * per_node * block / (ended - began)  # a worker's samples: all its processes' batches
         kind = "synced" if H is None or (H and k % 2 == 1) else "alone"
         rates[kind].append(rate)
         ticks = results[0]["times"][start - 1 : end]
@@ -298,6 +321,8 @@ def run_cell(
         "block_samples_per_s": rates,
         "t_allreduce": statistics.median(results[0]["allreduce"]),
         "bytes": results[0]["bytes"],
+        "sent_per_process": results[0]["sent"],
+        "processes_per_worker": per_node,
         "steps": steps,
         "sync_parts_ms": parts,
         "median_step_ms": steps_ms,
@@ -374,6 +399,8 @@ def main() -> None:
                 "t_step": t_step,
                 "t_allreduce": t_allreduce,
                 "model_bytes": cell["bytes"],
+                "sent_per_process_per_sync": cell["sent_per_process"],
+                "processes_per_worker": cell["processes_per_worker"],
                 "steps": cell["steps"],
                 "block_samples_per_s": cell["block_samples_per_s"],
                 "sync_parts_ms": cell["sync_parts_ms"],

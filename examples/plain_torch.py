@@ -35,6 +35,7 @@ def main() -> None:
         print(
             f"plain_torch: {ls.num_steps} steps, {ls.comm.rounds('sync')} syncs, accuracy {accuracy(net):.3f}"
         )
+    dist.barrier()  # leave together: a peer's gloo threads must not outlive this process's group
     dist.destroy_process_group()
 
 

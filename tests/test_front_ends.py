@@ -323,12 +323,11 @@ def test_without_lightning_the_core_and_a_two_process_plain_run_work(tmp_path: P
     assert "plain_torch: 128 steps, 8 syncs" in done.stdout, done.stdout
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("example", ["plain_torch", "fabric", "lightning_trainer"])
-def test_examples_run_on_two_processes(example: str, tmp_path: Path) -> None:
+def _run_example(example: str, tmp_path: Path) -> str:
+    """Runs the command the example's docstring gives, as written (it once named a file that does
+    not exist), and returns the line it prints about itself."""
     env = newcomer_env()  # no stale MASTER_PORT or rank from earlier tests
     path = ROOT / "examples" / f"{example}.py"
-    # the command the example's docstring gives, as written (it once named a file that does not exist)
     (line,) = [
         line.strip()
         for line in path.read_text().split('"""')[1].splitlines()
@@ -341,6 +340,22 @@ def test_examples_run_on_two_processes(example: str, tmp_path: Path) -> None:
     cmd[cmd.index(f"examples/{example}.py")] = str(path)
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    line = next(line for line in done.stdout.splitlines() if line.startswith(f"{example}:"))
+    return next(line for line in done.stdout.splitlines() if line.startswith(f"{example}:"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("example", ["plain_torch", "fabric", "lightning_trainer"])
+def test_examples_run_on_two_processes(example: str, tmp_path: Path) -> None:
+    line = _run_example(example, tmp_path)
     assert "128 steps, 8 syncs" in line, line
+    assert float(line.rsplit(" ", 1)[1]) > 0.8, f"the example did not learn: {line}"
+
+
+@pytest.mark.slow
+def test_the_sharded_example_runs_two_workers_of_two_processes(tmp_path: Path) -> None:
+    line = _run_example("sharded", tmp_path)
+    # 2048 points over 4 processes, batches of 32, 4 epochs: 64 steps; a sync every 16
+    assert "2 workers x 2 shards, 64 steps, 4 syncs" in line, line
+    model_bytes = 4 * (16 * 64 + 64 + 64 * 4 + 4)
+    assert f"{model_bytes // 2} bytes per process per sync" in line, line  # each process: its half
     assert float(line.rsplit(" ", 1)[1]) > 0.8, f"the example did not learn: {line}"

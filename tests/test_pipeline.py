@@ -75,8 +75,6 @@ def test_each_forbidden_combination_gets_the_same_error_from_every_front_end(rul
     front_ends = list(FRONT_ENDS)
     if "fault_tolerance" in rule.options or "workers_per_device" in rule.options:
         front_ends.remove("LocalSGDFabricStrategy")  # Fabric runs one model per process, no torchft
-    if SHARDED in rule.options:  # the strategies that take shards_per_worker (a plain loop: mesh=)
-        front_ends = [f for f in front_ends if f == "LocalSGD" or SHARDED in inspect.signature(FRONT_ENDS[f]).parameters]
     messages = set()
     for front_end in front_ends:
         with pytest.raises(ValueError) as err:

@@ -25,7 +25,9 @@ from test_slurm import slurm  # noqa: F401  (the one-node Slurm fixture, for the
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = re.compile(r"configs/X\.yaml|node0|<[^>]*>")
 SHORT = "--trainer.max_steps=4"
-EXAMPLE = re.compile(r"^\.venv/bin/python (-m torch\.distributed\.run --nproc-per-node 2 )?examples/\w+\.py$")
+EXAMPLE = re.compile(
+    r"^\.venv/bin/python (-m torch\.distributed\.run --nproc-per-node [24] )?examples/\w+\.py$"
+)
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(900)]
 

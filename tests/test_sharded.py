@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import functools
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
+import lightning.pytorch as pl
 import pytest
 import torch
 import torch.distributed as dist
+from common import make_trainer
 from distributed import run
 from test_no_collectives import COLLECTIVES
 from torch import Tensor, nn
 
-from localsgd import DiLoCo, LocalSGD
+from localsgd import DiLoCo, LocalSGD, LocalSGDStrategy
 from localsgd.core.comm import InProcessCommunicator
 
 pytestmark = pytest.mark.distributed
@@ -171,3 +174,150 @@ def test_a_mesh_that_is_not_replicate_by_shard_is_refused_by_name() -> None:
         LocalSGD(net, opt, mesh=object())
     with pytest.raises(ValueError, match="pass comm or mesh, not both"):
         LocalSGD(net, opt, mesh=object(), comm=InProcessCommunicator(1))
+
+
+# ---------------------------------------------------------------------- the Lightning front end
+STEPS = H * ROUNDS + 2  # three rounds, then two steps into the fourth
+
+
+class _ShardedModule(pl.LightningModule):
+    """Shards itself in configure_model over the strategy's mesh, as under ModelParallelStrategy."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = _net()
+
+    def configure_model(self) -> None:
+        _shard(self.net, self.device_mesh)
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        return nn.functional.mse_loss(self.net(x), y)
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.AdamW(self.parameters(), lr=0.01)
+
+    def train_dataloader(self) -> torch.utils.data.DataLoader:
+        return _own_batches(self.global_rank)
+
+
+def _own_batches(rank: int) -> torch.utils.data.DataLoader:
+    """Every rank its own batches of 3, in order (the same for the Trainer and the plain loop)."""
+    g = torch.Generator().manual_seed(7)
+    n = K * S * 3 * STEPS
+    data = torch.utils.data.TensorDataset(torch.randn(n, 16, generator=g), torch.randn(n, 32, generator=g))
+    sampler = torch.utils.data.DistributedSampler(data, num_replicas=K * S, rank=rank, shuffle=False)
+    return torch.utils.data.DataLoader(data, batch_size=3, sampler=sampler)
+
+
+def _lightning(setting: str, rank: int) -> tuple[list[Tensor], Any]:
+    module = _ShardedModule()
+    strategy = LocalSGDStrategy(sync_every=H, shards_per_worker=S, **_options(setting))
+    make_trainer(strategy, max_steps=STEPS, use_distributed_sampler=False).fit(module)
+    return [p.full_tensor() for p in module.net.parameters()], strategy.device_mesh
+
+
+def _fabric(setting: str, rank: int) -> tuple[list[Tensor], Any]:
+    from lightning.fabric import Fabric
+
+    from localsgd import LocalSGDFabricStrategy
+
+    strategy = LocalSGDFabricStrategy(
+        sync_every=H,
+        shards_per_worker=S,
+        parallelize_fn=lambda net, mesh: _shard(net, mesh),
+        **_options(setting),
+    )
+    fabric = Fabric(strategy=strategy, accelerator="cpu", devices=K * S)
+    fabric.launch()
+    net = fabric.setup_module(_net())
+    opt = fabric.setup_optimizers(torch.optim.AdamW(net.parameters(), lr=0.01))
+    for step, (x, y) in enumerate(_own_batches(rank)):
+        if step == STEPS:
+            break
+        opt.zero_grad()
+        fabric.backward(nn.functional.mse_loss(net(x), y))
+        opt.step()
+    strategy.finish()
+    return [p.full_tensor() for p in net.parameters()], strategy.device_mesh
+
+
+FRONT_ENDS = {"lightning": _lightning, "fabric": _fabric}
+
+
+def _front_end_against_plain(rank: int, front_end: str, setting: str) -> float:
+    trained, mesh = FRONT_ENDS[front_end](setting, rank)
+    # the plain loop on the same batches: what the sampler dealt this rank, in order
+    net = _shard(_net(), mesh)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.01)
+    batches = _own_batches(rank)
+    with LocalSGD(net, opt, sync_every=H, mesh=mesh, **_options(setting)):
+        for step, batch in enumerate(batches):
+            if step == STEPS:
+                break
+            _step(net, opt, batch)
+    plain = [p.full_tensor() for p in net.parameters()]
+    return max((a - b).abs().max().item() for a, b in zip(trained, plain))
+
+
+@pytest.mark.parametrize(
+    ("front_end", "setting"), [("lightning", "plain"), ("lightning", "diloco"), ("fabric", "diloco")]
+)
+def test_the_strategies_equal_the_plain_loop_bitwise(front_end: str, setting: str) -> None:
+    assert run(_front_end_against_plain, K * S, front_end, setting) == [0.0] * (K * S)
+
+
+# ---------------------------------------------------------------------- checkpoints
+class _StopAt(pl.Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
+
+
+def _resume(rank: int, ckpt_dir: str, setting: str) -> dict[str, Any]:
+    """An uninterrupted fit, one stopped after a checkpoint at step 5 (mid-round; with sync_delay=2
+    the round started at step 4 is in flight), and one resumed from it; then the same checkpoint
+    resumed on another layout (1 worker x 4 shards)."""
+    out: dict[str, Any] = {}
+    for name, shards, ckpt in (
+        ("full", S, None),
+        ("first", S, None),
+        ("resumed", S, "s5"),
+        ("relaid", 4, "s5"),
+    ):
+        module = _ShardedModule()
+        callbacks: list[pl.Callback] = []
+        if name == "first":
+            callbacks = [
+                pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=5, filename="s5"),
+                _StopAt(5),
+            ]
+        strategy = LocalSGDStrategy(sync_every=H, shards_per_worker=shards, **_options(setting))
+        trainer = make_trainer(
+            strategy,
+            max_steps=5 if name == "relaid" else STEPS,  # relaid: takes the checkpoint, no step
+            callbacks=callbacks,
+            enable_checkpointing=bool(callbacks),
+            use_distributed_sampler=False,
+        )
+        trainer.fit(module, ckpt_path=f"{ckpt_dir}/{ckpt}.ckpt" if ckpt else None)
+        out[name] = [p.full_tensor() for p in module.net.parameters()]
+    main = torch.load(f"{ckpt_dir}/s5.ckpt", weights_only=False)
+    whole = _ShardedModule()  # never sharded: the main file holds full tensors
+    whole.load_state_dict(main["state_dict"])
+    out["main file"] = [p.detach() for p in whole.net.parameters()]
+    out["rank file"] = sorted(p.name for p in Path(f"{ckpt_dir}/s5.ckpt.ranks").iterdir())
+    return out
+
+
+@pytest.mark.parametrize("setting", ["int8_feedback", "sync_delay"])
+def test_a_sharded_checkpoint_mid_round_resumes_bitwise(setting: str, tmp_path: Path) -> None:
+    for rank, r in enumerate(run(_resume, K * S, str(tmp_path), setting)):
+        assert all(torch.equal(a, b) for a, b in zip(r["resumed"], r["full"])), (setting, rank)
+        assert not all(torch.equal(a, b) for a, b in zip(r["first"], r["full"])), "nothing was resumed"
+        # the main file is the global model as full tensors: another layout restarts from it
+        assert all(torch.equal(a, b) for a, b in zip(r["relaid"], r["main file"])), (setting, rank)
+        assert r["rank file"] == [f"rank{i}.pt" for i in range(K * S)], r["rank file"]

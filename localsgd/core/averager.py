@@ -178,6 +178,11 @@ class Averager:
         if self.outer is not None:
             self.outer.bind([b.params for b in self._buckets[0]])
 
+    def restart_outer(self) -> None:
+        """The outer optimizer starts afresh (no momentum) from worker 0's current model."""
+        with self.session():
+            self._bind_outer()
+
     def _anchors_by_tensor(self) -> dict[int, Tensor] | None:
         """The outer optimizer's anchor of each parameter, by ``id`` of worker 0's parameter."""
         if self.outer is None or not self.outer.anchors or not self._buckets:

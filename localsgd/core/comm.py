@@ -411,6 +411,22 @@ MESH_DIMS = ("replicate", "shard")
 """A mesh of sharded workers: one row per worker, its processes shard the model (FSDP2)."""
 
 
+def worker_mesh(device_type: str, shards_per_worker: int) -> Any:
+    """The (K, S) device mesh of K workers of ``shards_per_worker`` processes each, named
+    :data:`MESH_DIMS`, over every process of the default group (creating it is collective)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    if world % shards_per_worker:
+        raise ValueError(
+            f"shards_per_worker ({shards_per_worker}) must divide the number of processes ({world}): "
+            f"each worker is {shards_per_worker} processes. HINT: devices x num_nodes a multiple of it"
+        )
+    return init_device_mesh(
+        device_type, (world // shards_per_worker, shards_per_worker), mesh_dim_names=MESH_DIMS
+    )
+
+
 def mesh_communicator(mesh: Any) -> ProcessGroupCommunicator:
     """For workers that are groups of processes sharding one model (FSDP2 over ``mesh["shard"]``):
     a communicator over ``mesh["replicate"]``, so that each process averages its own shards with

@@ -460,8 +460,13 @@ class LocalSGD:
 
     # ------------------------------------------------------------------ checkpoints
     def sync_state_dict(self) -> dict[str, Any]:
-        """The global sync state, equal on every rank: step count, schedule, counters, outer optimizer."""
-        return sync_state(self.options, self.num_steps, self.comm, self.node_comm)
+        """The global sync state, equal on every rank: step count, schedule, counters, outer optimizer
+        (sharded workers: the outer optimizer is sharded like the parameters, each rank's own state
+        holds its part)."""
+        state = sync_state(self.options, self.num_steps, self.comm, self.node_comm)
+        if self.sharded:
+            state["outer"] = {}
+        return state
 
     def load_sync_state_dict(self, state: dict[str, Any]) -> None:
         self._take_sync_state(state)
@@ -475,6 +480,10 @@ class LocalSGD:
         outer = self.options.outer_optimizer
         if outer is not None and state.get("outer"):
             outer.load_state_dict(state["outer"])
+        elif outer is not None and self.sharded:
+            # each rank's own state brings its part back; without one (another layout), the outer
+            # optimizer starts afresh from the model the checkpoint holds
+            self.averager.restart_outer()
         self.dirty = False  # the averaged model; a rank's own state (if any) says otherwise
         return self.num_steps
 
@@ -494,16 +503,20 @@ class LocalSGD:
         the error-feedback residuals, and a round in flight (its mean and this rank's snapshot)."""
         # a round in flight first: waiting for it may advance the error-feedback residuals
         in_flight = self._flight.pending.state_dict() if self._flight is not None else None
-        wire = self.wire
+        wire, outer = self.wire, self.options.outer_optimizer
         return {
             "dirty": self.dirty,
             "wire": wire.state_dict() if wire is not None else {},
             "in_flight": in_flight,
+            "outer": outer.state_dict() if outer is not None and self.sharded else {},
         }
 
     def load_own_state_dict(self, state: dict[str, Any]) -> None:
         if state.get("wire") and self.wire is not None:
             self.wire.load_state_dict(state["wire"])  # error-feedback residuals
+        outer = self.options.outer_optimizer
+        if state.get("outer") and outer is not None:
+            outer.load_state_dict(state["outer"])  # sharded workers: this rank's part
         in_flight = state.get("in_flight")
         self._flight = in_flight_round(in_flight) if in_flight else None
         self.dirty = bool(state["dirty"])

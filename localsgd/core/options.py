@@ -48,7 +48,7 @@ def _check_bool(name: str, value: object) -> bool:
     return value
 
 
-def _check_count(name: str, value: object, least: int) -> int:
+def check_count(name: str, value: object, least: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < least:
         raise ValueError(f"{name} ({value!r}) must be an integer >= {least}")
     return value
@@ -135,8 +135,8 @@ class Options:
         check_choice("nonfinite", self.nonfinite, get_args(NonfinitePolicy))
         check_choice("wire", self.wire, get_args(Wire))
         _check_bool("error_feedback", self.error_feedback)
-        _check_count("sync_delay", self.sync_delay, 0)
-        _check_count("num_fragments", self.num_fragments, 1)
+        check_count("sync_delay", self.sync_delay, 0)
+        check_count("num_fragments", self.num_fragments, 1)
         _check_bool("log_divergence", self.log_divergence)
         check_rules(self)
         if self.wire != "fp32" and self.outer_optimizer is None:

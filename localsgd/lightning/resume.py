@@ -131,11 +131,12 @@ def check_rank_file(strategy: Any, checkpoint_path: Any, checkpoint: dict[str, A
         )
     if not saved.get("rank_files"):
         return None
-    layout = (saved["world_size"], saved.get("workers_per_device", 1))
-    if layout != (strategy.world_size, strategy.workers_per_device):
+    layout = (saved["world_size"], saved.get("workers_per_device", 1), saved.get("shards_per_worker", 1))
+    if layout != (strategy.world_size, strategy.workers_per_device, strategy.shards_per_worker):
         rank_zero_warn(
-            f"checkpoint {checkpoint_path} comes from {layout[0]} processes x {layout[1]} workers, this "
-            f"run has {strategy.world_size} x {strategy.workers_per_device}: every worker restarts from the "
+            f"checkpoint {checkpoint_path} comes from {layout[0]} processes x {layout[1]} workers each, "
+            f"{layout[2]} processes per worker; this run has {strategy.world_size} x "
+            f"{strategy.workers_per_device}, {strategy.shards_per_worker}: every worker restarts from the "
             "averaged model in it (the workers' own models and optimizer states are not carried over)"
         )
         return None

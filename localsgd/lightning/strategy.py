@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import timedelta
 from typing import Any, Literal
 
@@ -26,7 +26,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 from typing_extensions import override
 
-from localsgd.core.comm import Communicator
+from localsgd.core.comm import Communicator, worker_mesh
 from localsgd.core.control import StopRequests, check_equal_lengths
 from localsgd.core.driver import LocalSGD
 from localsgd.core.driver_state import sync_state
@@ -38,14 +38,17 @@ from localsgd.core.options import (
     NonfinitePolicy,
     OptimizerStatePolicy,
     Options,
+    Setting,
     SyncEvery,
     check_choice,
+    check_count,
+    check_rules,
     with_option_docs,
 )
 from localsgd.core.outer import OuterOptimizer
 from localsgd.core.replicas import WorkerReplicas
 from localsgd.core.wire import Wire
-from localsgd.lightning import ft, resume
+from localsgd.lightning import ft, resume, sharded
 from localsgd.lightning.batched import BatchedWorkers
 from localsgd.lightning.common import StartMethod, StrategyCommon, raw_optimizer, register
 from localsgd.lightning.simulation import Simulation, deal_shards
@@ -76,6 +79,13 @@ class LocalSGDStrategy(StrategyCommon):
             ``vmap``-ed forward/backward and one optimizer step over stacked tensors, for GPUs
             where per-worker batches are too small to fill the device; elementwise optimizers
             only), or ``"auto"`` (batched on CUDA, sequential otherwise).
+        shards_per_worker: S > 1: each worker is S processes that shard one model with FSDP2. The
+            strategy builds the (K, S) device mesh named ``("replicate", "shard")`` and exposes it as
+            ``self.device_mesh`` in the LightningModule's ``configure_model``, where the module shards
+            itself (``fully_shard(..., mesh=self.device_mesh["shard"])``), as under Lightning's
+            ``ModelParallelStrategy``; each process then averages its own shards with the other
+            workers (the how-to page "Models that need several devices per worker"). 1: one
+            process per worker.
         fault_tolerance: a :class:`localsgd.ft.FaultTolerance` (needs ``pip install 'localsgd[ft]'``):
             this Trainer is one replica group of a run that goes on through lost groups; its
             processes all-reduce their gradients every step, and the syncs across groups run
@@ -99,6 +109,7 @@ class LocalSGDStrategy(StrategyCommon):
         outer_optimizer: OuterOptimizer | None = None,
         workers_per_device: int = 1,
         simulation: Literal["auto", "sequential", "batched"] = "auto",
+        shards_per_worker: int = 1,
         log_divergence: bool = False,
         nonfinite: NonfinitePolicy = "raise",
         h1_sync: H1Sync = "auto",
@@ -116,16 +127,19 @@ class LocalSGDStrategy(StrategyCommon):
         accelerator: pl.accelerators.Accelerator | None = None,
         parallel_devices: list[torch.device] | None = None,
     ) -> None:
-        if (
-            isinstance(workers_per_device, bool)
-            or not isinstance(workers_per_device, int)
-            or workers_per_device < 1
-        ):
-            raise ValueError(f"workers_per_device ({workers_per_device!r}) must be an integer >= 1")
-        self.workers_per_device = workers_per_device
+        self.workers_per_device = check_count("workers_per_device", workers_per_device, 1)
         self.simulation = check_choice("simulation", simulation, ("auto", "sequential", "batched"))
         # the one options object (and its combination rules), as every front end builds it
         self.options = Options.pick(locals())
+        self.shards_per_worker = check_count("shards_per_worker", shards_per_worker, 1)
+        if shards_per_worker > 1:
+            setting = Setting(
+                fault_tolerance=fault_tolerance is not None,
+                workers_per_process=workers_per_device,
+                sharded=True,
+            )
+            check_rules(self.options, setting)
+        self._device_mesh: Any = None
         self.fault_tolerance = ft.checked_fault_tolerance(fault_tolerance, self.options, workers_per_device)
         check_choice("start_method", start_method, ("popen", "spawn", "fork", "forkserver"))
         super().__init__(
@@ -170,7 +184,21 @@ class LocalSGDStrategy(StrategyCommon):
         """Stop requests (SIGTERM, preemption) for the next sync, and what the last one agreed on."""
         return self._stops if self.driver is None else self.driver.stops
 
+    @property
+    def device_mesh(self) -> Any:
+        """The (K, S) mesh of sharded workers (``shards_per_worker`` > 1), built in
+        ``setup_environment``; ``None`` for one process per worker."""
+        return self._device_mesh
+
     # ------------------------------------------------------------------ setup
+    @override
+    def setup_environment(self) -> None:
+        super().setup_environment()
+        if self.shards_per_worker > 1:
+            self._device_mesh = worker_mesh(self.root_device.type, self.shards_per_worker)
+            assert self.lightning_module is not None
+            self.lightning_module._device_mesh = self._device_mesh  # read in configure_model
+
     @override
     def configure_ddp(self) -> None:
         """No DistributedDataParallel wrapper: workers must not all-reduce gradients."""
@@ -188,7 +216,10 @@ class LocalSGDStrategy(StrategyCommon):
         assert self.lightning_module is not None
         optimizers = [raw_optimizer(o) for o in self.optimizers]
         k = self.workers_per_device
-        self.comm = ft.communicator(self.fault_tolerance, k)
+        mesh = self._device_mesh
+        if mesh is not None:
+            sharded.check_sharded(self.lightning_module, self.shards_per_worker)
+        self.comm = None if mesh is not None else ft.communicator(self.fault_tolerance, k)
         self.simulated = None
         if k > 1:
             self.simulated = Simulation(trainer, self.lightning_module, optimizers, k, self.precision_plugin)
@@ -200,11 +231,13 @@ class LocalSGDStrategy(StrategyCommon):
             worker_optimizers,
             options=self.options,
             comm=self.comm,
+            mesh=mesh,
             local_world_size=self.num_processes,
             hook=False,  # Lightning's optimizer_step calls the driver, once per step of all workers
             timeout=self._timeout,
             before_sync=self.replicas.check_unchanged if self.replicas is not None else None,
         )
+        self.comm = self.driver.comm
         ft.continue_where_healed(trainer, self.driver, self.fault_tolerance)
         if self.simulated is not None:
             self.simulated.choose_path(trainer, optimizers, self.driver, self.simulation, self.root_device)
@@ -245,7 +278,8 @@ class LocalSGDStrategy(StrategyCommon):
 
     def _check_batches_per_epoch(self, dataloader: object) -> None:
         assert self.comm is not None
-        comm = self.comm.group if self.comm.elastic else self.comm  # across groups: the step check
+        # across groups: the step check; sharded workers: every process
+        comm = self.comm.group if self.comm.elastic else self.comm.control or self.comm
         if comm is not None:
             check_equal_lengths(comm, dataloader, self.root_device, self.global_rank)
 
@@ -399,10 +433,36 @@ class LocalSGDStrategy(StrategyCommon):
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """The averaged model (each rank's local model is left as it is)."""
         assert self.lightning_module is not None
+        module = self.lightning_module
         if self.driver is None or not self.driver.dirty or self._eval_average is not None:
-            return self.lightning_module.state_dict()
+            return sharded.full_model_state(module) if self._device_mesh is not None else module.state_dict()
         with self.driver.averaged("checkpoint"):
-            return {k: v.clone() for k, v in self.lightning_module.state_dict().items()}
+            if self._device_mesh is not None:
+                return sharded.full_model_state(module)  # gathered copies
+            return {k: v.clone() for k, v in module.state_dict().items()}
+
+    @override
+    def load_model_state_dict(self, checkpoint: Mapping[str, Any], strict: bool = True) -> None:
+        if self._device_mesh is None:
+            return super().load_model_state_dict(checkpoint, strict=strict)
+        assert self.lightning_module is not None
+        sharded.load_full_model_state(self.lightning_module, checkpoint["state_dict"], strict)
+
+    @override
+    def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        """Worker 0's optimizer state (sharded workers: its shards gathered, on global rank 0)."""
+        if self._device_mesh is None:
+            return super().optimizer_state(optimizer)
+        assert self.lightning_module is not None
+        return sharded.full_optimizer_state(self.lightning_module, raw_optimizer(optimizer))
+
+    @override
+    def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
+        if self._device_mesh is None:
+            return super().load_optimizer_state_dict(checkpoint)
+        assert self.lightning_module is not None
+        for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
+            sharded.load_full_optimizer_state(self.lightning_module, raw_optimizer(optimizer), state)
 
     # ------------------------------------------------------------------ checkpoints
     @override
@@ -449,6 +509,7 @@ class LocalSGDStrategy(StrategyCommon):
             **sync,
             "world_size": self.world_size,
             "workers_per_device": self.workers_per_device,
+            "shards_per_worker": self.shards_per_worker,
             "rank_files": self.driver is not None,
         }
 

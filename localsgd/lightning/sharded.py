@@ -1,0 +1,66 @@
+"""Sharded workers under the Trainer (``LocalSGDStrategy(shards_per_worker=S)``): the checks and
+the checkpoint's full tensors.
+
+The LightningModule shards itself in ``configure_model`` over ``self.device_mesh["shard"]``, as
+under Lightning's ``ModelParallelStrategy``. A checkpoint's main file holds what it holds for whole
+workers: the global model and worker 0's optimizer state, as full tensors (gathered inside each
+worker by ``torch.distributed.checkpoint.state_dict``), so that it loads on any (K, S) and into an
+unsharded model. Each process's own shards (its worker's model and optimizer state) go to its
+rank file (:mod:`localsgd.lightning.resume`), which a resume on the same (K, S) continues from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+from torch.optim import Optimizer
+
+from localsgd.core.buckets import sharded
+
+
+def check_sharded(module: nn.Module, shards_per_worker: int) -> None:
+    """A ValueError if ``module`` did not shard itself (no DTensor parameter after configure_model)."""
+    if not sharded(list(module.parameters())):
+        raise ValueError(
+            f"shards_per_worker ({shards_per_worker}) > 1 needs a LightningModule that shards itself: no "
+            "parameter is an FSDP2 shard. HINT: in configure_model(), fully_shard(block, "
+            "mesh=self.device_mesh['shard']) for each block, then the same for self"
+        )
+
+
+def _options(strict: bool = True) -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    # gathered inside each worker, on the CPU; the full tensors are kept on global rank 0 only
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, strict=strict)
+
+
+def full_model_state(module: nn.Module) -> dict[str, Any]:
+    """``module``'s state as full tensors on global rank 0 (collective over each worker's processes)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(module, options=_options())
+
+
+def load_full_model_state(module: nn.Module, state: Mapping[str, Any], strict: bool) -> None:
+    """Full tensors (a checkpoint's, read on every rank) into ``module``'s shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    options = StateDictOptions(full_state_dict=True, strict=strict)
+    set_model_state_dict(module, dict(state), options=options)
+
+
+def full_optimizer_state(module: nn.Module, optimizer: Optimizer) -> dict[str, Any]:
+    """``optimizer``'s state as full tensors on global rank 0 (collective over each worker's processes)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    return get_optimizer_state_dict(module, optimizer, options=_options())
+
+
+def load_full_optimizer_state(module: nn.Module, optimizer: Optimizer, state: dict[str, Any]) -> None:
+    """Full tensors (a checkpoint's, read on every rank) into ``optimizer``'s state of the shards."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
