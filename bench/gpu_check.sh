@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Everything that needs CUDA, in one run (under 8 minutes on one GPU): the gpu-marked tests
 # (both simulation paths, bf16-mixed and 16-mixed, buckets on the device, NCCL with one process
-# and its ReduceOp.AVG), then bench/gpu_simulate.py's table, then one short summary, also
+# and its ReduceOp.AVG, FSDP2-sharded workers with bf16 compute and fp32 reduce: 1 x 1 and, with
+# 2 GPUs, 1 x 2), then bench/gpu_simulate.py's table, then one short summary, also
 # written to bench/results/gpu_check.json (or --out DIR).
 #
 #   bash bench/gpu_check.sh                       # on a machine with a GPU

@@ -126,3 +126,53 @@ def test_nccl_with_one_process_uses_the_fused_average(workers: int) -> None:
     ts = [torch.full((3,), float(i), device=DEVICE) for i in range(workers)]
     strategy.comm.all_reduce_(ts, op="mean", counted=False)
     assert all(torch.equal(t, torch.full((3,), (workers - 1) / 2, device=DEVICE)) for t in ts)
+
+
+def _sharded_bf16(rank: int, device: str, shards: int) -> dict[str, Any]:
+    """One worker of ``shards`` processes on ``device``: FSDP2 with bf16 compute and fp32
+    gradient reduction (MixedPrecisionPolicy), DiLoCo every 2 steps."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    from localsgd import DiLoCo, LocalSGD
+
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    mesh = init_device_mesh(device, (1, shards), mesh_dim_names=("replicate", "shard"))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4)).to(device)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    for layer in (net[0], net[2], net):
+        fully_shard(layer, mesh=mesh["shard"], mp_policy=policy)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-2)
+    seen = []
+    with LocalSGD(net, opt, sync_every=2, mesh=mesh, outer_optimizer=DiLoCo()) as driver:
+        for step in range(4):
+            g = torch.Generator().manual_seed(10 * rank + step)
+            x, y = (
+                torch.randn(8, 16, generator=g).to(device),
+                torch.randint(0, 4, (8,), generator=g).to(device),
+            )
+            out = net(x)
+            seen.append(out.dtype)
+            nn.functional.cross_entropy(out.float(), y).backward()
+            opt.step()
+            opt.zero_grad()
+        flats = driver.averager.flat_tensors()
+    return {
+        "seen": seen,
+        "rounds": driver.comm.rounds("sync"),
+        "flat": [(f.dtype, f.device.type) for f in flats],
+        "finite": all(bool(p.full_tensor().isfinite().all()) for p in net.parameters()),
+    }
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_sharded_workers_with_fsdp2_bf16_compute_and_fp32_reduce(shards: int) -> None:
+    from distributed import run
+
+    if DEVICE == "cuda" and torch.cuda.device_count() < shards:
+        pytest.skip(f"{shards} shards need {shards} GPUs")
+    for r in run(_sharded_bf16, shards, DEVICE, shards):
+        assert set(r["seen"]) == {torch.bfloat16} and r["rounds"] == 2 and r["finite"], r
+        assert r["flat"] == [(torch.float32, DEVICE)], r  # the shards stay fp32: the sync averages fp32

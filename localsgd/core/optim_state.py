@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from localsgd.core.buckets import by_device_and_dtype
+from localsgd.core.buckets import by_device_and_dtype, local_tensor
 from localsgd.core.comm import Communicator
 
 
@@ -141,7 +141,8 @@ def _fresh_state(source: Any, groups: list[dict[str, Any]]) -> dict[Any, dict[st
 
 
 def state_tensors(optimizers: Sequence[Optimizer], *, include_step: bool) -> list[Tensor]:
-    """Floating-point state tensors in a rank-independent order (groups, params, sorted keys)."""
+    """Floating-point state tensors in a rank-independent order (groups, params, sorted keys); of
+    an FSDP2-sharded parameter's state (a DTensor), this process's shard."""
     out: list[Tensor] = []
     for opt in optimizers:
         for group in opt.param_groups:
@@ -153,5 +154,5 @@ def state_tensors(optimizers: Sequence[Optimizer], *, include_step: bool) -> lis
                         continue
                     if key == "step" and not include_step:
                         continue
-                    out.append(value)
+                    out.append(local_tensor(value))
     return out

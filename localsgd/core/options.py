@@ -395,30 +395,29 @@ def _sharded_with(name: str, value: object, why: str, hint: str) -> str:
     return f"{what} are not supported: {why}. HINT: {hint}"
 
 
-def _sharded_only_at(name: str, allowed: object, why: str) -> _Check:
+def _sharded_only_at(name: str, allowed: tuple[object, ...], why: str) -> _Check:
     def check(o: Options, s: Setting) -> str | None:
         value = getattr(o, name)
-        if value == allowed or (name == "h1_sync" and value == "parameters"):
+        if value in allowed:
             return None
-        return _sharded_with(name, value, why, f"{name}={allowed!r}")
+        return _sharded_with(name, value, why, " or ".join(f"{name}={a!r}" for a in allowed))
 
     return check
 
 
-for _name, _allowed_value, _refused_value, _why in (
-    ("nonfinite", "raise", "skip_worker", "a worker's shards would be left out one process at a time"),
-    ("optimizer_state", "local", "average", "the optimizer state of FSDP2's parameters is not averaged yet"),
+for _name, _allowed_values, _refused_value, _why in (
+    ("nonfinite", ("raise",), "skip_worker", "a worker's shards would be left out one process at a time"),
     (
         "h1_sync",
-        "auto",
+        ("auto", "parameters"),
         "gradients",
         "inside a worker FSDP2 reduces the gradients; across workers a round of one step averages "
         "the parameters",
     ),
-    ("log_divergence", False, True, "the divergence is not summed over a worker's shards yet"),
+    ("log_divergence", (False,), True, "the divergence is not summed over a worker's shards yet"),
 ):
     _rule(SHARDED, _name, **{SHARDED: 2, _name: _refused_value})(
-        _sharded_only_at(_name, _allowed_value, _why)
+        _sharded_only_at(_name, _allowed_values, _why)
     )
 
 
