@@ -38,6 +38,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "sync_delay": {"sync_delay": 2},
     "fragments": {"num_fragments": 2, "outer_optimizer": DiLoCo},
     "average_state": {"optimizer_state": "average"},  # each process averages its shards' Adam moments
+    "divergence": {"log_divergence": True},  # summed over a worker's shards, averaged over workers
     # H = 1 for 4 steps (parameters and optimizer state averaged after each), then H = 4
     "postlocal": {"sync_every": lambda: PostLocal(H, switch_step=4), "h1_sync": "parameters"},
     # every round restarts Adam: its first step, g / (|g| + eps), turns rounding-level differences
@@ -120,6 +121,8 @@ def _against_unsharded(rank: int, setting: str) -> dict[str, float]:
                     (a - b).abs().max().item() for a, b in zip(refs[0].parameters(), refs[1].parameters())
                 )
         sent = driver.comm.bytes("sync") / driver.comm.rounds("sync")
+        if driver.divergence is not None:  # measured at the last round, relative to the reference's
+            diffs["divergence"] = abs(driver.divergence / ref.divergence - 1)
     ref.finish()
     full = [p.full_tensor() for p in net.parameters()]
     diffs["final"] = max((a - b).abs().max().item() for a, b in zip(full, refs[worker].parameters()))
@@ -271,7 +274,8 @@ def _front_end_against_plain(rank: int, front_end: str, setting: str) -> float:
 
 @pytest.mark.parametrize(
     ("front_end", "setting"),
-    [("lightning", "plain"), ("lightning", "diloco"), ("lightning", "reset"), ("fabric", "diloco")],
+    [(f, s) for f in FRONT_ENDS for s in ("plain", "diloco", "int8_feedback", "sync_delay", "fragments")]
+    + [("lightning", "reset")],
 )
 def test_the_strategies_equal_the_plain_loop_bitwise(front_end: str, setting: str) -> None:
     assert run(_front_end_against_plain, K * S, front_end, setting) == [0.0] * (K * S)

@@ -338,7 +338,8 @@ class Averager:
 
     def divergence_from(self, before: list[list[Tensor]], comm: Communicator) -> float:
         """``mean_k ||theta_k - mean(theta)||^2`` over the parameters, from each worker's model
-        ``before`` the mean that the buckets now hold (one small extra all-reduce)."""
+        ``before`` the mean that the buckets now hold (one small extra all-reduce; over sharded
+        workers, over every process: each holds a part of its worker's distance)."""
         sq = []
         for w, backup in zip(self._buckets, before):
             total = torch.zeros((), dtype=torch.float64)
@@ -347,8 +348,12 @@ class Averager:
                 diff = copy[: b.param_numel].sub_(b.params)
                 total += torch.dot(diff, diff).double().cpu()
             sq.append(total.reshape(1).to(self._device))
-        comm.all_reduce_(sq, op="mean", counted=False)
-        return float(sq[0])
+        if comm.control is None:
+            comm.all_reduce_(sq, op="mean", counted=False)
+            return float(sq[0])
+        # the mean over all K x S processes, times S: the mean over workers of their shards' sum
+        comm.control.all_reduce_(sq, op="mean", counted=False)
+        return float(sq[0]) * comm.control.num_workers / comm.num_workers
 
     def outer_step(self, fragment: int | None = None) -> None:
         """The outer optimizer's step from the mean the buckets hold (of ``fragment``'s tensors),

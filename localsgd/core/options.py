@@ -414,7 +414,6 @@ for _name, _allowed_values, _refused_value, _why in (
         "inside a worker FSDP2 reduces the gradients; across workers a round of one step averages "
         "the parameters",
     ),
-    ("log_divergence", (False,), True, "the divergence is not summed over a worker's shards yet"),
 ):
     _rule(SHARDED, _name, **{SHARDED: 2, _name: _refused_value})(
         _sharded_only_at(_name, _allowed_values, _why)
