@@ -19,7 +19,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.distributed as dist
-from common import make_trainer
+from common import StopAt, make_trainer
 from distributed import run
 from test_no_collectives import COLLECTIVES
 from torch import Tensor, nn
@@ -282,15 +282,6 @@ def test_the_strategies_equal_the_plain_loop_bitwise(front_end: str, setting: st
 
 
 # ---------------------------------------------------------------------- checkpoints
-class _StopAt(pl.Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer: pl.Trainer, *args: Any) -> None:
-        if trainer.global_step == self.step:
-            trainer.should_stop = True
-
-
 def _resume(rank: int, ckpt_dir: str, setting: str) -> dict[str, Any]:
     """An uninterrupted fit, one stopped after a checkpoint at step 5 (mid-round; with sync_delay=2
     the round started at step 4 is in flight), and one resumed from it; then the same checkpoint
@@ -307,7 +298,7 @@ def _resume(rank: int, ckpt_dir: str, setting: str) -> dict[str, Any]:
         if name == "first":
             callbacks = [
                 pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=5, filename="s5"),
-                _StopAt(5),
+                StopAt(5),
             ]
         strategy = LocalSGDStrategy(shards_per_worker=shards, **_options(setting))
         trainer = make_trainer(
