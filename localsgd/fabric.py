@@ -41,6 +41,13 @@ from localsgd.core.options import (
 )
 from localsgd.core.outer import OuterOptimizer
 from localsgd.core.wire import Wire
+from localsgd.sharding import (
+    check_sharded,
+    full_model_state,
+    full_optimizer_state,
+    load_full_model_state,
+    load_full_optimizer_state,
+)
 
 _KEY = "localsgd"
 
@@ -146,6 +153,7 @@ class LocalSGDFabricStrategy(DDPStrategy):
             return module
         assert self._parallelize_fn is not None
         self._sharded_module = self._parallelize_fn(module, self._device_mesh)
+        check_sharded(self._sharded_module, self.shards_per_worker)
         return self._sharded_module
 
     def setup_optimizer(self, optimizer: Optimizer) -> Optimizer:
@@ -202,8 +210,8 @@ class LocalSGDFabricStrategy(DDPStrategy):
         storage_options: Any | None = None,
         filter: dict[str, Any] | None = None,
     ) -> None:
-        """The averaged model in ``path`` (rank 0 writes it), each rank's own state beside it."""
-        self._refuse_sharded_files("fabric.save")
+        """The averaged model in ``path`` (rank 0 writes it), each rank's own state beside it.
+        Sharded workers: the main file holds full tensors, gathered inside each worker."""
         if self.driver is None:
             return super().save_checkpoint(path, state, storage_options, filter)
         own = {"driver": self.driver.state_dict(), "rng": files.rng_state()}
@@ -220,8 +228,17 @@ class LocalSGDFabricStrategy(DDPStrategy):
         strict: bool = True,
         weights_only: bool | None = None,
     ) -> dict[str, Any]:
-        self._refuse_sharded_files("fabric.load")
+        optimizers: dict[str, Optimizer] = {}
+        sharded_module = self._sharded_module
+        if sharded_module is not None and isinstance(state, dict):
+            # Fabric loads an optimizer's state as it is; full tensors need the sharded model
+            optimizers = {name: o for name, o in state.items() if isinstance(o, Optimizer)}
+            state = {name: o for name, o in state.items() if name not in optimizers}
         remainder = super().load_checkpoint(path, state, strict=strict, weights_only=weights_only)
+        for name, optimizer in optimizers.items():
+            if name in remainder:
+                assert sharded_module is not None
+                load_full_optimizer_state(sharded_module, optimizer, remainder.pop(name))
         sync = remainder.pop(_KEY, None) if isinstance(remainder, dict) else None
         if sync is None or self.driver is None:
             return remainder
@@ -234,13 +251,22 @@ class LocalSGDFabricStrategy(DDPStrategy):
             self.driver.load_sync_state_dict(sync)
         return remainder
 
-    def _refuse_sharded_files(self, what: str) -> None:
-        if self._device_mesh is not None:
-            raise ValueError(
-                f"{what} with shards_per_worker ({self.shards_per_worker}) > 1 is not supported yet: a "
-                "sharded worker's checkpoint needs each process's own shards. HINT: the Trainer's "
-                "LocalSGDStrategy(shards_per_worker=...) checkpoints sharded workers"
-            )
+    def get_module_state_dict(self, module: nn.Module) -> dict[str, Any]:
+        if self._device_mesh is None:
+            return super().get_module_state_dict(module)
+        return full_model_state(module)  # full tensors on global rank 0
+
+    def load_module_state_dict(
+        self, module: nn.Module, state_dict: dict[str, Any], strict: bool = True
+    ) -> None:
+        if self._device_mesh is None:
+            return super().load_module_state_dict(module, state_dict, strict=strict)
+        load_full_model_state(module, state_dict, strict)
+
+    def get_optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
+        if self._sharded_module is None:
+            return super().get_optimizer_state(optimizer)
+        return full_optimizer_state(self._sharded_module, optimizer)  # worker 0's, on rank 0
 
     @classmethod
     def register_strategies(cls, strategy_registry: _StrategyRegistry) -> None:

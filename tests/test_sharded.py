@@ -366,3 +366,67 @@ def _plain_resume(rank: int, setting: str) -> bool:
 @pytest.mark.parametrize("setting", ["int8_feedback", "sync_delay"])
 def test_a_plain_loops_state_dict_mid_round_resumes_bitwise(setting: str) -> None:
     assert run(_plain_resume, K * S, setting) == [True] * (K * S)
+
+
+def _fabric_resume(rank: int, ckpt_dir: str) -> dict[str, Any]:
+    """Fabric: an uninterrupted run, and one saved at step 5 (with a round in flight), loaded into
+    a fresh model and optimizer, and continued."""
+    from lightning.fabric import Fabric
+
+    from localsgd import LocalSGDFabricStrategy
+
+    def fresh() -> tuple[Any, nn.Module, torch.optim.Optimizer]:
+        strategy = LocalSGDFabricStrategy(
+            parallelize_fn=_shard, shards_per_worker=S, **_options("sync_delay")
+        )
+        fabric = Fabric(strategy=strategy, accelerator="cpu", devices=K * S)
+        fabric.launch()
+        net = fabric.setup_module(_net())
+        return fabric, net, fabric.setup_optimizers(torch.optim.AdamW(net.parameters(), lr=0.01))
+
+    def train(fabric: Any, net: nn.Module, opt: Any, steps: range) -> None:
+        for step, (x, y) in enumerate(_own_batches(rank)):
+            if step in steps:
+                opt.zero_grad()
+                fabric.backward(nn.functional.mse_loss(net(x), y))
+                opt.step()
+        if steps.stop == STEPS:
+            fabric.strategy.finish()
+
+    out: dict[str, Any] = {}
+    fabric, net, opt = fresh()
+    train(fabric, net, opt, range(STEPS))
+    out["full"] = [p.full_tensor() for p in net.parameters()]
+    fabric, net, opt = fresh()
+    train(fabric, net, opt, range(5))
+    fabric.save(f"{ckpt_dir}/s5.ckpt", {"model": net, "optimizer": opt, "step": 5})
+    fabric, net, opt = fresh()
+    state = {"model": net, "optimizer": opt}
+    left = fabric.load(f"{ckpt_dir}/s5.ckpt", state)
+    train(fabric, net, opt, range(left["step"], STEPS))
+    out["resumed"] = [p.full_tensor() for p in net.parameters()]
+    main = torch.load(f"{ckpt_dir}/s5.ckpt", weights_only=False)
+    out["main file"] = {k: tuple(v.shape) for k, v in main["model"].items()}
+    return out
+
+
+def test_fabric_saves_and_loads_sharded_workers_bitwise(tmp_path: Path) -> None:
+    for rank, r in enumerate(run(_fabric_resume, K * S, str(tmp_path))):
+        assert all(torch.equal(a, b) for a, b in zip(r["resumed"], r["full"])), rank
+        whole = {k: tuple(v.shape) for k, v in _net().state_dict().items()}
+        assert r["main file"] == whole, r["main file"]  # full tensors: loads into an unsharded model
+
+
+def test_a_strategy_whose_model_is_not_sharded_says_how_to_shard_it() -> None:
+    from localsgd.sharding import check_sharded
+
+    with pytest.raises(
+        ValueError, match=r"shards_per_worker \(2\) > 1 needs a model that is sharded.*configure_model"
+    ):
+        check_sharded(nn.Linear(2, 2), 2)
+    with pytest.raises(ValueError, match=r"shards_per_worker \(2\) > 1 needs parallelize_fn"):
+        from localsgd import LocalSGDFabricStrategy
+
+        LocalSGDFabricStrategy(shards_per_worker=2)
+    with pytest.raises(ValueError, match=r"shards_per_worker \(0\) must be an integer >= 1"):
+        LocalSGDStrategy(shards_per_worker=0)

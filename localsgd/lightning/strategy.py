@@ -48,11 +48,18 @@ from localsgd.core.options import (
 from localsgd.core.outer import OuterOptimizer
 from localsgd.core.replicas import WorkerReplicas
 from localsgd.core.wire import Wire
-from localsgd.lightning import ft, resume, sharded
+from localsgd.lightning import ft, resume
 from localsgd.lightning.batched import BatchedWorkers
 from localsgd.lightning.common import StartMethod, StrategyCommon, raw_optimizer, register
 from localsgd.lightning.simulation import Simulation, deal_shards
 from localsgd.lightning.stops import act_on_agreed_stops, install_sigterm_handler, quiet_per_batch_broadcast
+from localsgd.sharding import (
+    check_sharded,
+    full_model_state,
+    full_optimizer_state,
+    load_full_model_state,
+    load_full_optimizer_state,
+)
 
 log = logging.getLogger(__name__)
 
@@ -218,7 +225,7 @@ class LocalSGDStrategy(StrategyCommon):
         k = self.workers_per_device
         mesh = self._device_mesh
         if mesh is not None:
-            sharded.check_sharded(self.lightning_module, self.shards_per_worker)
+            check_sharded(self.lightning_module, self.shards_per_worker)
         self.comm = None if mesh is not None else ft.communicator(self.fault_tolerance, k)
         self.simulated = None
         if k > 1:
@@ -435,10 +442,10 @@ class LocalSGDStrategy(StrategyCommon):
         assert self.lightning_module is not None
         module = self.lightning_module
         if self.driver is None or not self.driver.dirty or self._eval_average is not None:
-            return sharded.full_model_state(module) if self._device_mesh is not None else module.state_dict()
+            return full_model_state(module) if self._device_mesh is not None else module.state_dict()
         with self.driver.averaged("checkpoint"):
             if self._device_mesh is not None:
-                return sharded.full_model_state(module)  # gathered copies
+                return full_model_state(module)  # gathered copies
             return {k: v.clone() for k, v in module.state_dict().items()}
 
     @override
@@ -446,7 +453,7 @@ class LocalSGDStrategy(StrategyCommon):
         if self._device_mesh is None:
             return super().load_model_state_dict(checkpoint, strict=strict)
         assert self.lightning_module is not None
-        sharded.load_full_model_state(self.lightning_module, checkpoint["state_dict"], strict)
+        load_full_model_state(self.lightning_module, checkpoint["state_dict"], strict)
 
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
@@ -454,7 +461,7 @@ class LocalSGDStrategy(StrategyCommon):
         if self._device_mesh is None:
             return super().optimizer_state(optimizer)
         assert self.lightning_module is not None
-        return sharded.full_optimizer_state(self.lightning_module, raw_optimizer(optimizer))
+        return full_optimizer_state(self.lightning_module, raw_optimizer(optimizer))
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
@@ -462,7 +469,7 @@ class LocalSGDStrategy(StrategyCommon):
             return super().load_optimizer_state_dict(checkpoint)
         assert self.lightning_module is not None
         for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
-            sharded.load_full_optimizer_state(self.lightning_module, raw_optimizer(optimizer), state)
+            load_full_optimizer_state(self.lightning_module, raw_optimizer(optimizer), state)
 
     # ------------------------------------------------------------------ checkpoints
     @override

@@ -1,12 +1,11 @@
-"""Sharded workers under the Trainer (``LocalSGDStrategy(shards_per_worker=S)``): the checks and
-the checkpoint's full tensors.
+"""Sharded workers in the strategies (``shards_per_worker=S`` of the Trainer's and Fabric's): the
+check that the model sharded itself, and the checkpoint's full tensors.
 
-The LightningModule shards itself in ``configure_model`` over ``self.device_mesh["shard"]``, as
-under Lightning's ``ModelParallelStrategy``. A checkpoint's main file holds what it holds for whole
-workers: the global model and worker 0's optimizer state, as full tensors (gathered inside each
-worker by ``torch.distributed.checkpoint.state_dict``), so that it loads on any (K, S) and into an
-unsharded model. Each process's own shards (its worker's model and optimizer state) go to its
-rank file (:mod:`localsgd.lightning.resume`), which a resume on the same (K, S) continues from.
+A checkpoint's main file holds what it holds for whole workers: the global model and worker 0's
+optimizer state, as full tensors (gathered inside each worker by
+``torch.distributed.checkpoint.state_dict``), so that it loads on any (K, S) and into an unsharded
+model. Each process's own shards (its worker's model and optimizer state) go to its rank file,
+which a resume on the same (K, S) continues from.
 """
 
 from __future__ import annotations
@@ -24,9 +23,9 @@ def check_sharded(module: nn.Module, shards_per_worker: int) -> None:
     """A ValueError if ``module`` did not shard itself (no DTensor parameter after configure_model)."""
     if not sharded(list(module.parameters())):
         raise ValueError(
-            f"shards_per_worker ({shards_per_worker}) > 1 needs a LightningModule that shards itself: no "
-            "parameter is an FSDP2 shard. HINT: in configure_model(), fully_shard(block, "
-            "mesh=self.device_mesh['shard']) for each block, then the same for self"
+            f"shards_per_worker ({shards_per_worker}) > 1 needs a model that is sharded: no parameter is "
+            "an FSDP2 shard. HINT: in LightningModule.configure_model() (or Fabric's parallelize_fn), "
+            "fully_shard(block, mesh=device_mesh['shard']) for each block, then the same for the root"
         )
 
 
