@@ -32,7 +32,8 @@ def check_sharded(module: nn.Module, shards_per_worker: int) -> None:
 def _options(strict: bool = True) -> Any:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    # gathered inside each worker, on the CPU; the full tensors are kept on global rank 0 only
+    # full tensors: gathered inside each worker on saving, on the CPU and kept on global rank 0
+    # only; on loading, every rank reads them and takes its shards
     return StateDictOptions(full_state_dict=True, cpu_offload=True, strict=strict)
 
 
@@ -45,10 +46,9 @@ def full_model_state(module: nn.Module) -> dict[str, Any]:
 
 def load_full_model_state(module: nn.Module, state: Mapping[str, Any], strict: bool) -> None:
     """Full tensors (a checkpoint's, read on every rank) into ``module``'s shards."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
-    options = StateDictOptions(full_state_dict=True, strict=strict)
-    set_model_state_dict(module, dict(state), options=options)
+    set_model_state_dict(module, dict(state), options=_options(strict))
 
 
 def full_optimizer_state(module: nn.Module, optimizer: Optimizer) -> dict[str, Any]:
@@ -60,6 +60,6 @@ def full_optimizer_state(module: nn.Module, optimizer: Optimizer) -> dict[str, A
 
 def load_full_optimizer_state(module: nn.Module, optimizer: Optimizer, state: dict[str, Any]) -> None:
     """Full tensors (a checkpoint's, read on every rank) into ``optimizer``'s state of the shards."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
-    set_optimizer_state_dict(module, optimizer, state, options=StateDictOptions(full_state_dict=True))
+    set_optimizer_state_dict(module, optimizer, state, options=_options())

@@ -98,6 +98,7 @@ class Averager:
         """Called after every worker's optimizer state was reset (the batched path's stacked state)."""
         self._state_averager = StateAverager()
         self._in_session = False
+        self._copied = False
         self.outer = outer
         self._build()
         self._bind_outer()
@@ -151,6 +152,7 @@ class Averager:
         # an FSDP2-sharded model's shards live in FSDP2's storage: copied in and out around a round
         params = [t for m in self.modules for t in m.parameters()]
         bucket_type = CopiedBucket if sharded(params) else FlatBucket
+        self._copied = bucket_type is CopiedBucket
         self.bucket_fragments = [key[0] for key in keys]
         """The fragment of each bucket."""
         for i, groups in enumerate(per_worker[1:], start=1):
@@ -264,7 +266,7 @@ class Averager:
         changes, so every use of the buckets opens one (nested: only the outermost acts). For
         views (the usual buckets) it costs nothing; copied buckets (FSDP2 shards) copy the
         shards in on opening and back on closing."""
-        if self._in_session:
+        if self._in_session or not self._copied:  # views hold the models already: nothing to do
             yield
             return
         self._ensure_intact()
