@@ -310,22 +310,50 @@ def _resume(rank: int, ckpt_dir: str, setting: str) -> dict[str, Any]:
         )
         trainer.fit(module, ckpt_path=f"{ckpt_dir}/{ckpt}.ckpt" if ckpt else None)
         out[name] = [p.full_tensor() for p in module.net.parameters()]
-    main = torch.load(f"{ckpt_dir}/s5.ckpt", weights_only=False)
-    whole = _ShardedModule()  # never sharded: the main file holds full tensors
-    whole.load_state_dict(main["state_dict"])
-    out["main file"] = [p.detach() for p in whole.net.parameters()]
-    out["rank file"] = sorted(p.name for p in Path(f"{ckpt_dir}/s5.ckpt.ranks").iterdir())
+        if name == "relaid":  # worker 0's Adam moments, resharded from 2 shards to 4
+            opt = trainer.optimizers[0]
+            out["relaid moments"] = [opt.state[p]["exp_avg"].full_tensor() for p in module.net.parameters()]
     return out
 
 
 @pytest.mark.parametrize("setting", ["int8_feedback", "sync_delay"])
 def test_a_sharded_checkpoint_mid_round_resumes_bitwise(setting: str, tmp_path: Path) -> None:
-    for rank, r in enumerate(run(_resume, K * S, str(tmp_path), setting)):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    results = run(_resume, K * S, str(tmp_path), setting)
+    folder = tmp_path / "s5.ckpt"  # written by DCP: each process its own shards
+    assert sorted(p.name for p in folder.iterdir()) == [".metadata"] + [
+        f"__{r}_0.distcp" for r in range(K * S)
+    ] + ["meta.pt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s5.ckpt"]  # nothing partial, no rank files
+    dcp_to_torch_save(folder, tmp_path / "one.pt")  # what the error for whole workers suggests
+    one = torch.load(tmp_path / "one.pt", weights_only=False)
+    assert sorted(one) == ["rank0", "rank1", "rank2", "rank3", "state_dict", "worker0", "worker1"]
+    whole = _ShardedModule()  # never sharded: the global model as full tensors
+    whole.load_state_dict(one["state_dict"])
+    moments = [one["worker0"]["optimizer_0"]["state"][f"net.{i}.weight"]["exp_avg"] for i in (0, 2, 4)]
+    for rank, r in enumerate(results):
         assert all(torch.equal(a, b) for a, b in zip(r["resumed"], r["full"])), (setting, rank)
         assert not all(torch.equal(a, b) for a, b in zip(r["first"], r["full"])), "nothing was resumed"
-        # the main file is the global model as full tensors: another layout restarts from it
-        assert all(torch.equal(a, b) for a, b in zip(r["relaid"], r["main file"])), (setting, rank)
-        assert r["rank file"] == [f"rank{i}.pt" for i in range(K * S)], r["rank file"]
+        # another layout: every worker restarts from the global model, with worker 0's moments
+        assert all(torch.equal(a, b) for a, b in zip(r["relaid"], whole.net.parameters())), (setting, rank)
+        assert all(torch.equal(a, b) for a, b in zip(r["relaid moments"], moments)), (setting, rank)
+    workers = [one[f"worker{k}"]["state_dict"]["net.0.weight"] for k in range(K)]
+    assert not torch.equal(workers[0], workers[1])  # mid-round: each worker's own model, saved apart
+
+
+def test_whole_workers_refuse_a_sharded_checkpoint_by_name(tmp_path: Path) -> None:
+    """A sharded run's folder given to a run of whole workers: a ValueError that says how to use it."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = tmp_path / "sharded.ckpt"
+    dcp.save({"state_dict": _ShardedModule().state_dict()}, checkpoint_id=folder)
+    torch.save({"localsgd": {"shards_per_worker": 2}}, folder / "meta.pt")
+    trainer = make_trainer(LocalSGDStrategy(sync_every=H), max_steps=1, use_distributed_sampler=False)
+    whole = _ShardedModule()
+    whole.configure_model = lambda: None  # type: ignore[method-assign]  # stays whole
+    with pytest.raises(ValueError, match=r"2 processes per worker.*shards_per_worker=S.*dcp_to_torch_save"):
+        trainer.fit(whole, ckpt_path=str(folder))
 
 
 def _plain_resume(rank: int, setting: str) -> bool:
@@ -375,9 +403,9 @@ def _fabric_resume(rank: int, ckpt_dir: str) -> dict[str, Any]:
 
     from localsgd import LocalSGDFabricStrategy
 
-    def fresh() -> tuple[Any, nn.Module, torch.optim.Optimizer]:
+    def fresh(shards: int = S) -> tuple[Any, nn.Module, torch.optim.Optimizer]:
         strategy = LocalSGDFabricStrategy(
-            parallelize_fn=_shard, shards_per_worker=S, **_options("sync_delay")
+            parallelize_fn=_shard, shards_per_worker=shards, **_options("sync_delay")
         )
         fabric = Fabric(strategy=strategy, accelerator="cpu", devices=K * S)
         fabric.launch()
@@ -405,16 +433,30 @@ def _fabric_resume(rank: int, ckpt_dir: str) -> dict[str, Any]:
     left = fabric.load(f"{ckpt_dir}/s5.ckpt", state)
     train(fabric, net, opt, range(left["step"], STEPS))
     out["resumed"] = [p.full_tensor() for p in net.parameters()]
-    main = torch.load(f"{ckpt_dir}/s5.ckpt", weights_only=False)
-    out["main file"] = {k: tuple(v.shape) for k, v in main["model"].items()}
+    fabric, net, opt = fresh(shards=4)  # another layout: 1 worker of 4 shards
+    fabric.load(f"{ckpt_dir}/s5.ckpt", {"model": net, "optimizer": opt})
+    out["relaid"] = [p.full_tensor() for p in net.parameters()]
+    out["relaid moments"] = [opt.state[p]["exp_avg"].full_tensor() for p in net.parameters()]
     return out
 
 
 def test_fabric_saves_and_loads_sharded_workers_bitwise(tmp_path: Path) -> None:
-    for rank, r in enumerate(run(_fabric_resume, K * S, str(tmp_path))):
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    results = run(_fabric_resume, K * S, str(tmp_path))
+    for rank, r in enumerate(results):
         assert all(torch.equal(a, b) for a, b in zip(r["resumed"], r["full"])), rank
-        whole = {k: tuple(v.shape) for k, v in _net().state_dict().items()}
-        assert r["main file"] == whole, r["main file"]  # full tensors: loads into an unsharded model
+    dcp_to_torch_save(tmp_path / "s5.ckpt", tmp_path / "one.pt")  # a DCP folder: each process its shards
+    one = torch.load(tmp_path / "one.pt", weights_only=False)
+    assert sorted(one) == ["model", "rank0", "rank1", "rank2", "rank3", "worker0", "worker1"]
+    assert sorted(one["worker0"]) == ["model", "optimizer"]
+    whole = {k: tuple(v.shape) for k, v in _net().state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in one["model"].items()} == whole  # the global model, whole
+    moments = [one["worker0"]["optimizer"]["state"][f"{i}.weight"]["exp_avg"] for i in (0, 2, 4)]
+    for rank, r in enumerate(results):  # another layout: the global model, worker 0's moments
+        relaid = [one["model"][f"{i}.weight"] for i in (0, 2, 4)]  # by name: DCP keeps no order
+        assert all(torch.equal(a, b) for a, b in zip(r["relaid"], relaid)), rank
+        assert all(torch.equal(a, b) for a, b in zip(r["relaid moments"], moments)), rank
 
 
 def test_a_strategy_whose_model_is_not_sharded_says_how_to_shard_it() -> None:
@@ -430,3 +472,31 @@ def test_a_strategy_whose_model_is_not_sharded_says_how_to_shard_it() -> None:
         LocalSGDFabricStrategy(shards_per_worker=2)
     with pytest.raises(ValueError, match=r"shards_per_worker \(0\) must be an integer >= 1"):
         LocalSGDStrategy(shards_per_worker=0)
+
+
+def test_a_checkpoint_folder_is_replaced_whole_or_not_at_all(tmp_path: Path, monkeypatch: Any) -> None:
+    """A crash while the folder is written leaves the previous checkpoint; the next save replaces it."""
+    import torch.distributed.checkpoint as dcp
+
+    from localsgd.sharding import load_meta, save_dcp
+
+    folder = tmp_path / "last.ckpt"
+    save_dcp(folder, {"w": torch.zeros(3)}, {"step": 1}, 0, lambda: None)
+    real_save = dcp.save
+
+    def crash(state: Any, checkpoint_id: Any) -> None:
+        real_save({"w": torch.ones(3)}, checkpoint_id=checkpoint_id)
+        raise RuntimeError("killed while writing")
+
+    monkeypatch.setattr(dcp, "save", crash)
+    with pytest.raises(RuntimeError, match="killed"):
+        save_dcp(folder, {"w": torch.ones(3)}, {"step": 2}, 0, lambda: None)
+    assert load_meta(folder) == {"step": 1}
+    got = {"w": torch.empty(3)}
+    dcp.load(got, checkpoint_id=folder)
+    assert torch.equal(got["w"], torch.zeros(3))
+    monkeypatch.setattr(dcp, "save", real_save)
+    save_dcp(folder, {"w": torch.full((3,), 2.0)}, {"step": 3}, 0, lambda: None)  # the stale part goes
+    dcp.load(got, checkpoint_id=folder)
+    assert torch.equal(got["w"], torch.full((3,), 2.0)) and load_meta(folder) == {"step": 3}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.ckpt"]

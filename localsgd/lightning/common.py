@@ -22,6 +22,7 @@ from localsgd.core.comm import destroy_at_exit_if_created
 from localsgd.core.files import add_note, is_local, unreadable
 from localsgd.core.scaling import intrinsic_lr
 from localsgd.lightning.resume import ResumedLoader
+from localsgd.sharding import is_dcp_checkpoint, load_meta
 
 StartMethod = Literal["popen", "spawn", "fork", "forkserver"]
 _CHECKPOINT_KEY = "localsgd"
@@ -100,9 +101,23 @@ class StrategyCommon(DDPStrategy):
         if os.path.exists(tmp):  # rank 0 writes the main file
             os.replace(tmp, filepath)
 
+    def _read_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None) -> Any:
+        """The checkpoint's dict (sharded workers' folders: its non-tensor part)."""
+        if is_dcp_checkpoint(checkpoint_path):
+            saved = load_meta(checkpoint_path).get(_CHECKPOINT_KEY) or {}
+            raise ValueError(
+                f"checkpoint {checkpoint_path} is a folder of sharded workers' shards "
+                f"(torch.distributed.checkpoint; {saved.get('shards_per_worker', 'several')} processes "
+                f"per worker); {self.strategy_name} here runs whole workers. HINT: resume it with "
+                "LocalSGDStrategy(shards_per_worker=S) and a model that shards itself in "
+                "configure_model; torch.distributed.checkpoint.format_utils.dcp_to_torch_save(folder, "
+                "file) writes it as one file, its global model under 'state_dict'"
+            )
+        return super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+
     def load_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None = None) -> dict[str, Any]:
         try:
-            checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
+            checkpoint = self._read_checkpoint(checkpoint_path, weights_only)
         except FileNotFoundError:
             raise
         except Exception as err:

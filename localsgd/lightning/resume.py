@@ -6,8 +6,9 @@ and RNG streams, and the data position inside the epoch. Each rank writes its pa
 ``<checkpoint>.ranks/rank<R>.pt`` next to the main file (all ranks save at the same step;
 Lightning calls ``save_checkpoint`` on every rank), each file through a temporary name and
 an atomic rename, so a crash mid-write never leaves a truncated file under the real name.
-This module writes, checks and restores them; :class:`~localsgd.LocalSGDStrategy`'s checkpoint
-hooks call its functions.
+Sharded workers write the same parts into one ``torch.distributed.checkpoint`` folder instead
+(:mod:`localsgd.sharding`), each process its own shards. This module writes, checks and restores
+them; :class:`~localsgd.LocalSGDStrategy`'s checkpoint hooks call its functions.
 """
 
 from __future__ import annotations
@@ -19,6 +20,13 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
 from localsgd.core.files import atomic_save, exists, load, rank_file, remove, rng_state
+from localsgd.sharding import (
+    load_packed,
+    load_worker_state,
+    packed,
+    save_dcp,
+    sharded_model_state,
+)
 
 
 class ResumedLoader:
@@ -88,14 +96,22 @@ def _raw(optimizer: Optimizer) -> Optimizer:
     return getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer wraps the real one
 
 
-def local_state(strategy: Any) -> dict[str, Any]:
-    """``strategy``'s rank's own part (a :class:`~localsgd.LocalSGDStrategy` with a driver): its
-    workers' models (not the average), optimizer states, the driver's own sync state, RNG streams."""
-    driver, module = strategy.driver, strategy.lightning_module
-    # whether its workers differ from the average, error-feedback residuals, a round in flight
+def rank_state(strategy: Any) -> dict[str, Any]:
+    """``strategy``'s rank's own part of the sync state (a :class:`~localsgd.LocalSGDStrategy`
+    with a driver): whether its workers differ from the average, error-feedback residuals, a round
+    in flight, sharded workers' part of the outer state; its RNG streams and loss scale."""
+    driver = strategy.driver
     state: dict[str, Any] = {**driver.own_state_dict(), "rng": rng_state(), "num_steps": driver.num_steps}
     # each process's own loss scale (16-mixed): the main file holds rank 0's only
     state["precision"] = strategy.precision_plugin.state_dict()
+    return state
+
+
+def local_state(strategy: Any) -> dict[str, Any]:
+    """``strategy``'s rank's own part: :func:`rank_state`, and its workers' models (not the
+    average) and optimizer states."""
+    module = strategy.lightning_module
+    state = rank_state(strategy)
     if strategy.replicas is not None:
         state["replicas"] = strategy.replicas.state_dict()
         if strategy.batched is not None:
@@ -131,14 +147,7 @@ def check_rank_file(strategy: Any, checkpoint_path: Any, checkpoint: dict[str, A
         )
     if not saved.get("rank_files"):
         return None
-    layout = (saved["world_size"], saved.get("workers_per_device", 1), saved.get("shards_per_worker", 1))
-    if layout != (strategy.world_size, strategy.workers_per_device, strategy.shards_per_worker):
-        rank_zero_warn(
-            f"checkpoint {checkpoint_path} comes from {layout[0]} processes x {layout[1]} workers each, "
-            f"{layout[2]} processes per worker; this run has {strategy.world_size} x "
-            f"{strategy.workers_per_device}, {strategy.shards_per_worker}: every worker restarts from the "
-            "averaged model in it (the workers' own models and optimizer states are not carried over)"
-        )
+    if not same_layout(strategy, checkpoint_path, saved):
         return None
     rank = strategy.global_rank
     path = rank_file(checkpoint_path, rank)
@@ -159,6 +168,58 @@ def check_rank_file(strategy: Any, checkpoint_path: Any, checkpoint: dict[str, A
     return local
 
 
+def same_layout(strategy: Any, checkpoint_path: Any, saved: dict[str, Any]) -> bool:
+    """Whether the checkpoint's processes and workers are this run's (if not, a warning: every
+    worker restarts from the checkpoint's global model)."""
+    layout = (saved["world_size"], saved.get("workers_per_device", 1), saved.get("shards_per_worker", 1))
+    if layout == (strategy.world_size, strategy.workers_per_device, strategy.shards_per_worker):
+        return True
+    rank_zero_warn(
+        f"checkpoint {checkpoint_path} comes from {layout[0]} processes x {layout[1]} workers each, "
+        f"{layout[2]} processes per worker; this run has {strategy.world_size} x "
+        f"{strategy.workers_per_device}, {strategy.shards_per_worker}: every worker restarts from the "
+        "averaged model in it (the workers' own models and optimizer states are not carried over)"
+    )
+    return False
+
+
+def save_sharded(strategy: Any, checkpoint: dict[str, Any], filepath: Any) -> None:
+    """A sharded run's checkpoint: a DCP folder (see :mod:`localsgd.sharding`) in which each process
+    writes its shards of the global model, of its worker's own model and optimizer states, and its
+    own part of the sync state; rank 0 adds the rest of ``checkpoint``."""
+    module, mesh = strategy.lightning_module, strategy.device_mesh
+    optimizers = checkpoint.pop("optimizer_states", [])  # this worker's shards (optimizer_state)
+    state = {"state_dict": checkpoint.pop("state_dict")}  # the global model's shards
+    barrier = lambda: strategy.barrier("localsgd save")  # noqa: E731
+    if strategy.driver is None:  # not fitting: the model is all there is
+        save_dcp(filepath, state, checkpoint, strategy.global_rank, barrier)
+        return
+    with strategy.driver.averager.own_models():
+        own = {f"optimizer_{i}": o for i, o in enumerate(optimizers)}
+        state[f"worker{mesh.get_coordinate()[0]}"] = {"state_dict": sharded_model_state(module), **own}
+        state[f"rank{strategy.global_rank}"] = packed(rank_state(strategy))
+        save_dcp(filepath, state, checkpoint, strategy.global_rank, barrier)
+
+
+def load_sharded(strategy: Any, checkpoint_path: Any, checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """Read a sharded run's checkpoint folder into ``strategy``'s optimizers (its worker's state on
+    the same layout, worker 0's on another, resharded by DCP); returns this rank's own state to
+    resume from (``None``: every worker restarts from the global model, already loaded)."""
+    module, mesh = strategy.lightning_module, strategy.device_mesh
+    saved = checkpoint.get("localsgd") or {}
+    if not saved.get("rank_files"):  # saved while not fitting: the global model only
+        return None
+    same = same_layout(strategy, checkpoint_path, saved)
+    optimizers = {f"optimizer_{i}": _raw(o) for i, o in enumerate(strategy.optimizers)}
+    worker = mesh.get_coordinate()[0] if same else 0
+    own = load_worker_state(checkpoint_path, module, optimizers, worker, "state_dict" if same else None)
+    if not same:
+        return None
+    local: dict[str, Any] = load_packed(checkpoint_path, f"rank{strategy.global_rank}")
+    local["module"] = own
+    return local
+
+
 def load_local_state(strategy: Any, local: dict[str, Any]) -> None:
     """Put ``strategy``'s rank's own state back (its RNG streams stay in ``local["rng"]``)."""
     if strategy.replicas is not None:
@@ -168,7 +229,7 @@ def load_local_state(strategy: Any, local: dict[str, Any]) -> None:
             strategy.batched._share_state()
     else:
         strategy.lightning_module.load_state_dict(local["module"])  # copies into the flat buckets
-        for opt, saved in zip(strategy.optimizers, local["optimizers"]):
+        for opt, saved in zip(strategy.optimizers, local.get("optimizers", ())):  # sharded: loaded
             _raw(opt).load_state_dict(saved)
     strategy.driver.load_own_state_dict(local)
     if local.get("precision"):

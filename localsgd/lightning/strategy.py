@@ -50,15 +50,18 @@ from localsgd.core.replicas import WorkerReplicas
 from localsgd.core.wire import Wire
 from localsgd.lightning import ft, resume
 from localsgd.lightning.batched import BatchedWorkers
-from localsgd.lightning.common import StartMethod, StrategyCommon, raw_optimizer, register
+from localsgd.lightning.common import _CHECKPOINT_KEY, StartMethod, StrategyCommon, raw_optimizer, register
 from localsgd.lightning.simulation import Simulation, deal_shards
 from localsgd.lightning.stops import act_on_agreed_stops, install_sigterm_handler, quiet_per_batch_broadcast
 from localsgd.sharding import (
     check_sharded,
-    full_model_state,
-    full_optimizer_state,
+    is_dcp_checkpoint,
     load_full_model_state,
     load_full_optimizer_state,
+    load_global_model,
+    load_meta,
+    sharded_model_state,
+    sharded_optimizer_state,
 )
 
 log = logging.getLogger(__name__)
@@ -170,6 +173,7 @@ class LocalSGDStrategy(StrategyCommon):
         self._eval_average: contextlib.ExitStack | None = None
         self._pending_local: dict[str, Any] | None = None
         self._pending_rng: dict[str, Any] | None = None
+        self._folder: Any = None  # a sharded checkpoint being restored: a DCP folder read in place
 
     @property
     def replicas(self) -> WorkerReplicas | None:
@@ -438,14 +442,15 @@ class LocalSGDStrategy(StrategyCommon):
 
     @override
     def lightning_module_state_dict(self) -> dict[str, Any]:
-        """The averaged model (each rank's local model is left as it is)."""
+        """The averaged model (each rank's local model is left as it is); sharded workers: this
+        process's shards of it."""
         assert self.lightning_module is not None
         module = self.lightning_module
         if self.driver is None or not self.driver.dirty or self._eval_average is not None:
-            return full_model_state(module) if self._device_mesh is not None else module.state_dict()
+            return sharded_model_state(module) if self._device_mesh is not None else module.state_dict()
         with self.driver.averaged("checkpoint"):
             if self._device_mesh is not None:
-                return full_model_state(module)  # gathered copies
+                return sharded_model_state(module)  # copies
             return {k: v.clone() for k, v in module.state_dict().items()}
 
     @override
@@ -453,21 +458,28 @@ class LocalSGDStrategy(StrategyCommon):
         if self._device_mesh is None:
             return super().load_model_state_dict(checkpoint, strict=strict)
         assert self.lightning_module is not None
-        load_full_model_state(self.lightning_module, checkpoint["state_dict"], strict)
+        if self._folder is not None:  # resharded by DCP to this run's layout, into the module
+            load_global_model(self._folder, self.lightning_module, "state_dict")
+        else:  # full tensors (a checkpoint of whole workers)
+            load_full_model_state(self.lightning_module, checkpoint["state_dict"], strict)
 
     @override
     def optimizer_state(self, optimizer: Optimizer) -> dict[str, Any]:
-        """Worker 0's optimizer state (sharded workers: its shards gathered, on global rank 0)."""
+        """Worker 0's optimizer state (sharded workers: each worker's shards, see save_checkpoint)."""
         if self._device_mesh is None:
             return super().optimizer_state(optimizer)
         assert self.lightning_module is not None
-        return full_optimizer_state(self.lightning_module, raw_optimizer(optimizer))
+        return sharded_optimizer_state(self.lightning_module, raw_optimizer(optimizer))
 
     @override
     def load_optimizer_state_dict(self, checkpoint: Mapping[str, Any]) -> None:
         if self._device_mesh is None:
             return super().load_optimizer_state_dict(checkpoint)
         assert self.lightning_module is not None
+        if self._folder is not None:  # the optimizers exist by now: the worker's state, and its own
+            folder, self._folder = self._folder, None
+            self._pending_local = resume.load_sharded(self, folder, dict(checkpoint))
+            return
         for optimizer, state in zip(self.optimizers, checkpoint["optimizer_states"]):
             load_full_optimizer_state(self.lightning_module, raw_optimizer(optimizer), state)
 
@@ -476,6 +488,10 @@ class LocalSGDStrategy(StrategyCommon):
     def save_checkpoint(
         self, checkpoint: dict[str, Any], filepath: Any, storage_options: Any | None = None
     ) -> None:
+        if self._device_mesh is not None:  # a DCP folder, every process its own shards
+            checkpoint[_CHECKPOINT_KEY] = self.state_dict()
+            resume.save_sharded(self, checkpoint, filepath)
+            return
         if self.driver is not None:
             resume.save_rank_file(self, filepath)  # each rank's own state beside the main file
         super().save_checkpoint(checkpoint, filepath, storage_options)
@@ -486,9 +502,20 @@ class LocalSGDStrategy(StrategyCommon):
         resume.remove_rank_file(filepath, self.global_rank)
 
     @override
+    def _read_checkpoint(self, checkpoint_path: Any, weights_only: bool | None) -> Any:
+        self._folder = None
+        if self._device_mesh is None or not is_dcp_checkpoint(checkpoint_path):
+            return super()._read_checkpoint(checkpoint_path, weights_only)
+        self._folder = checkpoint_path  # the model's and optimizers' shards are read in place
+        checkpoint = load_meta(checkpoint_path)
+        checkpoint.setdefault("optimizer_states", [])  # in the folder: see load_optimizer_state_dict
+        return checkpoint
+
+    @override
     def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
         checkpoint = super().load_checkpoint(checkpoint_path, weights_only=weights_only)
-        if self._pending_state is not None:  # None: evaluating, or nothing of this library's to restore
+        # None: evaluating, or nothing of this library's to restore; a folder: see load_optimizer_state_dict
+        if self._pending_state is not None and self._folder is None:
             self._pending_local = resume.check_rank_file(self, checkpoint_path, checkpoint)
         return checkpoint
 
