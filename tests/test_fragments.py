@@ -61,6 +61,23 @@ def test_fragments_are_whole_tensors_of_near_equal_bytes_in_a_fixed_order() -> N
         split_fragments([torch.zeros(1000), torch.zeros(1), torch.zeros(1)], 4)
 
 
+def test_units_stay_whole_in_one_fragment() -> None:
+    """With units (an FSDP2-sharded model's), a fragment holds whole units: the cut by tensors
+    would put the first tensor of unit 1 beside unit 0."""
+    tensors = [torch.zeros(100), torch.zeros(10), torch.zeros(100)]
+    by_tensor = [sum(t.numel() for t in part) for part in split_fragments(tensors, 2)]
+    assert by_tensor == [110, 100]
+    by_unit = split_fragments(tensors, 2, units=[0, 1, 1])
+    assert [[id(t) for t in part] for part in by_unit] == [[id(tensors[0])], [id(tensors[1]), id(tensors[2])]]
+    # a unit's tensors apart in the order (a root unit's embedding and head) go with its first
+    apart = split_fragments(tensors, 2, units=[0, 1, 0])
+    assert [[id(t) for t in part] for part in apart] == [[id(tensors[0]), id(tensors[2])], [id(tensors[1])]]
+    with pytest.raises(
+        ValueError, match=r"num_fragments \(3\) must be at most the number of the model's FSDP units \(2\)"
+    ):
+        split_fragments(tensors, 3, units=[0, 1, 1])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("delay", "diloco"), [(0, False), (0, True), (1, True)], ids=["averaging", "diloco", "diloco-delay1"]

@@ -178,6 +178,35 @@ def test_between_syncs_only_the_shards_of_a_worker_talk() -> None:
         assert inside == list(range(1, H * ROUNDS + 3)), (rank, inside)  # FSDP2 itself, every step
 
 
+def _fragments(rank: int) -> list[list[str]]:
+    """The fragments of a sharded model whose units are Linear layers with a bias."""
+    mesh = _mesh()
+    torch.manual_seed(0)
+    net = _shard(nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8)), mesh)
+    names = {id(p): n for n, p in net.named_parameters()}
+    with LocalSGD(
+        net, torch.optim.SGD(net.parameters(), lr=0.1), sync_every=H, mesh=mesh, num_fragments=2
+    ) as ls:
+        averager = ls.averager
+        fragments: list[list[str]] = [[] for _ in range(2)]
+        for f, bucket in zip(averager.bucket_fragments, averager._buckets[0]):
+            fragments[f] += [names[id(t)] for t in bucket.tensors]
+    return fragments
+
+
+def test_a_sharded_models_fragments_are_whole_fsdp_units() -> None:
+    """Each Linear is an FSDP2 unit: its weight and bias sync in the same round. Cut by tensors
+    (the largest fragment smallest), the second layer's weight and bias land in different ones."""
+    from localsgd.core.buckets import split_fragments
+
+    whole = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+    names = {id(p): n for n, p in whole.named_parameters()}
+    by_tensor = [[names[id(t)] for t in part] for part in split_fragments(list(whole.parameters()), 2)]
+    assert by_tensor == [["0.weight", "0.bias", "2.weight"], ["2.bias", "4.weight", "4.bias"]]
+    for fragments in run(_fragments, K * S):
+        assert fragments == [["0.weight", "0.bias", "2.weight", "2.bias"], ["4.weight", "4.bias"]]
+
+
 def test_a_mesh_that_is_not_replicate_by_shard_is_refused_by_name() -> None:
     net = nn.Linear(2, 2)
     opt = torch.optim.SGD(net.parameters(), lr=0.1)

@@ -33,6 +33,7 @@ from localsgd.core.buckets import (
     FlatBucket,
     by_device_and_dtype,
     float_tensors,
+    fsdp_units,
     local_numel,
     sharded,
     split_fragments,
@@ -63,7 +64,8 @@ class Averager:
         outer: an outer optimizer stepping the global model on ``anchor - average`` at each
             sync (``None``: plain averaging). Buffers are always plainly averaged.
         num_fragments: the model's tensors cut into that many fragments of near-equal bytes
-            (:func:`~localsgd.core.buckets.split_fragments`); a round may average one of them.
+            (:func:`~localsgd.core.buckets.split_fragments`), along FSDP2 units for a sharded
+            model; a round may average one of them.
     """
 
     def __init__(
@@ -141,12 +143,11 @@ class Averager:
         per_worker = [
             {
                 (f, *key): group
-                for f, fragment in enumerate(
-                    split_fragments(float_tensors(m, self.buffers), self.num_fragments)
-                )
+                for f, fragment in enumerate(split_fragments(ts, self.num_fragments, fsdp_units(m, ts)))
                 for key, group in by_device_and_dtype(fragment).items()
             }
             for m in self.modules
+            for ts in [float_tensors(m, self.buffers)]
         ]
         keys = list(per_worker[0])
         # an FSDP2-sharded model's shards live in FSDP2's storage: copied in and out around a round

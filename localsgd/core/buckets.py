@@ -164,22 +164,63 @@ def float_tensors(module: nn.Module, buffers: BufferPolicy) -> list[Tensor]:
     return tensors
 
 
-def split_fragments(tensors: Sequence[Tensor], num_fragments: int) -> list[list[Tensor]]:
+def fsdp_units(module: nn.Module, tensors: Sequence[Tensor]) -> list[int] | None:
+    """The FSDP2 unit of each of ``tensors``: the nearest module around it that ``fully_shard``
+    was applied to, numbered in module order (FSDP2 gathers and frees a unit's parameters
+    together); a tensor outside every unit is a unit of its own. ``None`` when ``module`` is not
+    FSDP2-sharded."""
+    if not torch.distributed.is_available():
+        return None
+    from torch.distributed.fsdp import FSDPModule
+
+    owner: dict[int, int | None] = {}
+    count = 0
+
+    def walk(sub: nn.Module, unit: int | None) -> None:
+        nonlocal count
+        if isinstance(sub, FSDPModule):
+            unit, count = count, count + 1
+        for t in (*sub.parameters(recurse=False), *sub.buffers(recurse=False)):
+            owner.setdefault(id(t), unit)  # a shared tensor: its first place
+        for child in sub.children():
+            walk(child, unit)
+
+    walk(module, None)
+    if count == 0:
+        return None
+    units = [owner.get(id(t)) for t in tensors]
+    return [count + i if unit is None else unit for i, unit in enumerate(units)]
+
+
+def split_fragments(
+    tensors: Sequence[Tensor], num_fragments: int, units: Sequence[int] | None = None
+) -> list[list[Tensor]]:
     """``tensors`` cut in their order into ``num_fragments`` non-empty runs of whole tensors, the
     largest run as small as it can be (near-equal bytes; a tensor bigger than an equal share is a
-    fragment of its own). Every rank cuts the same model the same way."""
+    fragment of its own). Every rank cuts the same model the same way (sizes are the global ones,
+    also for a sharded model's DTensors). ``units`` (one per tensor, e.g. :func:`fsdp_units`): the
+    tensors of one unit stay in one fragment, the units taken in the order of their first tensor."""
+    if units is None:
+        items = [[t] for t in tensors]
+    else:
+        groups: dict[int, list[Tensor]] = {}
+        for t, unit in zip(tensors, units, strict=True):
+            groups.setdefault(unit, []).append(t)
+        items = list(groups.values())
     if num_fragments == 1:
         return [list(tensors)]
-    if len(tensors) < num_fragments:
+    if len(items) < num_fragments:
+        what = "the model's averaged tensors" if units is None else "the model's FSDP units"
         raise ValueError(
-            f"num_fragments ({num_fragments}) must be at most the number of the model's averaged "
-            f"tensors ({len(tensors)}): a fragment holds whole tensors. HINT: fewer fragments"
+            f"num_fragments ({num_fragments}) must be at most the number of {what} ({len(items)}): "
+            "a fragment holds whole ones. HINT: fewer fragments"
+            + ("" if units is None else ", or fully_shard smaller submodules (e.g. each block)")
         )
-    sizes = [t.numel() * t.element_size() for t in tensors]
+    sizes = [sum(t.numel() * t.element_size() for t in item) for item in items]
 
     def cut(capacity: int) -> list[int]:
         """Where each run starts, filling runs up to ``capacity`` bytes; a run also ends where the
-        tensors left are just enough for one per fragment left."""
+        items left are just enough for one per fragment left."""
         starts, run = [0], 0
         for i, size in enumerate(sizes):
             left = len(sizes) - i
@@ -197,7 +238,7 @@ def split_fragments(tensors: Sequence[Tensor], num_fragments: int) -> list[list[
         else:
             low = mid + 1
     starts = cut(low)
-    return [list(tensors[a:b]) for a, b in zip(starts, [*starts[1:], len(tensors)])]
+    return [[t for item in items[a:b] for t in item] for a, b in zip(starts, [*starts[1:], len(items)])]
 
 
 def by_device_and_dtype(tensors: Sequence[Tensor]) -> dict[tuple[str, str], list[Tensor]]:

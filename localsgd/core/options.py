@@ -102,8 +102,9 @@ class Options:
     """tau >= 0: a sync's mean travels while the workers take tau more steps, then lands keeping
     their progress (``theta_new + theta_now - theta_snapshot``); 0 blocks."""
     num_fragments: int = 1
-    """F >= 1 dividing a constant H: the model cut into F fragments of near-equal bytes, fragment f
-    syncing every H steps offset by f * H / F (each sync sends about 1/F of the model)."""
+    """F >= 1 dividing a constant H: the model cut into F fragments of near-equal bytes (whole
+    FSDP2 units for sharded workers), fragment f syncing every H steps offset by f * H / F (each
+    sync sends about 1/F of the model)."""
 
     # ---- what is measured
     log_divergence: bool = False
