@@ -47,16 +47,10 @@ from localsgd.sharding import (
     full_model_state,
     full_optimizer_state,
     is_dcp_checkpoint,
+    load_checkpoint,
     load_full_model_state,
     load_full_optimizer_state,
-    load_global_model,
-    load_meta,
-    load_packed,
-    load_worker_state,
-    packed,
-    save_dcp,
-    sharded_model_state,
-    sharded_optimizer_state,
+    save_checkpoint,
 )
 
 _KEY = "localsgd"
@@ -231,77 +225,13 @@ class LocalSGDFabricStrategy(DDPStrategy):
                     "checkpoint is a torch.distributed.checkpoint folder of every process's shards; "
                     "save without them"
                 )
-            return self._save_sharded(path, state)
+            return save_checkpoint(path, state, self.driver, barrier=lambda: self.barrier("localsgd save"))
         own = {"driver": self.driver.state_dict(), "rng": files.rng_state()}
         files.atomic_save(own, files.rank_file(path, self.global_rank))
         state = {**state, _KEY: {**self.driver.sync_state_dict(), "world_size": self.world_size}}
         with self.driver.averaged("checkpoint"):
             super().save_checkpoint(path, state, storage_options, filter)
         self.barrier("localsgd save")  # every rank file exists before anyone loads from it
-
-    def _save_sharded(self, path: _PATH, state: dict[str, Any]) -> None:
-        assert self.driver is not None and self._sharded_module is not None
-        module, worker = self._sharded_module, self._device_mesh.get_coordinate()[0]
-        shards: dict[str, Any] = {}
-        own: dict[str, Any] = {}
-        meta: dict[str, Any] = {
-            _KEY: {
-                **self.driver.sync_state_dict(),
-                "world_size": self.world_size,
-                "shards_per_worker": self.shards_per_worker,
-            }
-        }
-        with self.driver.averager.own_models():
-            for name, obj in state.items():
-                if obj is module:
-                    with self.driver.averaged("checkpoint"):
-                        shards[name] = sharded_model_state(module)  # the global model
-                    own[name] = sharded_model_state(module)
-                elif isinstance(obj, nn.Module):
-                    raise ValueError(f"fabric.save: {name!r} is a second model; sharded workers run one")
-                elif isinstance(obj, Optimizer):
-                    own[name] = sharded_optimizer_state(module, obj)
-                else:
-                    meta[name] = obj.state_dict() if hasattr(obj, "state_dict") else obj
-            shards[f"worker{worker}"] = own
-            shards[f"rank{self.global_rank}"] = packed(
-                {"own": self.driver.own_state_dict(), "rng": files.rng_state()}
-            )
-            save_dcp(path, shards, meta, self.global_rank, lambda: self.barrier("localsgd save"))
-
-    def _load_sharded(self, path: _PATH, state: dict[str, Any], strict: bool) -> dict[str, Any]:
-        assert self._sharded_module is not None
-        module = self._sharded_module
-        names = [name for name, obj in state.items() if obj is module]
-        if not names:
-            raise ValueError("fabric.load of sharded workers: pass the model in state, e.g. {'model': model}")
-        load_global_model(path, module, names[0])
-        meta = load_meta(path)
-        sync = meta.pop(_KEY, None)
-        optimizers = {name: o for name, o in state.items() if isinstance(o, Optimizer)}
-        layout = (self.world_size, self.shards_per_worker)
-        same = sync is not None and (sync.get("world_size"), sync.get("shards_per_worker")) == layout
-        worker = self._device_mesh.get_coordinate()[0] if same else 0  # another layout: worker 0's
-        own_model = load_worker_state(path, module, optimizers, worker, names[0] if same else None)
-        if sync is not None and self.driver is not None:
-            self.driver.load_sync_state_dict(sync)
-            if own_model is not None:  # this worker's own model and this rank's state, mid-round
-                own = load_packed(path, f"rank{self.global_rank}")
-                module.load_state_dict(own_model)
-                self.driver.load_own_state_dict(own["own"])
-                files.set_rng_state(own["rng"])
-        for name, obj in state.items():
-            if obj is module or name in optimizers:
-                continue
-            if name not in meta:
-                if strict:
-                    raise KeyError(f"fabric.load: {name!r} is not in checkpoint {path}")
-                continue
-            if hasattr(obj, "load_state_dict"):
-                obj.load_state_dict(meta.pop(name))
-            else:
-                state[name] = meta.pop(name)
-        return meta
 
     def load_checkpoint(
         self,
@@ -313,7 +243,7 @@ class LocalSGDFabricStrategy(DDPStrategy):
         if self._sharded_module is not None and is_dcp_checkpoint(path):
             if not isinstance(state, dict):
                 raise ValueError("fabric.load of sharded workers: pass a state dict holding the model")
-            return self._load_sharded(path, state, strict)
+            return load_checkpoint(path, state, self.driver, mesh=self._device_mesh, strict=strict)
         optimizers: dict[str, Optimizer] = {}
         sharded_module = self._sharded_module
         if sharded_module is not None and isinstance(state, dict):

@@ -1,5 +1,6 @@
-"""Sharded workers in the strategies (``shards_per_worker=S`` of the Trainer's and Fabric's): the
-check that the model sharded itself, and their checkpoints.
+"""Sharded workers (``shards_per_worker=S`` of the Trainer's and Fabric's strategies, a plain
+loop's ``LocalSGD(..., mesh=mesh)``): the check that the model sharded itself, and their
+checkpoints (:func:`save_checkpoint` and :func:`load_checkpoint` for plain loops and Fabric).
 
 A sharded run's checkpoint is a folder that ``torch.distributed.checkpoint`` (DCP) writes, as
 Lightning's ``ModelParallelStrategy`` writes one, in which every process writes its own shards:
@@ -31,6 +32,7 @@ from torch import nn
 from torch.optim import Optimizer
 
 from localsgd.core.buckets import sharded
+from localsgd.core.files import rng_state, set_rng_state
 
 
 def check_sharded(module: nn.Module, shards_per_worker: int) -> None:
@@ -195,3 +197,104 @@ def load_worker_state(
     for name, optimizer in optimizers.items():
         set_optimizer_state_dict(module, optimizer, part[name])
     return part[model_key] if model_key is not None else None
+
+
+# ---------------------------------------------------------------------- plain loops and Fabric
+SYNC_KEY = "localsgd"
+"""Where a checkpoint's ``meta.pt`` holds the sync schedule and the layout it was saved on."""
+
+
+def save_checkpoint(
+    path: Any, state: dict[str, Any], driver: Any, *, barrier: Callable[[], None] | None = None
+) -> None:
+    """Save sharded workers' state to the DCP folder ``path`` (collective: every process calls it).
+
+    ``state`` maps names to the driver's model (the global model goes under its name, each
+    worker's own under ``worker<k>``), its optimizers (each worker's own, sharded) and anything
+    else (into ``meta.pt``, from rank 0). ``driver`` is the :class:`~localsgd.LocalSGD` made with
+    ``mesh=``. Mid-round and with a round in flight, :func:`load_checkpoint` continues bitwise.
+    """
+    import torch.distributed as dist
+
+    module, mesh = driver.models[0], driver.mesh
+    if mesh is None:
+        raise ValueError("save_checkpoint is for sharded workers: the driver has no mesh (pass mesh=)")
+    barrier = barrier or dist.barrier
+    rank, worker = dist.get_rank(), mesh.get_coordinate()[0]
+    layout = {"world_size": mesh.size(), "shards_per_worker": mesh["shard"].size()}
+    meta: dict[str, Any] = {SYNC_KEY: {**driver.sync_state_dict(), **layout}}
+    shards: dict[str, Any] = {}
+    own: dict[str, Any] = {}
+    with driver.averager.own_models():
+        for name, obj in state.items():
+            if obj is module:
+                with driver.averaged("checkpoint"):  # the global model: the same on every worker
+                    shards[name] = sharded_model_state(module)
+                own[name] = sharded_model_state(module)
+            elif isinstance(obj, nn.Module):
+                raise ValueError(
+                    f"save_checkpoint: {name!r} is not the driver's model; sharded workers run one"
+                )
+            elif isinstance(obj, Optimizer):
+                own[name] = sharded_optimizer_state(module, obj)
+            else:
+                meta[name] = obj.state_dict() if hasattr(obj, "state_dict") else obj
+        if not shards:
+            raise ValueError(
+                "save_checkpoint of sharded workers: pass the model in state, e.g. {'model': model}"
+            )
+        shards[f"worker{worker}"] = own
+        shards[f"rank{rank}"] = packed({"own": driver.own_state_dict(), "rng": rng_state()})
+        save_dcp(path, shards, meta, rank, barrier)
+
+
+def load_checkpoint(
+    path: Any, state: dict[str, Any], driver: Any = None, *, mesh: Any = None, strict: bool = True
+) -> dict[str, Any]:
+    """Load what :func:`save_checkpoint` saved into ``state``'s model and optimizers (in place)
+    and ``driver`` (collective); returns what is left of the checkpoint's other entries, with
+    ``state``'s plain values replaced by the saved ones.
+
+    On the layout it was saved on, every worker continues from its own model and optimizer
+    state, mid-round (bitwise). On another (K, S) DCP reshards the global model into every
+    worker and worker 0's optimizer state into every worker's optimizer. ``mesh``: when there
+    is no driver yet (only the model is loaded); otherwise the driver's.
+    """
+    import torch.distributed as dist
+
+    mesh = mesh if mesh is not None else getattr(driver, "mesh", None)
+    if mesh is None:
+        raise ValueError("load_checkpoint of sharded workers needs the driver (made with mesh=) or mesh=")
+    modules = [(name, obj) for name, obj in state.items() if isinstance(obj, nn.Module)]
+    if len(modules) != 1:
+        raise ValueError(
+            "load_checkpoint of sharded workers: pass the one model in state, e.g. {'model': model}"
+        )
+    name, module = modules[0]
+    load_global_model(path, module, name)
+    meta = load_meta(path)
+    sync = meta.pop(SYNC_KEY, None)
+    optimizers = {k: o for k, o in state.items() if isinstance(o, Optimizer)}
+    layout = (mesh.size(), mesh["shard"].size())
+    same = sync is not None and (sync.get("world_size"), sync.get("shards_per_worker")) == layout
+    worker = mesh.get_coordinate()[0] if same else 0  # another layout: worker 0's
+    own_model = load_worker_state(path, module, optimizers, worker, name if same else None)
+    if sync is not None and driver is not None:
+        driver.load_sync_state_dict(sync)
+        if own_model is not None:  # this worker's own model and this rank's state, mid-round
+            own = load_packed(path, f"rank{dist.get_rank()}")
+            module.load_state_dict(own_model)
+            driver.load_own_state_dict(own["own"])
+            set_rng_state(own["rng"])
+    for key, obj in state.items():
+        if obj is module or key in optimizers:
+            continue
+        if key not in meta:
+            if strict:
+                raise KeyError(f"load_checkpoint: {key!r} is not in checkpoint {path}")
+            continue
+        if hasattr(obj, "load_state_dict"):
+            obj.load_state_dict(meta.pop(key))
+        else:
+            state[key] = meta.pop(key)
+    return meta

@@ -425,6 +425,66 @@ def test_a_plain_loops_state_dict_mid_round_resumes_bitwise(setting: str) -> Non
     assert run(_plain_resume, K * S, setting) == [True] * (K * S)
 
 
+def _plain_dcp_resume(rank: int, ckpt_dir: str, setting: str) -> dict[str, Any]:
+    """A plain loop's checkpoint through ``localsgd.sharding.save_checkpoint`` (a DCP folder) at
+    step 5, loaded into a fresh model, optimizer and driver and continued; then loaded on another
+    layout (1 worker x 4 shards)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    from localsgd.sharding import load_checkpoint, save_checkpoint
+
+    mesh = _mesh()
+    worker, shard = mesh.get_coordinate()
+
+    def fresh(m: Any = mesh) -> tuple[nn.Module, torch.optim.Optimizer, LocalSGD]:
+        net = _shard(_net(), m)
+        opt = torch.optim.AdamW(net.parameters(), lr=0.01)
+        return net, opt, LocalSGD(net, opt, mesh=m, **_options(setting))
+
+    def train(net: nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
+        for step in steps:
+            _step(net, opt, _batch(worker, shard, step))
+
+    out: dict[str, Any] = {}
+    net, opt, ls = fresh()
+    with ls:
+        train(net, opt, range(STEPS))
+    out["full"] = [p.full_tensor() for p in net.parameters()]
+    net, opt, ls = fresh()
+    train(net, opt, range(5))
+    save_checkpoint(f"{ckpt_dir}/s5", {"model": net, "optimizer": opt, "step": 5}, ls)
+    ls.close()
+    net, opt, ls = fresh()
+    state: dict[str, Any] = {"model": net, "optimizer": opt, "step": 0}
+    load_checkpoint(f"{ckpt_dir}/s5", state, ls)
+    with ls:
+        train(net, opt, range(state["step"], STEPS))
+    out["resumed"] = [p.full_tensor() for p in net.parameters()]
+    relaid = init_device_mesh("cpu", (1, K * S), mesh_dim_names=("replicate", "shard"))
+    net, opt, ls = fresh(relaid)
+    load_checkpoint(f"{ckpt_dir}/s5", {"model": net, "optimizer": opt}, ls, strict=False)
+    out["relaid"] = [p.full_tensor() for p in net.parameters()]
+    out["relaid moments"] = [opt.state[p]["exp_avg"].full_tensor() for p in net.parameters()]
+    ls.close()
+    return out
+
+
+@pytest.mark.parametrize("setting", ["diloco", "sync_delay"])
+def test_a_plain_loops_dcp_checkpoint_resumes_bitwise_and_reshards(setting: str, tmp_path: Path) -> None:
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    results = run(_plain_dcp_resume, K * S, str(tmp_path), setting)
+    dcp_to_torch_save(tmp_path / "s5", tmp_path / "one.pt")
+    one = torch.load(tmp_path / "one.pt", weights_only=False)
+    assert sorted(one) == ["model", "rank0", "rank1", "rank2", "rank3", "worker0", "worker1"]
+    relaid = [one["model"][f"{i}.weight"] for i in (0, 2, 4)]
+    moments = [one["worker0"]["optimizer"]["state"][f"{i}.weight"]["exp_avg"] for i in (0, 2, 4)]
+    for rank, r in enumerate(results):
+        assert all(torch.equal(a, b) for a, b in zip(r["resumed"], r["full"])), (setting, rank)
+        assert all(torch.equal(a, b) for a, b in zip(r["relaid"], relaid)), (setting, rank)
+        assert all(torch.equal(a, b) for a, b in zip(r["relaid moments"], moments)), (setting, rank)
+
+
 def _fabric_resume(rank: int, ckpt_dir: str) -> dict[str, Any]:
     """Fabric: an uninterrupted run, and one saved at step 5 (with a round in flight), loaded into
     a fresh model and optimizer, and continued."""

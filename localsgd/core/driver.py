@@ -146,6 +146,8 @@ class LocalSGD:
         given, self.comm = comm, comm or default_communicator(len(self.models))
         self.sharded = mesh is not None
         """Whether each worker is a group of processes sharding its model (``mesh``)."""
+        self.mesh = mesh
+        """The (K, S) ``DeviceMesh`` of sharded workers (``None``: whole workers)."""
         comm = self.comm
         if given is None and isinstance(comm, InProcessCommunicator) and comm.num_workers == 1:
             warnings.warn(
