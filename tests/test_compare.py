@@ -201,6 +201,7 @@ def _bad(tmp_path: Path, **changes: Any) -> Path:
         ({"model": {"init_args": {}}}, r"model must have a class_path"),
         ({"init_from": 3}, r"init_from \(3\) must be the path of a checkpoint, or null"),
         ({"methods.SGD.init_from": ""}, r"methods.SGD.init_from \(''\) must be the path of a checkpoint"),
+        ({"save_final": "yes"}, r"save_final \('yes'\) must be true or false"),
     ],
 )
 def test_bad_configs_name_the_field(tmp_path: Path, changes: dict[str, Any], message: str) -> None:
@@ -282,6 +283,27 @@ def test_init_from_starts_every_run_from_the_checkpoints_weights(tmp_path: Path)
     config["init_from"] = str(tmp_path / "missing.ckpt")
     with pytest.raises(ValueError, match=r"init_from \('.*missing.ckpt'\) is not a file"):
         run_all(load_config(_write(tmp_path, config)), progress=False)
+
+
+@pytest.mark.integration
+def test_a_phase_1_per_seed_is_what_phase_2_starts_from(tmp_path: Path) -> None:
+    """save_final writes each run's trained weights; init_from with {seed} starts each seed's
+    runs from its own: with an lr that does not move the weights, phase 2 ends where phase 1 did."""
+    config = json.loads(json.dumps(_TINY))
+    config.update(seeds=[0, 1], max_steps=4, eval_every=4, jobs=1, sharpness=None, save_final=True)
+    config["methods"] = {"SGD": {"strategy": {"sync_every": 1, "optimizer_state": "average"}}}
+    first = run_all(load_config(_write(tmp_path, config, "phase1.yaml"), out=tmp_path / "p1"), progress=False)
+    assert first[0]["final"]["val/loss"] != first[1]["final"]["val/loss"]  # the seeds differ
+    phase2 = json.loads(json.dumps(_TINY))
+    start = str(tmp_path / "p1" / "runs" / "sgd" / "seed{seed}" / "final.ckpt")
+    phase2.update(seeds=[0, 1], max_steps=2, eval_every=2, jobs=1, sharpness=None, init_from=start)
+    phase2["model"]["init_args"]["lr"] = 1e-9
+    phase2["methods"] = {"Local SGD (H=2)": {"strategy": {"sync_every": 2}}}
+    second = run_all(
+        load_config(_write(tmp_path, phase2, "phase2.yaml"), out=tmp_path / "p2"), progress=False
+    )
+    for a, b in zip(first, second):
+        assert b["final"]["val/loss"] == pytest.approx(a["final"]["val/loss"], abs=1e-5)
 
 
 def test_every_method_gets_its_own_line_style_and_marker() -> None:

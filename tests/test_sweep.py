@@ -58,6 +58,33 @@ def test_every_cell_method_and_seed_is_a_run_with_the_cells_values(tmp_path: Pat
     assert [r.data["init_args"]["label_noise"] for r in config.runs()[::4]] == [0.0, 0.4]
 
 
+def test_a_listed_grid_runs_its_cells_only(tmp_path: Path) -> None:
+    """Cells that are not every combination (here equal lr^2 x steps), each with its eval_every;
+    the report's tables leave the combinations it does not hold blank."""
+    cells = [
+        {"lr": 0.2, "max_steps": 8, "eval_every": 4},
+        {"lr": 0.1, "max_steps": 32, "eval_every": 8},
+        {"lr": 0.1, "max_steps": 16, "eval_every": 8},
+    ]
+    config = load_config(_config(tmp_path, sweep=cells))
+    assert [cell for cell, _ in config.cells()] == cells
+    assert config.sweep == {"lr": [0.2, 0.1], "max_steps": [8, 32, 16], "eval_every": [4, 8]}
+    assert len(config.runs()) == 3 * 2 * 2
+    for run in config.runs():
+        assert (run.model["init_args"]["lr"], run.max_steps, run.eval_every) == tuple(run.cell.values())
+    _pretend_trained(config.runs(), lambda run: 0.5 - 0.1 * (run.method != "SGD") + 0.01 * run.seed)
+    results = [json.loads((run.folder / "result.json").read_text()) for run in config.runs()]
+    text = sweep_report(config, results, "localsgd compare")["markdown"].read_text()
+    assert "The 3 cells listed in the config (lr, max_steps, eval_every)" in text
+    assert "| 0.1 | 16 | 8 | Local SGD (H=4) |" in text
+    two = load_config(_config(tmp_path, sweep=[{"lr": c["lr"], "max_steps": c["max_steps"]} for c in cells]))
+    _pretend_trained(two.runs(), lambda run: 0.5 - 0.1 * (run.method != "SGD") + 0.01 * run.seed)
+    results = [json.loads((run.folder / "result.json").read_text()) for run in two.runs()]
+    text = sweep_report(two, results, "localsgd compare")["markdown"].read_text()
+    pivot = text[text.index("Local SGD (H=4), gain over SGD:") :]
+    assert "| 0.2 | +0.1000 ± 0.0071 |  |  |" in pivot  # max_steps 8 only at lr 0.2
+
+
 @pytest.mark.parametrize(
     ("sweep", "extra", "message"),
     [
@@ -74,7 +101,14 @@ def test_every_cell_method_and_seed_is_a_run_with_the_cells_values(tmp_path: Pat
             r"methods.SGD sets model.lr, which sweep.lr sets for every method",
         ),
         ({"lr": [0.1]}, {"baseline": "Adam"}, r"baseline \('Adam'\) must be one of the methods"),
-        ([0.1], {}, r"sweep must be a mapping"),
+        (
+            [0.1],
+            {},
+            r"sweep must be a mapping \(key: \[values\], every combination a cell\) or a list of cells",
+        ),
+        ([{"lr": 0.1}, {"max_steps": 8}], {}, r"sweep\[1\] \(\{'max_steps': 8\}\) must set the same keys"),
+        ([{"lr": 0.1}, {"lr": 0.1}], {}, r"sweep lists a cell twice"),
+        ([{"eval_every": 3}], {}, r"eval_every \(3\) must divide max_steps \(8"),
     ],
 )
 def test_a_bad_grid_is_named(tmp_path: Path, sweep: Any, extra: dict[str, Any], message: str) -> None:

@@ -16,13 +16,17 @@ The run folder (``out``) holds::
 
 ``init_from: <checkpoint>`` (for the whole config or one method) starts every run from that
 Lightning checkpoint's model weights, with a fresh optimizer, lr schedule and sync state: the
-papers' "from a common SGD checkpoint" comparisons.
+papers' "from a common SGD checkpoint" comparisons. ``{seed}`` in the path is the run's seed,
+so that each seed starts from its own phase 1; ``save_final: true`` makes a comparison such a
+phase 1 (each run's trained weights in ``final.ckpt`` in its folder).
 
-``sweep: {lr: [...], max_steps: [...]}`` (keys ``lr``, ``max_steps``, ``model.<arg>``,
-``data.<arg>``) trains every cell of the grid x method x seed, each cell in ``cells/<cell>/``
-with its own report, and writes ``sweep.md``, ``sweep.csv`` and ``sweep.png``: per cell the
-final test loss, accuracy and Hessian trace, and each method's gain over ``baseline`` (default:
-the first method) with its standard error (:mod:`localsgd.research.compare.sweep`).
+``sweep: {lr: [...], max_steps: [...]}`` (keys ``lr``, ``max_steps``, ``eval_every``,
+``model.<arg>``, ``data.<arg>``) trains every cell of the grid x method x seed (or, with
+``sweep: [{lr: .., max_steps: ..}, ...]``, the cells listed, for grids that are not a
+product), each cell in ``cells/<cell>/`` with its own report, and writes ``sweep.md``,
+``sweep.csv`` and ``sweep.png``: per cell the final test loss, accuracy and Hessian trace,
+and each method's gain over ``baseline`` (default: the first method) with its standard error
+(:mod:`localsgd.research.compare.sweep`).
 
 A run counts as finished when its ``result.json`` exists and was written for the same run
 settings; running the command again skips finished runs and only redraws the report (a

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 # What a method may change, and the top-level keys; anything else is a typo.
-_METHOD_KEYS = {"strategy", "model", "data", "max_steps", "eval_every", "workers", "init_from"}
+_METHOD_KEYS = {"strategy", "model", "data", "max_steps", "eval_every", "workers", "init_from", "save_final"}
 _TOP_KEYS = {
     "out",
     "seeds",
@@ -34,11 +34,12 @@ _TOP_KEYS = {
     "sharpness",
     "methods",
     "init_from",
+    "save_final",
     "sweep",
     "baseline",
 }
 # What a sweep may vary: the learning rate, the training length, any model or data argument.
-_SWEEP_SHORT = {"lr": "model.lr", "max_steps": "max_steps"}
+_SWEEP_SHORT = {"lr": "model.lr", "max_steps": "max_steps", "eval_every": "eval_every"}
 # LocalSGDStrategy arguments the runner sets itself (or the Trainer fills in)
 _STRATEGY_FIXED = {
     "workers_per_device",
@@ -69,6 +70,9 @@ class RunSpec:
     sharpness: dict[str, Any] | None
     init_from: str | None = None
     """A Lightning checkpoint whose model weights (``state_dict``) the run starts from."""
+    save_final: bool = False
+    """Save the trained model's weights to ``final.ckpt`` in the run folder (a phase 1 that
+    another comparison starts from with ``init_from``)."""
     cell: dict[str, Any] = field(default_factory=dict)
     """The sweep cell the run belongs to (``{}`` without a sweep); its values are in the settings."""
 
@@ -76,6 +80,8 @@ class RunSpec:
         """What makes two runs the same run (the folder aside)."""
         keys = ("method", "seed", "workers", "max_steps", "eval_every", "accelerator", "init_from")
         out = {k: getattr(self, k) for k in keys}
+        if self.save_final:  # only when set: the runs saved before it existed stay finished
+            out["save_final"] = True
         return {
             **out,
             "model": self.model,
@@ -109,9 +115,15 @@ class CompareConfig:
     strategy: dict[str, Any] = field(default_factory=dict)
     sharpness: dict[str, Any] | None = None
     init_from: str | None = None
+    """Every run starts from this checkpoint's weights; ``{seed}`` in it is the run's seed."""
+    save_final: bool = False
     sweep: dict[str, list[Any]] = field(default_factory=dict)
     """A grid applied to every method: ``{key: [values]}``, keys ``lr``, ``max_steps``,
-    ``model.<argument>`` or ``data.<argument>``; every combination is a cell."""
+    ``eval_every``, ``model.<argument>`` or ``data.<argument>``; every combination is a cell
+    (with ``sweep_cells``: each key's values, in the order the cells first use them)."""
+    sweep_cells: list[dict[str, Any]] | None = None
+    """The cells themselves when the YAML lists them (``sweep: [{lr: .., max_steps: ..}, ...]``),
+    for grids that are not a product (e.g. equal lr^2 x steps); ``None``: every combination."""
     baseline: str | None = None
     """The method the others are compared with in a sweep's report (default: the first)."""
     source: dict[str, Any] = field(default_factory=dict)
@@ -123,13 +135,17 @@ class CompareConfig:
         if not self.sweep:
             return [({}, self)]
         out = []
-        for values in itertools.product(*self.sweep.values()):
-            cell = dict(zip(self.sweep, values))
-            sub = dataclasses.replace(self, sweep={}, out=self.out / "cells" / cell_slug(cell))
+        cells = self.sweep_cells
+        if cells is None:
+            cells = [dict(zip(self.sweep, values)) for values in itertools.product(*self.sweep.values())]
+        for cell in cells:
+            sub = dataclasses.replace(
+                self, sweep={}, sweep_cells=None, out=self.out / "cells" / cell_slug(cell)
+            )
             for key, value in cell.items():
                 target = _SWEEP_SHORT.get(key, key)
-                if target == "max_steps":
-                    sub.max_steps = value
+                if target in ("max_steps", "eval_every"):
+                    setattr(sub, target, value)
                 else:
                     part, name = target.split(".", 1)
                     spec = copy.deepcopy(getattr(sub, part))
@@ -166,7 +182,8 @@ class CompareConfig:
                         data=data,
                         strategy=strategy,
                         sharpness=self.sharpness,
-                        init_from=method.get("init_from", self.init_from),
+                        init_from=_for_seed(method.get("init_from", self.init_from), seed),
+                        save_final=method.get("save_final", self.save_final),
                     )
                 )
         return specs
@@ -176,6 +193,17 @@ class CompareConfig:
 def _positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} ({value!r}) must be an integer >= 1")
+    return value
+
+
+def _for_seed(path: str | None, seed: int) -> str | None:
+    """``path`` with ``{seed}`` replaced by ``seed`` (a phase 1 run per seed)."""
+    return None if path is None else path.replace("{seed}", str(seed))
+
+
+def _flag(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} ({value!r}) must be true or false")
     return value
 
 
@@ -228,37 +256,58 @@ def cell_slug(cell: dict[str, Any]) -> str:
     return "_".join(f"{slug(k.replace('.', '-')).replace('-', '_')}-{v}" for k, v in cell.items())
 
 
-def check_sweep(raw: Any, methods: dict[str, dict[str, Any]]) -> dict[str, list[Any]]:
-    """A sweep as ``{key: [distinct values]}``, or a ValueError naming the key and the rule."""
+def check_sweep(
+    raw: Any, methods: dict[str, dict[str, Any]]
+) -> tuple[dict[str, list[Any]], list[dict[str, Any]] | None]:
+    """A sweep as ``{key: [distinct values]}`` and, when the YAML lists the cells themselves,
+    that list (``None``: every combination); or a ValueError naming the key and the rule."""
     if raw is None:
-        return {}
-    sweep = _mapping("sweep", raw)
+        return {}, None
+    cells: list[dict[str, Any]] | None = None
+    if isinstance(raw, list) and raw and all(isinstance(c, dict) for c in raw):
+        keys = list(raw[0])
+        for i, cell in enumerate(raw):
+            if not cell or list(cell) != keys:
+                raise ValueError(
+                    f"sweep[{i}] ({cell!r}) must set the same keys, in the same order, as sweep[0] ({keys})"
+                )
+        if len({json.dumps(c, sort_keys=True, default=str) for c in raw}) != len(raw):
+            raise ValueError("sweep lists a cell twice: every cell must differ")
+        cells = [dict(c) for c in raw]
+        sweep = {k: list(dict.fromkeys(c[k] for c in cells)) for k in keys}
+    elif isinstance(raw, dict):
+        sweep = raw
+    else:
+        raise ValueError(
+            f"sweep must be a mapping (key: [values], every combination a cell) or a list of cells "
+            f"(each a mapping key: value), got {type(raw).__name__}: {raw!r}"
+        )
     for key, values in sweep.items():
         target = _SWEEP_SHORT.get(key, key)
         part, _, name = target.partition(".")
-        if target != "max_steps" and (part not in ("model", "data") or not name):
+        if target not in ("max_steps", "eval_every") and (part not in ("model", "data") or not name):
             raise ValueError(
-                f"sweep key {key!r} is not one a sweep can vary: lr, max_steps, model.<argument> or "
-                "data.<argument> (an init_arg of the model or data class)"
+                f"sweep key {key!r} is not one a sweep can vary: lr, max_steps, eval_every, "
+                "model.<argument> or data.<argument> (an init_arg of the model or data class)"
             )
         if not isinstance(values, list) or not values or len(set(map(str, values))) != len(values):
             raise ValueError(f"sweep.{key} ({values!r}) must be a non-empty list of distinct values")
         for value in values:
-            if target == "max_steps":
+            if target in ("max_steps", "eval_every"):
                 _positive_int(f"sweep.{key}", value)
             elif key == "lr" and (
                 isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0
             ):
                 raise ValueError(f"sweep.lr ({value!r}) must hold numbers > 0")
         for method_name, method in methods.items():
-            sets = key in ("max_steps",) and "max_steps" in method
+            sets = target in ("max_steps", "eval_every") and target in method
             sets = sets or bool(name and name in method.get(part, {}))
             if sets:
                 raise ValueError(
                     f"methods.{method_name} sets {target}, which sweep.{key} sets for every method: "
                     "drop one of them"
                 )
-    return {str(k): list(v) for k, v in sweep.items()}
+    return {str(k): list(v) for k, v in sweep.items()}, cells
 
 
 def slug(name: str) -> str:
@@ -308,6 +357,8 @@ def load_config(path: str | Path, *, out: str | Path | None = None, jobs: int | 
             _mapping(f"methods.{name}.{key}", method.get(key, {}))
         if "init_from" in method:
             _path_or_none(f"methods.{name}.init_from", method["init_from"])
+        if "save_final" in method:
+            _flag(f"methods.{name}.save_final", method["save_final"])
         for key in ("max_steps", "eval_every", "workers"):
             if key in method:
                 _positive_int(f"methods.{name}.{key}", method[key])
@@ -334,6 +385,7 @@ def load_config(path: str | Path, *, out: str | Path | None = None, jobs: int | 
         raise ValueError(
             f"x_axis ({x_axis!r}) must be 'step' or 'samples' (per worker x workers x local batch)"
         )
+    sweep, sweep_cells = check_sweep(raw.get("sweep"), methods)
     config = CompareConfig(
         out=Path(out if out is not None else raw.get("out", Path("runs") / path.stem)),
         seeds=seeds,
@@ -350,7 +402,9 @@ def load_config(path: str | Path, *, out: str | Path | None = None, jobs: int | 
         strategy=strategy,
         sharpness=sharpness,
         init_from=_path_or_none("init_from", raw.get("init_from")),
-        sweep=check_sweep(raw.get("sweep"), methods),
+        save_final=_flag("save_final", raw.get("save_final", False)),
+        sweep=sweep,
+        sweep_cells=sweep_cells,
         baseline=_baseline(raw.get("baseline"), methods),
         source=raw,
     )

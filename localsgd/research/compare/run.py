@@ -125,6 +125,10 @@ def train(run: RunSpec, *, queue: Any = None, index: int = 0, threads: int | Non
     start = time.perf_counter()
     trainer.fit(parts["model"], parts["data"])
     seconds = time.perf_counter() - start
+    if run.save_final:  # the weights only, as init_from reads them; before result.json marks it done
+        weights = {"state_dict": parts["model"].state_dict(), "global_step": trainer.global_step}
+        torch.save(weights, run.folder / "final.ckpt.tmp")
+        os.replace(run.folder / "final.ckpt.tmp", run.folder / "final.ckpt")
     final = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     result = {
         "method": run.method,

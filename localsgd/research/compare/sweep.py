@@ -87,7 +87,7 @@ def write_markdown(config: CompareConfig, rows: Sequence[dict[str, Any]], comman
         "",
         f"`{command}`",
         "",
-        f"The grid {dict(config.sweep)} x {len(config.methods)} methods x seeds {config.seeds}. Final "
+        f"{_grid(config)} x {len(config.methods)} methods x seeds {config.seeds}. Final "
         "values, mean ± std over seeds; the gain is the baseline's test loss minus the method's "
         "(positive: the method generalizes better) ± its standard error over independent seeds, and "
         "paired by seed: the mean of the per-seed differences ± their standard error (a seed gives "
@@ -121,6 +121,12 @@ def write_markdown(config: CompareConfig, rows: Sequence[dict[str, Any]], comman
     return path
 
 
+def _grid(config: CompareConfig) -> str:
+    if config.sweep_cells is None:
+        return f"The grid {dict(config.sweep)}"
+    return f"The {len(config.sweep_cells)} cells listed in the config ({', '.join(config.sweep)})"
+
+
 def _pivots(config: CompareConfig, rows: Sequence[dict[str, Any]], baseline: str) -> list[str]:
     """Per method, its gains in test loss and accuracy (and the Hessian trace, the baseline's too)
     as tables: the first sweep key down, the second across."""
@@ -149,10 +155,11 @@ def _pivots(config: CompareConfig, rows: Sequence[dict[str, Any]], baseline: str
             for a in config.sweep[first]:
                 cells = []
                 for b in config.sweep[second]:
-                    row = next(
-                        r for r in rows if r["method"] == method and r["cell"] == {first: a, second: b}
-                    )
-                    mean, err = row.get(what, (math.nan, math.nan))
+                    found = [r for r in rows if r["method"] == method and r["cell"] == {first: a, second: b}]
+                    if not found:  # a listed grid need not hold every combination
+                        cells.append("")
+                        continue
+                    mean, err = found[0].get(what, (math.nan, math.nan))
                     gain = what != "sharpness/hessian_trace"
                     cells.append(f"{mean:+.4f} ± {err:.4f}" if gain else f"{mean:.3g} ± {err:.2g}")
                 lines.append(f"| {a} | " + " | ".join(cells) + " |")
