@@ -199,3 +199,31 @@ def test_a_diverged_cell_does_not_flatten_the_other_gains() -> None:
     ticks = list(diverged.get_yticks())
     assert 0.0 in ticks and not any(0 < abs(t) < 0.05 for t in ticks)  # none crowding the 0 label
     plt.close(fig)
+
+
+def test_the_time_scale_report_finds_the_variable_that_sets_the_gain(tmp_path: Path) -> None:
+    """experiments/when_timescale.py on gains that are a function of lr^2 x steps (plus noise the
+    size of their standard errors): that variable collapses them, lr x steps does not."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("when_timescale", Path("experiments/when_timescale.py"))
+    assert spec is not None and spec.loader is not None
+    timescale = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(timescale)
+    cells = [(0.4, 128), (0.4, 256), (0.4, 512), (0.2, 512), (0.2, 1024), (0.2, 2048)]
+    cells += [(0.1, 2048), (0.1, 4096), (0.1, 8192), (0.2, 256), (0.1, 512), (0.1, 1024)]
+    columns = ["lr", "max_steps", "method", "seeds", "val/loss_mean", "sharpness/hessian_trace_mean"]
+    columns += ["paired_gain", "paired_gain_se", "seeds_better", "acc_gain", "acc_gain_se"]
+    with open(tmp_path / "sweep.csv", "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(columns)
+        for i, (lr, steps) in enumerate(cells):
+            gain = 0.01 * math.log2(lr * lr * steps) + 0.001 * (-1) ** i
+            writer.writerow([lr, steps, "SGD", 3, 0.5, 100, "", "", "", "", ""])
+            for method in timescale.METHODS:
+                writer.writerow([lr, steps, method, 3, 0.5 - gain, 80, gain, 0.001, 3, 0.0, 0.01])
+    text = timescale.report(tmp_path).read_text()
+    rows = {line.split(" | ")[0]: line for line in text.splitlines() if line.startswith("| Local SGD")}
+    squared, linear = (float(v.split(" (")[0]) for v in rows["| Local SGD (H=8)"].split(" | ")[1:3])
+    assert squared < 3 < 30 < linear, text
+    assert "| 20.48 | 128 steps: " in text and (tmp_path / "timescale.png").stat().st_size > 10_000
