@@ -123,6 +123,19 @@ def report(folder: Path) -> Path:
     return path
 
 
+def _gains(ax: Any, points: list[tuple[float, dict[str, Any]]], i: int, label: str) -> None:
+    """One line of (x, a cell's gain ± its paired SE)."""
+    points = sorted(points, key=lambda p: p[0])
+    ax.errorbar(
+        [x for x, _ in points],
+        [v["gain"] for _, v in points],
+        yerr=[v["se"] for _, v in points],
+        marker="osd^v"[i % 5],
+        capsize=3,
+        label=label,
+    )
+
+
 def plot(cells: dict[tuple[float, int], Any], folder: Path) -> None:
     import matplotlib
 
@@ -131,42 +144,18 @@ def plot(cells: dict[tuple[float, int], Any], folder: Path) -> None:
 
     lrs = sorted({lr for lr, _ in cells}, reverse=True)
     fig, axes = plt.subplots(len(METHODS), 3, figsize=(16, 4.2 * len(METHODS)), squeeze=False)
+    axis = {"xscale": "log", "ylabel": "test-loss gain over SGD (± paired SE)"}
     for r, method in enumerate(METHODS):
         for c, (power, name) in enumerate(((2, "lr^2 x steps"), (1, "lr x steps"))):
-            ax = axes[r][c]
             for i, lr in enumerate(lrs):
-                line = sorted((lr**power * s, cells[(lr, s)][method]) for l2, s in cells if l2 == lr)
-                ax.errorbar(
-                    [x for x, _ in line],
-                    [v["gain"] for _, v in line],
-                    yerr=[v["se"] for _, v in line],
-                    marker="osd^v"[i % 5],
-                    capsize=3,
-                    label=f"lr {lr:g}",
-                )
-            ax.set(
-                xscale="log",
-                xlabel=name,
-                ylabel="test-loss gain over SGD (± paired SE)",
-                title=f"{method}: gain vs {name}",
-            )
-        ax = axes[r][2]
+                line = [(lr**power * s, cells[(lr, s)][method]) for l2, s in cells if l2 == lr]
+                _gains(axes[r][c], line, i, f"lr {lr:g}")
+            axes[r][c].set(xlabel=name, title=f"{method}: gain vs {name}", **axis)
         for j, (x, members) in enumerate(sets(cells, 2).items()):
-            pts = sorted((lr, cells[(lr, s)][method]) for lr, s in members)
-            ax.errorbar(
-                [lr for lr, _ in pts],
-                [v["gain"] for _, v in pts],
-                yerr=[v["se"] for _, v in pts],
-                marker="osd^v"[j % 5],
-                capsize=3,
-                label=f"lr^2 x steps = {x:g}",
+            _gains(
+                axes[r][2], [(lr, cells[(lr, s)][method]) for lr, s in members], j, f"lr^2 x steps = {x:g}"
             )
-        ax.set(
-            xscale="log",
-            xlabel="lr",
-            ylabel="test-loss gain over SGD (± paired SE)",
-            title=f"{method}: gain vs lr at equal lr^2 x steps",
-        )
+        axes[r][2].set(xlabel="lr", title=f"{method}: gain vs lr at equal lr^2 x steps", **axis)
         for ax in axes[r]:
             ax.axhline(0.0, color="black", linewidth=0.8)
             ax.grid(alpha=0.3)

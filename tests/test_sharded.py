@@ -385,20 +385,24 @@ def test_whole_workers_refuse_a_sharded_checkpoint_by_name(tmp_path: Path) -> No
         trainer.fit(whole, ckpt_path=str(folder))
 
 
+def _plain_driver(mesh: Any, setting: str) -> tuple[nn.Module, torch.optim.Optimizer, LocalSGD]:
+    """A fresh sharded model, its AdamW and a plain loop's driver over ``mesh``."""
+    net = _shard(_net(), mesh)
+    opt = torch.optim.AdamW(net.parameters(), lr=0.01)
+    return net, opt, LocalSGD(net, opt, mesh=mesh, **_options(setting))
+
+
+def _plain_train(worker: int, shard: int, net: nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
+    for step in steps:
+        _step(net, opt, _batch(worker, shard, step))
+
+
 def _plain_resume(rank: int, setting: str) -> bool:
     """A plain loop's ``state_dict()`` taken mid-round (with sync_delay=2: a round in flight),
     saved per rank and loaded into a fresh model, optimizer and driver, continues bitwise."""
     mesh = _mesh()
-    worker, shard = mesh.get_coordinate()
-
-    def fresh() -> tuple[nn.Module, torch.optim.Optimizer, LocalSGD]:
-        net = _shard(_net(), mesh)
-        opt = torch.optim.AdamW(net.parameters(), lr=0.01)
-        return net, opt, LocalSGD(net, opt, mesh=mesh, **_options(setting))
-
-    def train(net: nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
-        for step in steps:
-            _step(net, opt, _batch(worker, shard, step))
+    fresh = functools.partial(_plain_driver, mesh, setting)
+    train = functools.partial(_plain_train, *mesh.get_coordinate())
 
     net, opt, ls = fresh()
     with ls:
@@ -434,16 +438,10 @@ def _plain_dcp_resume(rank: int, ckpt_dir: str, setting: str) -> dict[str, Any]:
     from localsgd.sharding import load_checkpoint, save_checkpoint
 
     mesh = _mesh()
-    worker, shard = mesh.get_coordinate()
+    train = functools.partial(_plain_train, *mesh.get_coordinate())
 
     def fresh(m: Any = mesh) -> tuple[nn.Module, torch.optim.Optimizer, LocalSGD]:
-        net = _shard(_net(), m)
-        opt = torch.optim.AdamW(net.parameters(), lr=0.01)
-        return net, opt, LocalSGD(net, opt, mesh=m, **_options(setting))
-
-    def train(net: nn.Module, opt: torch.optim.Optimizer, steps: range) -> None:
-        for step in steps:
-            _step(net, opt, _batch(worker, shard, step))
+        return _plain_driver(m, setting)
 
     out: dict[str, Any] = {}
     net, opt, ls = fresh()
