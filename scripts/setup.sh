@@ -32,4 +32,11 @@ step() {
     step "installing torch==${TORCH_VERSION:-2.13.0} (the CPU build where there is no GPU)" \
         .venv/bin/pip install -q "torch==${TORCH_VERSION:-2.13.0}"
 step "installing localsgd and its dependencies (pip install -e .[dev,ft,docs])" .venv/bin/pip install -q -e ".[dev,ft,docs]"
+# the language models' embedded corpus, the King James Bible (public domain): Debian's bible-kjv
+if ! command -v bible >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+    step "installing bible-kjv (the language models' embedded corpus)" sh -c \
+        'export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q --no-install-recommends bible-kjv >/dev/null 2>&1 ||
+         { apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends bible-kjv >/dev/null; }'
+fi
+command -v bible >/dev/null || echo "setup: bible-kjv is not installed (needs root and apt): the language models need path= to a text"
 .venv/bin/python -c "import localsgd, torch, lightning; print('localsgd ready: torch', torch.__version__, '| lightning', lightning.__version__)"

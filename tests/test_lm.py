@@ -1,0 +1,124 @@
+"""The language-model workload (localsgd.research.lm): the byte tokenizer, the GPT's causality and
+initial loss, the lr schedule, the text data module on local files and on the embedded corpus,
+and bad input named."""
+
+from __future__ import annotations
+
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from localsgd.research.lm import GPT, ByteTokenizer, LanguageModel, TextDataModule
+
+needs_corpus = pytest.mark.skipif(
+    shutil.which("bible") is None,
+    reason="Debian's bible-kjv is not installed (scripts/setup.sh installs it as root)",
+)
+
+
+def test_bytes_round_trip_through_256_tokens() -> None:
+    tok = ByteTokenizer()
+    for text in ("", "In the beginning", "héllo wörld ✓ 🙂\nline\ttab", "\x00\xff"):
+        tokens = tok.encode(text)
+        assert tokens.dtype == torch.long and (
+            tokens.numel() == 0 or 0 <= int(tokens.min()) <= int(tokens.max()) < 256
+        )
+        assert tokens.numel() == len(text.encode("utf-8")) and tok.decode(tokens) == text
+
+
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
+def test_initial_loss_is_about_ln_256_per_byte(positions: str) -> None:
+    torch.manual_seed(0)
+    model = LanguageModel(GPT.sized("micro", positions=positions))
+    tokens = torch.randint(0, 256, (8, 128))
+    with torch.no_grad():
+        loss = model.loss((tokens, torch.randint(0, 256, (8, 128))))
+    assert abs(float(loss) - math.log(256)) < 0.05, float(loss)
+
+
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
+def test_a_position_sees_only_the_bytes_before_it(positions: str) -> None:
+    torch.manual_seed(0)
+    net = GPT.sized("nano", positions=positions)
+    tokens = torch.randint(0, 256, (2, 32))
+    changed = tokens.clone()
+    changed[:, 20] = (changed[:, 20] + 1) % 256
+    a, b = net(tokens), net(changed)
+    assert torch.equal(a[:, :20], b[:, :20])  # causal: the past does not see byte 20
+    assert not torch.allclose(a[:, 20:], b[:, 20:])  # and byte 20 and after do
+
+
+def test_the_schedule_warms_up_linearly_then_decays_along_a_cosine() -> None:
+    model = LanguageModel(GPT.sized("nano"), lr=1e-3, warmup_steps=10, decay_steps=110, min_lr_ratio=0.1)
+    assert model.lr_factor(0) == pytest.approx(0.1) and model.lr_factor(9) == pytest.approx(1.0)
+    assert model.lr_factor(60) == pytest.approx(0.55)  # halfway: the mean of 1 and 0.1
+    assert model.lr_factor(110) == pytest.approx(0.1) and model.lr_factor(500) == pytest.approx(0.1)
+    assert LanguageModel(GPT.sized("nano"), warmup_steps=4).lr_factor(100) == 1.0
+
+
+def test_local_text_files_are_cut_into_next_byte_sequences(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("abcdefghij" * 20)
+    (tmp_path / "b.txt").write_text("0123456789" * 20)
+    data = TextDataModule(
+        path=[str(tmp_path / "a.txt"), str(tmp_path / "b.txt")], context=16, val_fraction=0.1
+    )
+    data.setup()
+    assert data.train_x is not None and data.train_y is not None and data.test_x is not None
+    assert data.train_x.shape[1] == 16 and torch.equal(data.train_x[:, 1:], data.train_y[:, :-1])
+    assert torch.equal(data.train_x[1, :1], data.train_y[0, -1:])  # the windows follow each other
+    text = ByteTokenizer().decode(torch.cat([data.train_x.flatten(), data.test_x.flatten()]))
+    assert text.startswith("abcdefghij") and "0123456789" in text  # both files, in order
+    assert len(data.test_x) == (401 - 361) // 16  # the last tenth of the 401 bytes
+
+
+@pytest.mark.parametrize(
+    ("build", "message"),
+    [
+        (lambda p: GPT.sized("huge"), r"size \('huge'\) must be one of"),
+        (lambda p: GPT(width=100, heads=3), r"width \(100\) must be a multiple of heads \(3\)"),
+        (lambda p: GPT(positions="absolute"), r"positions"),
+        (
+            lambda p: GPT.sized("nano")(torch.zeros(1, 65, dtype=torch.long)),
+            r"longer than the model's context \(64\)",
+        ),
+        (lambda p: LanguageModel(GPT.sized("nano"), warmup_steps=10, decay_steps=5), r"warmup_steps \(10\)"),
+        (
+            lambda p: TextDataModule(path=str(p / "missing.txt")).setup(),
+            r"path: .*missing.txt.* is not a file",
+        ),
+        (lambda p: TextDataModule(val_fraction=1.0), r"val_fraction \(1.0\) must be in \(0, 1\)"),
+        (
+            lambda p: TextDataModule(path=str(p / "short.txt"), context=64).setup(),
+            r"shorter than one sequence",
+        ),
+    ],
+)
+def test_bad_input_is_named(tmp_path: Path, build: object, message: str) -> None:
+    (tmp_path / "short.txt").write_text("too short")
+    with pytest.raises(ValueError, match=message):
+        build(tmp_path)  # type: ignore[operator]
+
+
+@needs_corpus
+def test_a_few_hundred_steps_on_the_embedded_corpus_learn_it() -> None:
+    """The King James Bible, 300 AdamW steps of the nano model: well below 8 bits per byte (a
+    uniform guess) and below 4.5 (3.65 measured)."""
+    torch.manual_seed(0)
+    data = TextDataModule(context=64, batch_size=16)
+    data.setup()
+    assert data.train_x is not None and data.train_y is not None
+    assert len(data.train_x) * 64 > 3_500_000  # the whole book, not a stub
+    model = LanguageModel(GPT.sized("nano"), lr=3e-3)
+    optimizer = model.configure_optimizers()["optimizer"]
+    for _ in range(300):
+        i = torch.randint(0, len(data.train_x), (16,))
+        loss = model.loss((data.train_x[i], data.train_y[i]))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        bpb = float(model.loss(data.eval_batch(torch.arange(256)))) / math.log(2)
+    assert bpb < 4.5, bpb
