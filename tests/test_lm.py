@@ -7,9 +7,12 @@ from __future__ import annotations
 import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from common import TIMEOUT, max_diff
+from distributed import run
 
 from localsgd.research.lm import GPT, ByteTokenizer, LanguageModel, TextDataModule
 
@@ -122,3 +125,41 @@ def test_a_few_hundred_steps_on_the_embedded_corpus_learn_it() -> None:
     with torch.no_grad():
         bpb = float(model.loss(data.eval_batch(torch.arange(256)))) / math.log(2)
     assert bpb < 4.5, bpb
+
+
+# ---------------------------------------------------------------------------- through the strategies
+def _fit(rank: int, text: str, workers_per_device: int, baseline: bool, path: str = "auto") -> dict[str, Any]:
+    import lightning.pytorch as pl
+    from common import make_trainer, snapshot
+
+    from localsgd import LocalSGDStrategy, SGDBaselineStrategy
+
+    pl.seed_everything(0, verbose=False)
+    model = LanguageModel(GPT.sized("nano", context=32), lr=3e-3, warmup_steps=2)
+    data = TextDataModule(path=text, context=32, batch_size=4, eval_batch_size=16)
+    if baseline:
+        strategy: Any = SGDBaselineStrategy(timeout=TIMEOUT)
+    else:
+        strategy = LocalSGDStrategy(
+            sync_every=4, workers_per_device=workers_per_device, simulation=path, timeout=TIMEOUT
+        )
+    trainer = make_trainer(strategy, max_steps=12, limit_val_batches=None, val_check_interval=12)
+    trainer.fit(model, data)
+    return {"final": snapshot(model), "val/bpb": float(trainer.callback_metrics["val/bpb"])}
+
+
+@pytest.mark.distributed
+def test_the_lm_trains_through_processes_simulated_workers_and_the_baseline(tmp_path: Path) -> None:
+    """2 gloo processes and 2 simulated workers in one process: the same Local SGD (<= 1e-6);
+    the synchronous AdamW baseline runs on the same data too."""
+    path = tmp_path / "text.txt"
+    path.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(300)))
+    processes = run(_fit, 2, str(path), 1, False)
+    simulated = run(_fit, 1, str(path), 2, False, "sequential")[0]
+    assert max_diff(processes[0]["final"], processes[1]["final"]) == 0.0  # averaged at the end
+    assert max_diff(simulated["final"], processes[0]["final"]) <= 1e-6
+    # (the validation metric is not compared: 2 processes each read half the validation set,
+    # padded to equal halves by the DistributedSampler)
+    assert simulated["val/bpb"] < 8.0 and processes[0]["val/bpb"] < 8.0
+    baseline = run(_fit, 2, str(path), 1, True)
+    assert baseline[0]["val/bpb"] < 8.0 and max_diff(baseline[0]["final"], baseline[1]["final"]) == 0.0

@@ -68,7 +68,8 @@ def _rotary(x: Tensor) -> Tensor:
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: causal self-attention, then a 4x MLP, each residual."""
+    """Pre-LayerNorm transformer block: causal self-attention, then a 4x MLP, each residual;
+    the projections have no biases."""
 
     def __init__(self, width: int, heads: int, positions: Positions) -> None:
         super().__init__()
@@ -76,9 +77,14 @@ class Block(nn.Module):
             raise ValueError(f"width ({width}) must be a multiple of heads ({heads})")
         self.heads, self.positions = heads, positions
         self.ln1, self.ln2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.qkv = nn.Linear(width, 3 * width)
-        self.proj = nn.Linear(width, width)
-        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+        # no biases in the projections: a key bias has no effect on the attention (the softmax
+        # ignores a constant per query), so its gradient is rounding noise, which Adam's
+        # normalization turns into steps of the lr's size
+        self.qkv = nn.Linear(width, 3 * width, bias=False)
+        self.proj = nn.Linear(width, width, bias=False)
+        self.mlp = nn.Sequential(
+            nn.Linear(width, 4 * width, bias=False), nn.GELU(), nn.Linear(4 * width, width, bias=False)
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         b, t, c = x.shape
@@ -195,10 +201,11 @@ class LanguageModel(pl.LightningModule):
         self.net = net if net is not None else GPT.sized(size)
         self.lr, self.betas, self.eps, self.weight_decay = lr, (betas[0], betas[1]), eps, weight_decay
         self.warmup_steps, self.decay_steps, self.min_lr_ratio = warmup_steps, decay_steps, min_lr_ratio
-        self._forward = torch.compile(self.net) if compile else self.net
+        # the compiled forward is a function, not a module: the state dict holds the net once
+        self._compiled = torch.compile(self.net.forward) if compile else None
 
     def forward(self, tokens: Tensor) -> Tensor:
-        return self._forward(tokens)
+        return self._compiled(tokens) if self._compiled is not None else self.net(tokens)
 
     def loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
         tokens, targets = batch
