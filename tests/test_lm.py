@@ -150,14 +150,16 @@ def _fit(rank: int, text: str, workers_per_device: int, baseline: bool, path: st
 
 @pytest.mark.distributed
 def test_the_lm_trains_through_processes_simulated_workers_and_the_baseline(tmp_path: Path) -> None:
-    """2 gloo processes and 2 simulated workers in one process: the same Local SGD (<= 1e-6);
-    the synchronous AdamW baseline runs on the same data too."""
+    """2 gloo processes and 2 simulated workers in one process, on both simulation paths: the
+    same Local SGD (<= 1e-6); the synchronous AdamW baseline runs on the same data too."""
     path = tmp_path / "text.txt"
     path.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(300)))
     processes = run(_fit, 2, str(path), 1, False)
     simulated = run(_fit, 1, str(path), 2, False, "sequential")[0]
+    batched = run(_fit, 1, str(path), 2, False, "batched")[0]  # the default on a GPU
     assert max_diff(processes[0]["final"], processes[1]["final"]) == 0.0  # averaged at the end
     assert max_diff(simulated["final"], processes[0]["final"]) <= 1e-6
+    assert max_diff(batched["final"], processes[0]["final"]) <= 1e-6
     # (the validation metric is not compared: 2 processes each read half the validation set,
     # padded to equal halves by the DistributedSampler)
     assert simulated["val/bpb"] < 8.0 and processes[0]["val/bpb"] < 8.0
