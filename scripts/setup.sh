@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Creates .venv (if missing) and installs the project with its dev, ft (torchft) and docs (mkdocs) extras.
+# Creates .venv (if missing) and installs the project with its dev, ft (torchft), docs (mkdocs) and
+# lm (Hugging Face datasets) extras.
 # torch goes in first, pinned: a bare torch requirement on a machine without torch
 # pulls a multi-GB CUDA build; with 2.13.0 present the project's torch>=2.4 adds nothing.
 # It says what it is doing, and while pip works, that it still does (every
@@ -31,7 +32,7 @@ step() {
 .venv/bin/python -c "import torch" 2>/dev/null ||
     step "installing torch==${TORCH_VERSION:-2.13.0} (the CPU build where there is no GPU)" \
         .venv/bin/pip install -q "torch==${TORCH_VERSION:-2.13.0}"
-step "installing localsgd and its dependencies (pip install -e .[dev,ft,docs])" .venv/bin/pip install -q -e ".[dev,ft,docs]"
+step "installing localsgd and its dependencies (pip install -e .[dev,ft,docs,lm])" .venv/bin/pip install -q -e ".[dev,ft,docs,lm]"
 # the language models' embedded corpus, the King James Bible (public domain): Debian's bible-kjv
 if ! command -v bible >/dev/null && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     step "installing bible-kjv (the language models' embedded corpus)" sh -c \

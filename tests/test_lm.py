@@ -165,3 +165,27 @@ def test_the_lm_trains_through_processes_simulated_workers_and_the_baseline(tmp_
     assert simulated["val/bpb"] < 8.0 and processes[0]["val/bpb"] < 8.0
     baseline = run(_fit, 2, str(path), 1, True)
     assert baseline[0]["val/bpb"] < 8.0 and max_diff(baseline[0]["final"], baseline[1]["final"]) == 0.0
+
+
+def test_a_hub_dataset_by_name_is_read_without_a_download(tmp_path: Path, monkeypatch: Any) -> None:
+    """dataset= goes through datasets.load_dataset (here a tiny dataset built locally in its
+    place): its text column, joined by newlines, cut at max_bytes."""
+    datasets = pytest.importorskip("datasets", reason="the lm extra (pip install -e '.[lm]')")
+    local = datasets.Dataset.from_dict(
+        {"text": [f"story {i}: once upon a time." for i in range(50)], "id": list(range(50))}
+    )
+    calls = []
+
+    def load_dataset(name: str, split: str) -> Any:
+        calls.append((name, split))
+        return local
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    data = TextDataModule(dataset="someone/stories", dataset_split="train", context=8, max_bytes=300)
+    assert data.text() == ("\n".join(local["text"]))[:300] and calls == [("someone/stories", "train")]
+    data.setup()
+    assert data.train_x is not None and data.train_x.shape[1] == 8
+    with pytest.raises(ValueError, match=r"text_field \('body'\) is not a column of 'someone/stories'"):
+        TextDataModule(dataset="someone/stories", text_field="body").text()
+    with pytest.raises(ValueError, match=r"pass path .* or dataset .*, not both"):
+        TextDataModule(dataset="someone/stories", path=str(tmp_path / "a.txt"))

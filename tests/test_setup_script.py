@@ -65,6 +65,6 @@ def test_setup_stops_with_the_step_that_failed(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert "no matching distribution" in proc.stderr
     assert (
-        "setup: installing localsgd and its dependencies (pip install -e .[dev,ft,docs]) failed (exit 1)"
+        "setup: installing localsgd and its dependencies (pip install -e .[dev,ft,docs,lm]) failed (exit 1)"
         in proc.stderr
     )

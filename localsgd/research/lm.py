@@ -273,8 +273,12 @@ class TextDataModule(InMemoryDataModule):
     of the training sequences (Lightning's DistributedSampler, or the simulator's).
 
     Args:
-        corpus: ``"kjv"`` (the embedded default, :func:`kjv_text`); ignored with ``path``.
+        corpus: ``"kjv"`` (the embedded default, :func:`kjv_text`); ignored with ``path`` or
+            ``dataset``.
         path: a text file, or a list of them (concatenated), instead of the corpus.
+        dataset: a Hugging Face dataset by name (``datasets.load_dataset(dataset, split=...)``,
+            the ``lm`` extra), its ``text_field`` column joined by newlines, at most
+            ``max_bytes`` of it (``None``: all).
         context: tokens per sequence (the model's context or less).
         batch_size: sequences per worker and step.
     """
@@ -284,6 +288,10 @@ class TextDataModule(InMemoryDataModule):
         *,
         corpus: Literal["kjv"] = "kjv",
         path: str | Sequence[str] | None = None,
+        dataset: str | None = None,
+        dataset_split: str = "train",
+        text_field: str = "text",
+        max_bytes: int | None = None,
         context: int = 128,
         batch_size: int = 16,
         eval_batch_size: int = 64,
@@ -301,18 +309,48 @@ class TextDataModule(InMemoryDataModule):
         )
         self.corpus = check_choice("corpus", corpus, ("kjv",))
         self.paths = [path] if isinstance(path, str) else list(path) if path is not None else None
+        if self.paths is not None and dataset is not None:
+            raise ValueError(f"pass path ({path!r}) or dataset ({dataset!r}), not both")
+        self.dataset, self.dataset_split, self.text_field = dataset, dataset_split, text_field
+        self.max_bytes = None if max_bytes is None else check_positive_int("max_bytes", max_bytes)
         self.context = check_positive_int("context", context)
         if not 0 < val_fraction < 1:
             raise ValueError(f"val_fraction ({val_fraction!r}) must be in (0, 1)")
         self.val_fraction = val_fraction
 
     def text(self) -> str:
+        if self.dataset is not None:
+            return self._hub_text()
         if self.paths is None:
             return kjv_text()
         missing = [p for p in self.paths if not Path(p).is_file()]
         if missing:
             raise ValueError(f"path: {missing} is not a file")
         return "\n".join(Path(p).read_text(encoding="utf-8") for p in self.paths)
+
+    def _hub_text(self) -> str:
+        try:
+            import datasets
+        except ImportError as err:
+            raise ValueError(
+                f"dataset={self.dataset!r} needs Hugging Face's datasets. HINT: pip install -e '.[lm]'"
+            ) from err
+        data = datasets.load_dataset(self.dataset, split=self.dataset_split)
+        if self.text_field not in data.column_names:
+            raise ValueError(
+                f"text_field ({self.text_field!r}) is not a column of {self.dataset!r}: {data.column_names}"
+            )
+        parts, size = [], 0
+        for record in data:
+            text = record[self.text_field]
+            parts.append(text)
+            size += len(text.encode("utf-8")) + 1
+            if self.max_bytes is not None and size >= self.max_bytes:
+                break
+        joined = "\n".join(parts)
+        if self.max_bytes is not None:
+            joined = joined.encode("utf-8")[: self.max_bytes].decode("utf-8", errors="ignore")
+        return joined
 
     def _load(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         tokens = ByteTokenizer().encode(self.text())
