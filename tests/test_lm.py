@@ -189,3 +189,31 @@ def test_a_hub_dataset_by_name_is_read_without_a_download(tmp_path: Path, monkey
         TextDataModule(dataset="someone/stories", text_field="body").text()
     with pytest.raises(ValueError, match=r"pass path .* or dataset .*, not both"):
         TextDataModule(dataset="someone/stories", path=str(tmp_path / "a.txt"))
+
+
+def _stream_check(rank: int, text: str) -> str:
+    import lightning.pytorch as pl
+    from common import make_trainer
+
+    from localsgd import LocalSGDStrategy
+
+    pl.seed_everything(0, verbose=False)
+    model = LanguageModel(GPT.sized("nano", context=16), lr=3e-3)
+    data = TextDataModule(path=text, context=16, batch_size=2)
+    try:
+        make_trainer(LocalSGDStrategy(sync_every=2, workers_per_device=2, timeout=TIMEOUT), max_steps=2).fit(
+            model, data
+        )
+    except ValueError as err:
+        return str(err)
+    return "trained"
+
+
+def test_simulated_workers_read_their_own_shards_of_the_stream(tmp_path: Path) -> None:
+    """The identical-stream check at the first sync passes on a real text (each simulated worker
+    draws its own sequences) and fails on one whose every sequence is the same."""
+    varied, same = tmp_path / "varied.txt", tmp_path / "same.txt"
+    varied.write_text("".join(f"verse {i}: and it came to pass.\n" for i in range(100)))
+    same.write_text("a" * 2000)
+    assert run(_stream_check, 1, str(varied)) == ["trained"]
+    assert "identical first batches" in run(_stream_check, 1, str(same))[0]
