@@ -12,6 +12,8 @@ How well a variable x collapses the gains: the cells come in sets of three lrs a
 within a set, chi^2 = sum (g_i - g_w)^2 / se_i^2 around the inverse-variance weighted mean g_w,
 summed over the sets (2 degrees of freedom each). If the gain were a function of x alone, chi^2 /
 dof would be about 1 (the seeds' noise); the variable with the smaller one collapses better.
+For comparison the same for the lr alone: every length at one lr in one set (a gain that does not
+depend on the length).
 """
 
 from __future__ import annotations
@@ -93,6 +95,9 @@ def table(
 def report(folder: Path) -> Path:
     cells = read(folder)
     by_sq, by_lin = sets(cells, 2), sets(cells, 1)
+    by_lr: dict[float, list[tuple[float, int]]] = defaultdict(list)  # the length left out
+    for lr, steps in cells:
+        by_lr[lr].append((lr, steps))
     lines = [
         f"# {folder.name}: the gain against lr^2 x steps and against lr x steps",
         "",
@@ -110,12 +115,12 @@ def report(folder: Path) -> Path:
         "How well each collapses the gains (chi^2 of the cells around their set's weighted mean, "
         "over its degrees of freedom; about 1 if the gain is a function of that variable alone):",
         "",
-        "| method | lr^2 x steps | lr x steps |",
-        "|---|---|---|",
+        "| method | lr^2 x steps | lr x steps | lr alone (every length at one lr) |",
+        "|---|---|---|---|",
     ]
     for m in METHODS:
-        (a, da), (b, db) = chi2(cells, by_sq, m), chi2(cells, by_lin, m)
-        lines.append(f"| {m} | {a / da:.2f} ({a:.1f} / {da}) | {b / db:.2f} ({b:.1f} / {db}) |")
+        fits = [chi2(cells, groups, m) for groups in (by_sq, by_lin, by_lr)]
+        lines.append(f"| {m} | " + " | ".join(f"{a / d:.2f} ({a:.1f} / {d})" for a, d in fits) + " |")
     lines += ["", "![time scale](timescale.png)", ""]
     path = folder / "timescale.md"
     path.write_text("\n".join(lines))
@@ -156,6 +161,12 @@ def plot(cells: dict[tuple[float, int], Any], folder: Path) -> None:
                 axes[r][2], [(lr, cells[(lr, s)][method]) for lr, s in members], j, f"lr^2 x steps = {x:g}"
             )
         axes[r][2].set(xlabel="lr", title=f"{method}: gain vs lr at equal lr^2 x steps", **axis)
+        for ax in axes[r][:2]:  # readable ticks: 5, 10, 20, 50, ...
+            ax.xaxis.set_minor_locator(matplotlib.ticker.LogLocator(subs=(2.0, 5.0)))
+            ax.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            ax.xaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+        axes[r][2].set_xticks(lrs, [f"{lr:g}" for lr in lrs])
+        axes[r][2].xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         for ax in axes[r]:
             ax.axhline(0.0, color="black", linewidth=0.8)
             ax.grid(alpha=0.3)
