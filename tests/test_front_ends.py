@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -359,3 +360,12 @@ def test_the_sharded_example_runs_two_workers_of_two_processes(tmp_path: Path) -
     model_bytes = 4 * (16 * 64 + 64 + 64 * 4 + 4)
     assert f"{model_bytes // 2} bytes per process per sync" in line, line  # each process: its half
     assert float(line.rsplit(" ", 1)[1]) > 0.8, f"the example did not learn: {line}"
+
+
+@pytest.mark.slow
+def test_the_lm_example_trains_diloco_on_the_embedded_corpus(tmp_path: Path) -> None:
+    if shutil.which("bible") is None:
+        pytest.skip("Debian's bible-kjv is not installed (scripts/setup.sh installs it as root)")
+    line = _run_example("lm", tmp_path)
+    assert "200 steps, 10 syncs" in line, line
+    assert float(line.split("validation ")[1].split()[0]) < 4.5, f"the example did not learn: {line}"
