@@ -42,7 +42,7 @@ def main() -> None:
         i = torch.randint(0, len(train_x), (BATCH,), generator=draws)
         optimizer.zero_grad()
         logits = lm(train_x[i])  # through Fabric's wrapper: its precision and hooks apply
-        fabric.backward(F.cross_entropy(logits.flatten(0, 1), train_y[i].flatten()))
+        fabric.backward(F.cross_entropy(logits.flatten(0, 1), train_y[i].flatten().long()))
         optimizer.step()  # DiLoCo's outer step every SYNC_EVERY steps
     fabric.strategy.finish()  # the final average
     driver = fabric.strategy.driver

@@ -176,17 +176,20 @@ def test_a_hub_dataset_by_name_is_read_without_a_download(tmp_path: Path, monkey
     )
     calls = []
 
-    def load_dataset(name: str, split: str) -> Any:
-        calls.append((name, split))
-        return local
+    def load_dataset(name: str, config: str | None, split: str, streaming: bool) -> Any:
+        calls.append((name, config, split, streaming))
+        return local.to_iterable_dataset() if streaming else local
 
     monkeypatch.setattr(datasets, "load_dataset", load_dataset)
     data = TextDataModule(dataset="someone/stories", dataset_split="train", context=8, max_bytes=300)
-    assert data.text() == ("\n".join(local["text"]))[:300] and calls == [("someone/stories", "train")]
+    assert data.text() == ("\n".join(local["text"]))[:300]
+    assert calls == [("someone/stories", None, "train", True)]  # streamed: read up to max_bytes only
     data.setup()
     assert data.train_x is not None and data.train_x.shape[1] == 8
     with pytest.raises(ValueError, match=r"text_field \('body'\) is not a column of 'someone/stories'"):
         TextDataModule(dataset="someone/stories", text_field="body").text()
+    whole = TextDataModule(dataset="someone/stories", dataset_config="v1", context=8)
+    assert whole.text() == "\n".join(local["text"]) and calls[-1] == ("someone/stories", "v1", "train", False)
     with pytest.raises(ValueError, match=r"pass path .* or dataset .*, not both"):
         TextDataModule(dataset="someone/stories", path=str(tmp_path / "a.txt"))
 
@@ -246,3 +249,18 @@ def test_the_lm_trains_in_bf16_mixed_precision(tmp_path: Path) -> None:
     a, b = run(_bf16, 2, str(path))
     assert a["dtypes"] == {torch.float32} and max_diff(a["final"], b["final"]) == 0.0
     assert a["val/bpb"] < 7.0, a["val/bpb"]
+
+
+def test_the_gpu_config_builds_gpt2_small_and_its_hub_data() -> None:
+    """configs/lm_gpt2_small_diloco.yaml (tests/test_cli.py parses it): its model is the size it
+    says and runs a forward pass; its data module is built (reading the hub is left to the GPU
+    node)."""
+    import yaml
+
+    config = yaml.safe_load((Path(__file__).parents[1] / "configs" / "lm_gpt2_small_diloco.yaml").read_text())
+    model = LanguageModel(**{**config["model"]["init_args"], "compile": False})
+    assert 84e6 < sum(p.numel() for p in model.parameters()) < 86e6  # "~85M" in the config
+    with torch.no_grad():
+        assert model(torch.zeros(1, 16, dtype=torch.long)).shape == (1, 16, 256)
+    data = TextDataModule(**config["data"]["init_args"])
+    assert (data.dataset, data.context, data.max_bytes) == ("HuggingFaceFW/fineweb-edu", 1024, 2_000_000_000)

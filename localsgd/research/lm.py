@@ -154,7 +154,7 @@ class GPT(nn.Module):
         t = tokens.shape[1]
         if t > self.context:
             raise ValueError(f"the sequence ({t} tokens) is longer than the model's context ({self.context})")
-        x = self.embed(tokens)
+        x = self.embed(tokens.long())  # the data holds bytes as uint8
         if self.position is not None:
             x = x + self.position(torch.arange(t, device=tokens.device))
         for block in self.blocks:
@@ -210,7 +210,7 @@ class LanguageModel(pl.LightningModule):
     def loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
         tokens, targets = batch
         logits = self(tokens)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1))
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1).long())
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         loss = self.loss(batch)
@@ -276,9 +276,10 @@ class TextDataModule(InMemoryDataModule):
         corpus: ``"kjv"`` (the embedded default, :func:`kjv_text`); ignored with ``path`` or
             ``dataset``.
         path: a text file, or a list of them (concatenated), instead of the corpus.
-        dataset: a Hugging Face dataset by name (``datasets.load_dataset(dataset, split=...)``,
-            the ``lm`` extra), its ``text_field`` column joined by newlines, at most
-            ``max_bytes`` of it (``None``: all).
+        dataset: a Hugging Face dataset by name (``datasets.load_dataset(dataset,
+            dataset_config, split=...)``, the ``lm`` extra), its ``text_field`` column joined by
+            newlines; with ``max_bytes`` streamed (nothing beyond what is read is downloaded) and
+            cut there, without it the whole split.
         context: tokens per sequence (the model's context or less).
         batch_size: sequences per worker and step.
     """
@@ -289,6 +290,7 @@ class TextDataModule(InMemoryDataModule):
         corpus: Literal["kjv"] = "kjv",
         path: str | Sequence[str] | None = None,
         dataset: str | None = None,
+        dataset_config: str | None = None,
         dataset_split: str = "train",
         text_field: str = "text",
         max_bytes: int | None = None,
@@ -311,7 +313,8 @@ class TextDataModule(InMemoryDataModule):
         self.paths = [path] if isinstance(path, str) else list(path) if path is not None else None
         if self.paths is not None and dataset is not None:
             raise ValueError(f"pass path ({path!r}) or dataset ({dataset!r}), not both")
-        self.dataset, self.dataset_split, self.text_field = dataset, dataset_split, text_field
+        self.dataset, self.dataset_config = dataset, dataset_config
+        self.dataset_split, self.text_field = dataset_split, text_field
         self.max_bytes = None if max_bytes is None else check_positive_int("max_bytes", max_bytes)
         self.context = check_positive_int("context", context)
         if not 0 < val_fraction < 1:
@@ -335,13 +338,16 @@ class TextDataModule(InMemoryDataModule):
             raise ValueError(
                 f"dataset={self.dataset!r} needs Hugging Face's datasets. HINT: pip install -e '.[lm]'"
             ) from err
-        data = datasets.load_dataset(self.dataset, split=self.dataset_split)
-        if self.text_field not in data.column_names:
-            raise ValueError(
-                f"text_field ({self.text_field!r}) is not a column of {self.dataset!r}: {data.column_names}"
-            )
-        parts, size = [], 0
+        data = datasets.load_dataset(
+            self.dataset, self.dataset_config, split=self.dataset_split, streaming=self.max_bytes is not None
+        )
+        parts: list[str] = []
+        size = 0
         for record in data:
+            if self.text_field not in record:
+                raise ValueError(
+                    f"text_field ({self.text_field!r}) is not a column of {self.dataset!r}: {sorted(record)}"
+                )
             text = record[self.text_field]
             parts.append(text)
             size += len(text.encode("utf-8")) + 1
@@ -353,7 +359,7 @@ class TextDataModule(InMemoryDataModule):
         return joined
 
     def _load(self, device: torch.device) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        tokens = ByteTokenizer().encode(self.text())
+        tokens = ByteTokenizer().encode(self.text()).to(torch.uint8)  # a byte each, not 8
         split = round(len(tokens) * (1 - self.val_fraction))
         train_x, train_y = self._sequences(tokens[:split])
         val_x, val_y = self._sequences(tokens[split:])
