@@ -264,3 +264,37 @@ def test_the_gpu_config_builds_gpt2_small_and_its_hub_data() -> None:
         assert model(torch.zeros(1, 16, dtype=torch.long)).shape == (1, 16, 256)
     data = TextDataModule(**config["data"]["init_args"])
     assert (data.dataset, data.context, data.max_bytes) == ("HuggingFaceFW/fineweb-edu", 1024, 2_000_000_000)
+
+
+def _sharded(rank: int, text: str) -> dict[str, Any]:
+    import lightning.pytorch as pl
+    from common import make_trainer
+
+    from localsgd import DiLoCo, LocalSGDStrategy
+
+    pl.seed_everything(0, verbose=False)
+    model = LanguageModel(GPT.sized("nano", context=32), lr=3e-3)
+    data = TextDataModule(path=text, context=32, batch_size=4, eval_batch_size=16)
+    strategy = LocalSGDStrategy(sync_every=4, shards_per_worker=2, outer_optimizer=DiLoCo(), timeout=TIMEOUT)
+    trainer = make_trainer(strategy, max_steps=12, limit_val_batches=None, val_check_interval=12)
+    trainer.fit(model, data)
+    block = model.net.blocks[0].qkv.weight
+    return {
+        "sharded": type(block).__name__ == "DTensor" and block.to_local().shape[0] < block.shape[0],
+        "global": [p.full_tensor() for p in model.net.parameters()],
+        "val/bpb": float(trainer.callback_metrics["val/bpb"]),
+    }
+
+
+@pytest.mark.distributed
+def test_the_lm_trains_on_sharded_workers(tmp_path: Path) -> None:
+    """LocalSGDStrategy(shards_per_worker=2) on 4 processes: the LanguageModel shards its GPT
+    in configure_model (a block per FSDP2 unit), DiLoCo runs over the 2 workers, and every
+    process ends with the same global model."""
+    path = tmp_path / "text.txt"
+    path.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog.\n" for i in range(300)))
+    results = run(_sharded, 4, str(path))
+    assert all(r["sharded"] for r in results)
+    for r in results[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(r["global"], results[0]["global"]))
+    assert results[0]["val/bpb"] < 8.0

@@ -201,11 +201,28 @@ class LanguageModel(pl.LightningModule):
         self.net = net if net is not None else GPT.sized(size)
         self.lr, self.betas, self.eps, self.weight_decay = lr, (betas[0], betas[1]), eps, weight_decay
         self.warmup_steps, self.decay_steps, self.min_lr_ratio = warmup_steps, decay_steps, min_lr_ratio
-        # the compiled forward is a function, not a module: the state dict holds the net once
-        self._compiled = torch.compile(self.net.forward) if compile else None
+        self.use_compile = compile  # (nn.Module.compile is a method)
+        self._compiled: Any = None
 
     def forward(self, tokens: Tensor) -> Tensor:
-        return self._compiled(tokens) if self._compiled is not None else self.net(tokens)
+        if not self.use_compile:
+            return self.net(tokens)
+        if self._compiled is None:  # at the first call: after configure_model sharded the net
+            # kept outside the module tree, so that the state dict holds the net once
+            object.__setattr__(self, "_compiled", torch.compile(self.net))
+        return self._compiled(tokens)
+
+    def configure_model(self) -> None:
+        """Under ``LocalSGDStrategy(shards_per_worker=S)``: shard the GPT with FSDP2 over the
+        worker's ``"shard"`` mesh dimension, each block one unit (whole workers: nothing)."""
+        mesh = self.device_mesh
+        if mesh is None or "shard" not in (mesh.mesh_dim_names or ()):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        for block in getattr(self.net, "blocks", ()):
+            fully_shard(block, mesh=mesh["shard"])
+        fully_shard(self.net, mesh=mesh["shard"])
 
     def loss(self, batch: tuple[Tensor, Tensor]) -> Tensor:
         tokens, targets = batch
