@@ -259,7 +259,7 @@ def test_the_gpu_config_builds_gpt2_small_and_its_hub_data() -> None:
 
     config = yaml.safe_load((Path(__file__).parents[1] / "configs" / "lm_gpt2_small_diloco.yaml").read_text())
     model = LanguageModel(**{**config["model"]["init_args"], "compile": False})
-    assert 84e6 < sum(p.numel() for p in model.parameters()) < 86e6  # "~85M" in the config
+    assert 85.5e6 < sum(p.numel() for p in model.parameters()) < 86.5e6  # "~86M" in the config
     with torch.no_grad():
         assert model(torch.zeros(1, 16, dtype=torch.long)).shape == (1, 16, 256)
     data = TextDataModule(**config["data"]["init_args"])
