@@ -113,3 +113,23 @@ def test_link_bench_quick_on_two_emulated_nodes(tmp_path: Path) -> None:
     assert 0.5 < local["predicted_ratio"] < 1.0 and 0.4 < local["ratio_to_limit"] < 1.5
     namespaces = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
     assert "lsgdb" not in namespaces  # removed at exit
+
+
+@pytest.mark.integration
+def test_lm_step_bench_quick_under_torchrun(tmp_path: Path) -> None:
+    out = tmp_path / "result.json"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cmd += [str(ROOT / "bench" / "lm_step.py"), "--quick", "--out", str(out)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["processes"] == 2 and set(result["ms_per_step"]) == {
+        "loop before",
+        "strategy",
+        "loop after",
+    }
+    assert result["strategy_over_loop"] > 0
+    refused = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "lm_step.py")], capture_output=True, text=True
+    )
+    assert refused.returncode == 2 and "run it under torchrun" in refused.stderr
