@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from localsgd.core.options import check_choice
 from localsgd.core.schedules import check_positive_int
-from localsgd.research.data import InMemoryDataModule
+from localsgd.research.data import InMemoryDataModule, Sampling
 from localsgd.research.models import weight_decay_groups
 
 
@@ -315,7 +315,7 @@ class TextDataModule(InMemoryDataModule):
         batch_size: int = 16,
         eval_batch_size: int = 64,
         val_fraction: float = 0.05,
-        sampling: Literal["without_replacement", "with_replacement"] = "without_replacement",
+        sampling: Sampling = "without_replacement",
         noise_seed: int | None = None,
         device: str | None = None,
     ) -> None:
