@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import re
 import subprocess
@@ -193,7 +194,7 @@ def _bad(tmp_path: Path, **changes: Any) -> Path:
         ({"eval_every": 3}, r"eval_every \(3\) must divide max_steps \(8"),
         ({"seeds": [0, 0]}, r"seeds \(\[0, 0\]\) must be a non-empty list of distinct integers"),
         ({"workers": 0}, r"workers \(0\) must be an integer >= 1"),
-        ({"x_axis": "epoch"}, r"x_axis \('epoch'\) must be 'step' or 'samples'"),
+        ({"x_axis": "epoch"}, r"x_axis \('epoch'\) must be 'step', 'samples'"),
         ({"methods": {}}, r"methods is empty"),
         ({"methods.SGD": {"sync_every": 1}}, r"methods.SGD has unknown key\(s\) \['sync_every'\]"),
         ({"methods.SGD": {"strategy": {"workers_per_device": 2}}}, r"methods.SGD.strategy cannot set"),
@@ -326,3 +327,59 @@ def test_a_run_that_fails_while_training_leaves_its_traceback_in_its_log(tmp_pat
     assert "Traceback" in log and "ValueError: num_fragments (8) must be at most the number" in log, log[
         -2000:
     ]
+
+
+def test_a_language_model_comparison_reports_bits_per_byte_paired_differences_and_bytes_sent(
+    tmp_path: Path,
+) -> None:
+    import importlib
+
+    compare_report = importlib.import_module("localsgd.research.compare.report")  # (not the function)
+
+    raw = {
+        **{k: v for k, v in _TINY.items() if k not in ("model", "data", "sharpness")},
+        "model": {"class_path": "localsgd.research.lm.LanguageModel", "init_args": {"size": "nano"}},
+        "data": {
+            "class_path": "localsgd.research.lm.TextDataModule",
+            "init_args": {"context": 32, "batch_size": 4},
+        },
+        "x_axis": "tokens",
+        "baseline": "SGD",
+    }
+    config = load_config(_write(tmp_path, {"out": str(tmp_path / "out"), **raw}))
+    # val/bpb at the end: SGD 2.0 / 2.2 (seeds 0, 1); Local SGD 2.1 / 2.4 -> paired +0.1, +0.2
+    bpb = {("SGD", 0): 2.0, ("SGD", 1): 2.2, ("Local SGD (H=4)", 0): 2.1, ("Local SGD (H=4)", 1): 2.4}
+    per_step = {"SGD": 1000.0, "Local SGD (H=4)": 250.0}  # bytes per optimizer step
+    results = []
+    for run in config.runs():
+        run.folder.mkdir(parents=True)
+        with open(run.folder / "metrics.csv", "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["step", "epoch", "comm/bytes", "val/bpb", "val/loss"])
+            for step in (3, 7):  # the evaluations after 4 and 8 steps
+                final = bpb[run.method, run.seed] + (step == 3)
+                writer.writerow([step, 0, per_step[run.method] * (step + 1), final, final * math.log(2)])
+        results.append({"method": run.method, "seed": run.seed, "steps": 8, "seconds": 1.0, "final": {}})
+    assert compare_report._x_scale(config, config.runs()[0]) == 2 * 4 * 32  # workers x batch x context
+    paths = compare_report.report(config, results, "localsgd compare --config tiny.yaml")
+    text = paths["markdown"].read_text()
+    assert "| method | val/bpb | val/loss | val/bpb - SGD's, paired by seed |" in text
+    # differences 0.1 and 0.2: mean 0.15, std 0.0707, standard error 0.05; both seeds above
+    assert (
+        "| Local SGD (H=4) | 2.2500 ± 0.2121 |" in text and "| +0.1500 ± 0.0500 (2/2 seeds above) |" in text
+    )
+    assert "| SGD | 2.1000 ± 0.1414 |" in text and "(baseline)" in text
+    seen: list[str] = []
+    import matplotlib.axes
+
+    set_title, set_xlabel = matplotlib.axes.Axes.set_title, matplotlib.axes.Axes.set_xlabel
+    try:
+        matplotlib.axes.Axes.set_title = lambda ax, label, **kw: seen.append(label)  # type: ignore[method-assign]
+        matplotlib.axes.Axes.set_xlabel = lambda ax, label, **kw: seen.append(label)  # type: ignore[method-assign]
+        compare_report.plot(config, tmp_path / "plot.png")
+    finally:
+        matplotlib.axes.Axes.set_title, matplotlib.axes.Axes.set_xlabel = set_title, set_xlabel
+    # bits per byte replaces the same curve in nats; the bytes panel has its own x axis
+    assert "val/bpb (held-out split, bits per byte)" in seen and "val/loss (held-out split)" not in seen
+    assert "val/bpb against MB sent per worker (log scale)" in seen and "MB sent per worker" in seen
+    assert "tokens (all workers)" in seen

@@ -381,9 +381,10 @@ def load_config(path: str | Path, *, out: str | Path | None = None, jobs: int | 
         if _SHARPNESS_FIXED & set(sharpness):
             raise ValueError(f"sharpness cannot set {sorted(_SHARPNESS_FIXED & set(sharpness))}")
     x_axis = raw.get("x_axis", "step")
-    if x_axis not in ("step", "samples"):
+    if x_axis not in ("step", "samples", "tokens"):
         raise ValueError(
-            f"x_axis ({x_axis!r}) must be 'step' or 'samples' (per worker x workers x local batch)"
+            f"x_axis ({x_axis!r}) must be 'step', 'samples' (per worker x workers x local batch) "
+            "or 'tokens' (samples x the data's context)"
         )
     sweep, sweep_cells = check_sweep(raw.get("sweep"), methods)
     config = CompareConfig(

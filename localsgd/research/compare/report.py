@@ -15,6 +15,7 @@ from localsgd.research.compare.config import CompareConfig, RunSpec
 # val/* is measured on the held-out split; the report calls it by that one name, as summary.csv does
 _CURVES = [
     ("val/acc", "val/acc (held-out split)"),
+    ("val/bpb", "val/bpb (held-out split, bits per byte)"),
     ("val/loss", "val/loss (held-out split)"),
     ("train/loss", "training loss (mean since the last evaluation)"),
     ("sharpness/hessian_trace", "Hessian trace"),
@@ -22,6 +23,7 @@ _CURVES = [
 ]
 _TABLE = [
     ("val/acc", "val/acc", "{:.4f}"),
+    ("val/bpb", "val/bpb", "{:.4f}"),
     ("val/loss", "val/loss", "{:.4f}"),
     ("sharpness/hessian_trace", "Hessian trace", "{:.3g}"),
     ("sharpness/top_eigenvalue", "top eigenvalue", "{:.3g}"),
@@ -61,11 +63,13 @@ def summarize(config: CompareConfig, results: Sequence[dict[str, Any]]) -> list[
     rows = []
     for method, pairs in by_method.items():
         row: dict[str, Any] = {"method": method, "seeds": len(pairs)}
-        curves = [read_metrics(run.folder) for run, _ in pairs]
+        curves = {run.seed: read_metrics(run.folder) for run, _ in pairs}
+        row["per_seed"] = {}
         for key, _, _ in _TABLE:
-            values = [v for v in (_last(c, key) for c in curves) if v is not None]
-            if values:
-                row[key] = _mean_std(values)
+            per_seed = {seed: v for seed, c in curves.items() if (v := _last(c, key)) is not None}
+            if per_seed:
+                row[key] = _mean_std(list(per_seed.values()))
+                row["per_seed"][key] = per_seed
         finals = [r["final"] for _, r in pairs]
         row["steps"] = pairs[0][1]["steps"]
         row["workers"] = pairs[0][0].workers
@@ -73,7 +77,29 @@ def summarize(config: CompareConfig, results: Sequence[dict[str, Any]]) -> list[
         row["mb"] = finals[0].get("comm/bytes", float("nan")) / 1e6
         row["seconds"] = sum(r["seconds"] for _, r in pairs) / len(pairs)
         rows.append(row)
+    if config.baseline is not None and not config.sweep:
+        base = next(r for r in rows if r["method"] == config.baseline)
+        paired = next((k for k in _PAIRED if k in base["per_seed"]), None)
+        for row in rows:
+            if paired is not None and row is not base and paired in row["per_seed"]:
+                row["paired"] = (paired, *_paired(row["per_seed"][paired], base["per_seed"][paired]))
     return rows
+
+
+# the metric a method's difference from the baseline is taken in: the first one the runs logged
+_PAIRED = ("val/bpb", "val/loss")
+
+
+def _paired(a: dict[int, float], b: dict[int, float]) -> tuple[tuple[float, float], int]:
+    """The mean over common seeds of a - b, its standard error (std / sqrt(n)) and how many seeds
+    have a > b. A seed gives every method the same initialization, data order and label noise,
+    so the per-seed differences are the tighter measure: they leave out what the seeds share."""
+    diffs = [a[seed] - b[seed] for seed in sorted(a.keys() & b.keys())]
+    if not diffs:
+        return (math.nan, math.nan), 0
+    mean, std = _mean_std(diffs)
+    se = std / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
+    return (mean, se), sum(d > 0 for d in diffs)
 
 
 def _finals(config: CompareConfig, results: Sequence[dict[str, Any]]) -> list[dict[str, float]]:
@@ -104,7 +130,11 @@ def write_summary_csv(config: CompareConfig, results: Sequence[dict[str, Any]]) 
 
 def write_markdown(config: CompareConfig, rows: Sequence[dict[str, Any]], command: str) -> Path:
     metrics = [(k, label, fmt) for k, label, fmt in _TABLE if any(k in r for r in rows)]
-    header = ["method", *(label for _, label, _ in metrics), "comm rounds", "MB sent / worker", "s / run"]
+    paired = next((r["paired"][0] for r in rows if "paired" in r), None)
+    header = ["method", *(label for _, label, _ in metrics)]
+    if paired is not None:
+        header.append(f"{paired} - {config.baseline}'s, paired by seed")
+    header += ["comm rounds", "MB sent / worker", "s / run"]
     lines = [
         f"# {config.title}",
         "",
@@ -115,7 +145,14 @@ def write_markdown(config: CompareConfig, rows: Sequence[dict[str, Any]], comman
         f"its own; seeds {config.seeds}; metrics at the last step, mean ± std over seeds "
         "(`val/*`: the held-out split, never trained on; summary.csv has every column per run, "
         "Hessian trace as `sharpness/hessian_trace`). "
-        "Each run's files are in `runs/<method slug>/seed<S>/` (the method's name in lower case, "
+        + (
+            f"The difference from `{config.baseline}` is the mean over seeds of each seed's "
+            "difference ± its standard error (std / sqrt(seeds)): a seed gives every method the same "
+            "initialization and data order. "
+            if config.baseline is not None and not config.sweep
+            else ""
+        )
+        + "Each run's files are in `runs/<method slug>/seed<S>/` (the method's name in lower case, "
         "dashes for the rest: `Local SGD (H=4)` -> `local-sgd-h-4`).",
         "",
         "| " + " | ".join(header) + " |",
@@ -129,6 +166,12 @@ def write_markdown(config: CompareConfig, rows: Sequence[dict[str, Any]], comman
                 cells.append(f"{fmt.format(mean)} ± {fmt.format(std)}")
             else:
                 cells.append("")
+        if paired is not None:
+            if "paired" in row:
+                _, (mean, se), above = row["paired"]
+                cells.append(f"{mean:+.4f} ± {se:.4f} ({above}/{row['seeds']} seeds above)")
+            else:
+                cells.append("(baseline)" if row["method"] == config.baseline else "")
         if row["workers"] == 1:  # one worker talks to nobody
             cells += ["none (1 worker)", "0", f"{row['seconds']:.0f}"]
         else:
@@ -170,21 +213,31 @@ def plot(config: CompareConfig, path: Path | None = None) -> Path:
             for v in c.values()
         )
     ]
+    if any(key == "val/bpb" for key, _ in curves):  # the same curve in other units
+        curves = [(key, label) for key, label in curves if key != "val/loss"]
+    # the quality a sync buys: the first loss the runs logged against the bytes each worker sent
+    sent = [k for k in _PAIRED if any(k == key for key, _ in curves)][:1]
+    if sent and any(v > 0 for s in series.values() for _, v in s.get("comm/bytes", [])):
+        curves.append((_SENT + sent[0], f"{sent[0]} against MB sent per worker (log scale)"))
     columns = min(2, max(1, len(curves)))
     rows = max(1, math.ceil(len(curves) / columns))
     fig, axes = plt.subplots(rows, columns, figsize=(5.2 * columns, 3.4 * rows), squeeze=False)
     methods = list(config.methods)
     colors = plt.get_cmap("tab10")
-    for ax, (key, label) in zip(axes.flat, curves):
+    for ax, (panel, label) in zip(axes.flat, curves):
+        key = panel.removeprefix(_SENT)
         for m, method in enumerate(methods):
             method_runs = [r for r in runs if r.method == method]
             scale = _x_scale(config, method_runs[0])
             per_seed = [points[(r.method, r.seed, key)] for r in method_runs]
             steps = sorted(set.intersection(*(set(s) for s in per_seed))) if per_seed else []
+            if panel != key:  # bytes are the same for every seed: the first seed's count
+                sent_at = dict(series[(method, method_runs[0].seed)].get("comm/bytes", []))
+                steps = [step for step in steps if sent_at.get(step, 0) > 0]
             if not steps:
                 continue
             values = [[s[step] for s in per_seed] for step in steps]
-            x = [step * scale for step in steps]
+            x = [sent_at[step] / 1e6 if panel != key else step * scale for step in steps]
             mean = [sum(v) / len(v) for v in values]
             linestyle, marker = line_style(m)
             # dashes and markers at staggered points: a curve that equals another still shows
@@ -204,7 +257,11 @@ def plot(config: CompareConfig, path: Path | None = None) -> Path:
                     x, [min(v) for v in values], [max(v) for v in values], color=colors(m % 10), alpha=0.2
                 )
         ax.set_title(label, fontsize=10)
-        ax.set_xlabel("samples (all workers)" if config.x_axis == "samples" else "optimizer step")
+        if panel != key:
+            ax.set_xlabel("MB sent per worker")
+            ax.set_xscale("log")
+        else:
+            ax.set_xlabel(_X_LABELS[config.x_axis])
         drawn = [y for line in ax.get_lines() for y in line.get_ydata()]
         if key == "localsgd/divergence" or (key == "sharpness/hessian_trace" and drawn and min(drawn) > 0):
             ax.set_yscale("log")
@@ -255,12 +312,21 @@ def _curve(series: dict[str, list[tuple[int, float]]], key: str, eval_every: int
     return {step: sum(v) / len(v) for step, v in windows.items()}
 
 
+_SENT = "sent:"  # a panel against the bytes sent rather than the x axis
+_X_LABELS = {"step": "optimizer step", "samples": "samples (all workers)", "tokens": "tokens (all workers)"}
+
+
 def _x_scale(config: CompareConfig, run: RunSpec) -> float:
     if config.x_axis == "step":
         return 1.0
     batch = _local_batch(run.data)
     if not isinstance(batch, int):
-        raise ValueError("x_axis: samples needs data.init_args.batch_size in the config")
+        raise ValueError(f"x_axis: {config.x_axis} needs data.init_args.batch_size in the config")
+    if config.x_axis == "tokens":
+        context = run.data.get("init_args", {}).get("context")
+        if not isinstance(context, int):
+            raise ValueError("x_axis: tokens needs data.init_args.context in the config")
+        return float(run.workers * batch * context)
     return float(run.workers * batch)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from localsgd.research.compare.config import CompareConfig
-from localsgd.research.compare.report import _last, _mean_std, line_style, read_metrics, report
+from localsgd.research.compare.report import _last, _mean_std, _paired, line_style, read_metrics, report
 
 METRICS = (("val/loss", "test loss"), ("val/acc", "test acc"), ("sharpness/hessian_trace", "Hessian trace"))
 
@@ -51,18 +51,6 @@ def cell_rows(config: CompareConfig) -> list[dict[str, Any]]:
                 )
             rows.append(row)
     return rows
-
-
-def _paired(a: dict[int, float], b: dict[int, float]) -> tuple[tuple[float, float], int]:
-    """The mean over common seeds of a - b, its standard error (std / sqrt(n)) and how many seeds
-    have a > b. A seed gives every method the same initialization, data order and label noise,
-    so the per-seed differences are the tighter measure: they leave out what the seeds share."""
-    diffs = [a[seed] - b[seed] for seed in sorted(a.keys() & b.keys())]
-    if not diffs:
-        return (math.nan, math.nan), 0
-    mean, std = _mean_std(diffs)
-    se = std / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
-    return (mean, se), sum(d > 0 for d in diffs)
 
 
 def _difference(a: Sequence[float], b: Sequence[float]) -> tuple[float, float]:
