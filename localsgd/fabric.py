@@ -4,13 +4,14 @@ A Fabric strategy over the framework-free driver (:class:`localsgd.LocalSGD`): t
 wrapped in DistributedDataParallel (no gradient all-reduce), and every ``optimizer.step()`` of
 the optimizer Fabric set up counts one step and syncs when the schedule says so. ``fabric.save``
 writes the averaged model to the checkpoint and each rank's own state beside it
-(``<path>.ranks/rank<R>.pt``; sharded workers: one ``torch.distributed.checkpoint`` folder);
+(``<path>.ranks/step<N>/rank<R>.pt``; sharded workers: one ``torch.distributed.checkpoint`` folder);
 ``fabric.load`` restores both, so a resumed run continues exactly.
 Call :meth:`LocalSGDFabricStrategy.finish` after the loop for the final average.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any, Literal
@@ -226,12 +227,24 @@ class LocalSGDFabricStrategy(DDPStrategy):
                     "save without them"
                 )
             return save_checkpoint(path, state, self.driver, barrier=lambda: self.barrier("localsgd save"))
+        # the set is whole or absent (localsgd.core.files): every rank's own state first, then the
+        # main file naming them, then the sets before go
         own = {"driver": self.driver.state_dict(), "rng": files.rng_state()}
-        files.atomic_save(own, files.rank_file(path, self.global_rank))
-        state = {**state, _KEY: {**self.driver.sync_state_dict(), "world_size": self.world_size}}
+        generation = files.generation(self.driver.num_steps)
+        files.atomic_save(own, files.rank_file(path, self.global_rank, generation))
+        self.barrier("localsgd rank files")
+        sync = {**self.driver.sync_state_dict(), "world_size": self.world_size, "rank_files": generation}
+        state = {**state, _KEY: sync}
         with self.driver.averaged("checkpoint"):
-            super().save_checkpoint(path, state, storage_options, filter)
+            if files.is_local(path):  # rank 0 writes it: through a temporary name and a rename
+                tmp = f"{path}.{os.getpid()}.tmp"
+                super().save_checkpoint(tmp, state, storage_options, filter)
+                if os.path.exists(tmp):
+                    files.durable_replace(tmp, path)
+            else:
+                super().save_checkpoint(path, state, storage_options, filter)
         self.barrier("localsgd save")  # every rank file exists before anyone loads from it
+        files.retire(path, self.global_rank, keep=generation)
 
     def load_checkpoint(
         self,
@@ -258,7 +271,8 @@ class LocalSGDFabricStrategy(DDPStrategy):
         sync = remainder.pop(_KEY, None) if isinstance(remainder, dict) else None
         if sync is None or self.driver is None:
             return remainder
-        own_path = files.rank_file(path, self.global_rank)
+        # the folder of its set (absent: the flat layout of checkpoints written before sets had folders)
+        own_path = files.rank_file(path, self.global_rank, sync.get("rank_files"))
         if sync.get("world_size") == self.world_size and files.exists(own_path):
             own = files.load(own_path, f"rank {self.global_rank}'s state file")
             self.driver.load_state_dict(own["driver"])  # this rank's own model, not the average

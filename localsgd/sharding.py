@@ -118,18 +118,45 @@ def save_dcp(
 
     final = Path(path)
     partial = final.with_name(final.name + ".partial")
+    old = final.with_name(final.name + ".old")
     if rank == 0 and partial.exists():
         shutil.rmtree(partial)  # left by a crash
+    if rank == 0 and not (final.exists() or final.is_symlink()) and old.exists():
+        os.replace(old, final)  # a crash between swap_in's two renames: the previous one is back
     barrier()
     dcp.save(state, checkpoint_id=partial)  # returns once every process has written its part
     if rank == 0:
         torch.save(meta, partial / META)
-        old = final.with_name(final.name + ".old")
-        if final.exists() or final.is_symlink():
-            os.replace(final, old)
-        os.replace(partial, final)
-        _remove(old)
+        swap_in(partial, final)
     barrier()
+
+
+def swap_in(new: Path, final: Path) -> None:
+    """Put the finished folder ``new`` at ``final`` and delete what was there, so that ``final``
+    always holds one whole checkpoint: on Linux by exchanging the two in one step
+    (``renameat2(RENAME_EXCHANGE)``); elsewhere, or where the file system refuses it, by two
+    renames, with a crash between them undone by the next save (the old one is at ``.old``)."""
+    old = final.with_name(final.name + ".old")
+    if not (final.exists() or final.is_symlink()):
+        os.replace(new, final)
+    elif _exchange(new, final):
+        _remove(new)  # now the previous checkpoint
+        return
+    else:
+        os.replace(final, old)
+        os.replace(new, final)
+    _remove(old)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    import ctypes
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
 def _remove(path: Path) -> None:

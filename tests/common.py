@@ -207,3 +207,12 @@ def newcomer_env() -> dict[str, str]:
     }
     env["OMP_NUM_THREADS"] = "1"
     return env
+
+
+def rank_file_of(checkpoint: Any, rank: int) -> str:
+    """The path of rank ``rank``'s own state for the checkpoint file ``checkpoint``: in the folder
+    of its set, which the main file names."""
+    from localsgd.core.files import rank_file
+
+    folder = torch.load(checkpoint, map_location="cpu", weights_only=False)["localsgd"]["rank_files"]
+    return rank_file(checkpoint, rank, folder if isinstance(folder, str) else None)  # True: flat

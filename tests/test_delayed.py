@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import torch
 import torch.distributed as dist
-from common import TIMEOUT, ToyNet, make_optimizer, toy_batches
+from common import TIMEOUT, ToyNet, make_optimizer, rank_file_of, toy_batches
 from common import flat_params as _flat
 from common import train_step as _step
 from distributed import free_port, run
@@ -190,7 +190,7 @@ def test_a_lightning_checkpoint_with_a_round_in_flight_resumes_bitwise(tmp_path:
         )
         trainer.fit(module, ckpt_path=str(tmp_path / "s.ckpt") if name == "resumed" else None)
         runs[name] = snapshot(module)
-    rank_file = torch.load(tmp_path / "s.ckpt.ranks" / "rank0.pt", weights_only=False)
+    rank_file = torch.load(rank_file_of(tmp_path / "s.ckpt", 0), weights_only=False)
     assert rank_file["in_flight"]["due"] == 6
     assert max_diff(runs["first"], runs["full"]) > 1e-4
     assert max_diff(runs["resumed"], runs["full"]) == 0.0

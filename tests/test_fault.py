@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from common import ToyModule, make_trainer
+from common import ToyModule, make_trainer, rank_file_of
 
 from localsgd import LocalSGDStrategy
 
@@ -136,7 +136,7 @@ def _final(folder: Path) -> dict[str, Any]:
         "optimizer_states": checkpoint["optimizer_states"],
         "localsgd": checkpoint["localsgd"],
         **{
-            f"rank{r}": torch.load(f"{path}.ranks/rank{r}.pt", map_location="cpu", weights_only=False)
+            f"rank{r}": torch.load(rank_file_of(path, r), map_location="cpu", weights_only=False)
             for r in (0, 1)
         },
     }
@@ -189,7 +189,7 @@ def test_a_rank_file_from_another_step_than_its_checkpoint_fails_clearly(tmp_pat
         trainer = make_trainer(LocalSGDStrategy(sync_every=2), max_steps=steps)
         trainer.fit(ToyModule())
         trainer.save_checkpoint(tmp_path / f"{name}.ckpt")
-    os.replace(tmp_path / "early.ckpt.ranks/rank0.pt", tmp_path / "late.ckpt.ranks/rank0.pt")
+    os.replace(rank_file_of(tmp_path / "early.ckpt", 0), rank_file_of(tmp_path / "late.ckpt", 0))
     trainer = make_trainer(LocalSGDStrategy(sync_every=2), max_steps=4)
     with pytest.raises(
         ValueError, match=r"rank 0's state file .*rank0.pt is from optimizer step 2, the checkpoint"

@@ -18,7 +18,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from common import TIMEOUT, ToyNet, make_optimizer, make_trainer, newcomer_env, snapshot, toy_batches
+from common import (
+    TIMEOUT,
+    ToyNet,
+    make_optimizer,
+    make_trainer,
+    newcomer_env,
+    rank_file_of,
+    snapshot,
+    toy_batches,
+)
 from distributed import run
 from test_readme import readme_commands
 from torch import Tensor
@@ -186,7 +195,7 @@ def _fabric_resume(rank: int, folder: str) -> dict[str, Any]:
     own = snapshot(model)
     fabric.save(path, {"model": model, "optimizer": opt, "epoch": 3})
     saved = torch.load(path, weights_only=False)["model"]
-    rank_file = torch.load(f"{path}.ranks/rank{rank}.pt", weights_only=False)
+    rank_file = torch.load(rank_file_of(path, rank), weights_only=False)
     assert torch.equal(snapshot(model)["net.0.weight"], own["net.0.weight"]), "saving moved the model"
     fabric, model, opt, strategy = start(1 + rank)  # other weights: the checkpoint brings them back
     state: dict[str, Any] = {"model": model, "optimizer": opt, "epoch": 0}

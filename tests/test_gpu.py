@@ -11,7 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from common import ToyModule, ToyNet, max_diff, mean_state, snapshot
+from common import ToyModule, ToyNet, max_diff, mean_state, rank_file_of, snapshot
 from torch import nn
 
 from localsgd import Averager, InProcessCommunicator, LocalSGDStrategy
@@ -83,7 +83,7 @@ def test_16_mixed_scales_the_loss_per_process_and_is_refused_with_simulated_work
     trainer.fit(module)
     assert all(torch.isfinite(v).all() for v in snapshot(module).values())
     trainer.save_checkpoint(tmp_path / "s.ckpt")
-    local = torch.load(tmp_path / "s.ckpt.ranks" / "rank0.pt", weights_only=False)
+    local = torch.load(rank_file_of(tmp_path / "s.ckpt", 0), weights_only=False)
     assert "scale" in local["precision"]  # each process's own loss scale travels in its rank file
     for path in ("sequential", "batched"):
         trainer = _trainer(LocalSGDStrategy(workers_per_device=2, simulation=path), 2, plugins=[plugin()])

@@ -14,7 +14,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 import torch.distributed as dist
-from common import TIMEOUT, ToyModule, make_trainer
+from common import TIMEOUT, ToyModule, make_trainer, rank_file_of
 from distributed import run
 
 from localsgd import LocalSGDStrategy, SGDBaselineStrategy
@@ -113,7 +113,7 @@ def test_sigterm_on_one_rank_stops_both_at_the_next_sync(tmp_path: Path, with_ch
             assert r["outcome"] == "SIGTERMException" and r["sigterm"]
     if with_checkpoint:
         checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=False)
-        assert checkpoint["global_step"] == 8 and (tmp_path / "last.ckpt.ranks" / "rank1.pt").is_file()
+        assert checkpoint["global_step"] == 8 and os.path.isfile(rank_file_of(tmp_path / "last.ckpt", 1))
 
 
 def test_the_per_batch_broadcast_it_turns_off_exists_in_this_lightning() -> None:

@@ -3,6 +3,7 @@ clearly, or (skip_worker) the run goes on from the healthy workers' average."""
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import timedelta
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import lightning.pytorch as pl
 import pytest
 import torch
-from common import Recorder, StopAt, ToyModule, make_trainer, max_diff, snapshot, toy_dataset
+from common import Recorder, StopAt, ToyModule, make_trainer, max_diff, rank_file_of, snapshot, toy_dataset
 from distributed import run
 from torch.utils.data import DataLoader, IterableDataset, Subset
 
@@ -179,7 +180,7 @@ def test_resume_mid_round_and_mid_epoch_is_bitwise_exact(tmp_path: Any) -> None:
         for name in ("constant", "qsr", "diloco", "simulated"):
             assert max_diff(r[name]["resumed"], r[name]["full"]) == 0.0, name
             assert max_diff(r[name]["first"], r[name]["full"]) > 1e-4  # the stop was real
-    assert (tmp_path / "constant" / "s13.ckpt.ranks" / "rank1.pt").is_file()
+    assert os.path.isfile(rank_file_of(tmp_path / "constant" / "s13.ckpt", 1))
 
 
 def test_truncated_or_mismatched_checkpoints_fail_clearly(tmp_path: Any) -> None:
@@ -195,7 +196,7 @@ def test_truncated_or_mismatched_checkpoints_fail_clearly(tmp_path: Any) -> None
     trainer = make_trainer(LocalSGDStrategy(sync_every=QSR(2, 0.1)), max_steps=4)
     with pytest.raises(ValueError, match=r"written with sync schedule Constant, this run uses QSR"):
         trainer.fit(ToyModule(), ckpt_path=str(good))
-    (tmp_path / "good.ckpt.ranks" / "rank0.pt").unlink()
+    os.unlink(rank_file_of(good, 0))
     trainer = make_trainer(LocalSGDStrategy(sync_every=2), max_steps=4)
     with pytest.raises(ValueError, match=r"needs rank 0's state file .*rank0.pt, which is missing"):
         trainer.fit(ToyModule(), ckpt_path=str(good))

@@ -18,7 +18,17 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from common import TIMEOUT, ToyModule, ToyNet, make_trainer, max_diff, snapshot, toy_batches, train_step
+from common import (
+    TIMEOUT,
+    ToyModule,
+    ToyNet,
+    make_trainer,
+    max_diff,
+    rank_file_of,
+    snapshot,
+    toy_batches,
+    train_step,
+)
 from distributed import free_port, run
 from torch import nn
 
@@ -163,7 +173,7 @@ def test_a_load_error_says_truncated_only_for_a_broken_file_and_keeps_any_other_
     assert err.value.__notes__ == [f"while loading checkpoint {tmp_path / 'moved.ckpt'}"]
 
     # a rank's own state file, the same
-    rank0 = tmp_path / "good.ckpt.ranks" / "rank0.pt"
+    rank0 = Path(rank_file_of(good, 0))
     own = torch.load(rank0, weights_only=False)
     half = tmp_path / "half.pt"
     half.write_bytes(rank0.read_bytes()[:100])

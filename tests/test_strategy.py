@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import lightning.pytorch as pl
 import pytest
 import torch
-from common import ToyModule, make_trainer
+from common import ToyModule, make_trainer, rank_file_of
 
 from localsgd import Constant, LocalSGDStrategy, SGDBaselineStrategy
 
@@ -120,7 +122,7 @@ def test_removed_checkpoints_take_their_rank_files_along(tmp_path) -> None:
     assert checkpoints == ["epoch=0-step=6.ckpt"]
     # steps 2 and 4 were removed with their rank files and folders; step 6 keeps its own
     assert sorted(p.name for p in tmp_path.glob("*.ranks")) == ["epoch=0-step=6.ckpt.ranks"]
-    assert (tmp_path / "epoch=0-step=6.ckpt.ranks" / "rank0.pt").is_file()
+    assert os.path.isfile(rank_file_of(tmp_path / "epoch=0-step=6.ckpt", 0))
 
 
 def test_one_worker_warns_that_it_is_plain_sgd_and_reports_no_communication(caplog) -> None:

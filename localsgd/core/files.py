@@ -2,9 +2,16 @@
 
 A Local SGD checkpoint taken mid-round holds the *average* (what evaluation and users want), but
 continuing as if never stopped needs every worker's own parameters, optimizer state and RNG
-streams. Each rank writes its part to ``<checkpoint>.ranks/rank<R>.pt`` next to the main file,
-through a temporary name and an atomic rename (or, on an object store, in one write), so a crash
-mid-write never leaves a truncated file under the real name. Every front end uses these.
+streams. Each rank writes its part to ``<checkpoint>.ranks/step<N>/rank<R>.pt`` next to the main
+file, through a temporary name, an fsync and an atomic rename (or, on an object store, in one
+write), so a crash mid-write never leaves a truncated file under the real name.
+
+The *set* is made whole the same way, with the main file as its commit point: every rank writes
+its file into the folder of this save's step, all ranks wait for each other, rank 0 writes the
+main file (which names that folder) through a temporary name, an fsync and a rename, all wait
+again, and only then does each rank delete its files of the sets before. A crash at any point
+leaves the main file of the previous save and the set it names, or the new main file and its
+whole set: a resume never sees a mix. Every front end uses these.
 """
 
 from __future__ import annotations
@@ -23,13 +30,26 @@ import torch
 from fsspec.core import url_to_fs
 
 
-def rank_file(checkpoint_path: str | os.PathLike[str], rank: int) -> str:
+def rank_file(checkpoint_path: str | os.PathLike[str], rank: int, generation: str | None) -> str:
     """Where rank ``rank`` keeps its own state for the checkpoint at ``checkpoint_path``: beside
-    the file the path names, through a symlink (``ModelCheckpoint(save_last="link")``'s last.ckpt)."""
+    the file the path names, through a symlink (``ModelCheckpoint(save_last="link")``'s last.ckpt),
+    in the folder of the save that wrote it (``generation``, named in the main file; ``None``: the
+    flat layout of checkpoints written before sets had folders)."""
+    folder = ranks_folder(checkpoint_path)
+    return f"{folder}/{generation}/rank{rank}.pt" if generation else f"{folder}/rank{rank}.pt"
+
+
+def ranks_folder(checkpoint_path: str | os.PathLike[str]) -> str:
     path = str(checkpoint_path)
     if is_local(path):
         path = os.path.realpath(path)
-    return f"{path}.ranks/rank{rank}.pt"
+    return f"{path}.ranks"
+
+
+def generation(step: int) -> str:
+    """The name of the rank files' folder for a save at optimizer step ``step``: the same on every
+    rank (they save at the same step), and a save at the same step writes the same state."""
+    return f"step{step}"
 
 
 def is_local(path: str | os.PathLike[str]) -> bool:
@@ -52,7 +72,20 @@ def atomic_save(obj: Any, path: str) -> None:
     local.parent.mkdir(parents=True, exist_ok=True)
     tmp = local.with_name(f".{local.name}.{os.getpid()}.tmp")
     torch.save(obj, tmp)
-    os.replace(tmp, local)
+    durable_replace(tmp, local)
+
+
+def durable_replace(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
+    """Rename the finished file ``tmp`` to ``path`` so that a power cut cannot undo it: the file's
+    bytes reach the disk before the rename, and the rename before this returns."""
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    folder = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    try:
+        os.fsync(folder)
+    finally:
+        os.close(folder)
 
 
 def exists(path: str) -> bool:
@@ -60,16 +93,38 @@ def exists(path: str) -> bool:
     return bool(fs.exists(path))
 
 
-def remove(path: str) -> None:
-    """Remove a rank file and, once it is empty, its ``.ranks`` folder."""
-    fs, _ = url_to_fs(path)
+def retire(checkpoint_path: str | os.PathLike[str], rank: int, keep: str | None) -> None:
+    """Delete rank ``rank``'s files of every set of ``checkpoint_path`` but ``keep`` (``None``: all
+    of them, with the ``.ranks`` folder once it is empty), and each folder once it is empty."""
+    folder = ranks_folder(checkpoint_path)
+    fs, _ = url_to_fs(folder)
+    try:
+        entries = [str(e).rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(folder, detail=False)]
+    except FileNotFoundError:
+        return
+    for name in entries:
+        if name == keep:
+            continue
+        if name == f"rank{rank}.pt":  # the flat layout
+            _remove_file(fs, f"{folder}/{name}")
+        elif not name.endswith(".pt") and not name.startswith("."):
+            _remove_file(fs, f"{folder}/{name}/rank{rank}.pt")
+            _remove_empty(fs, f"{folder}/{name}")  # the last rank to get here removes the folder
+    if keep is None:
+        _remove_empty(fs, folder)
+
+
+def _remove_file(fs: Any, path: str) -> None:
     with contextlib.suppress(FileNotFoundError):
         fs.rm(path)
-    with contextlib.suppress(OSError):  # the last rank to get here removes the folder
-        if is_local(path):
-            os.rmdir(os.path.dirname(path))
-        elif not fs.ls(fs._parent(path)):
-            fs.rmdir(fs._parent(path))
+
+
+def _remove_empty(fs: Any, folder: str) -> None:
+    with contextlib.suppress(OSError):  # not empty (another rank's file), or gone already
+        if is_local(folder):
+            os.rmdir(folder)
+        elif not fs.ls(folder):
+            fs.rmdir(folder)
 
 
 def load(path: str | os.PathLike[str], what: str) -> dict[str, Any]:

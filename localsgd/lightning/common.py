@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
 
 from localsgd.core.comm import destroy_at_exit_if_created
-from localsgd.core.files import add_note, is_local, unreadable
+from localsgd.core.files import add_note, durable_replace, is_local, unreadable
 from localsgd.core.scaling import intrinsic_lr
 from localsgd.lightning.resume import ResumedLoader
 from localsgd.sharding import is_dcp_checkpoint, load_meta
@@ -99,7 +99,7 @@ class StrategyCommon(DDPStrategy):
         tmp = f"{filepath}.{os.getpid()}.tmp"
         super().save_checkpoint(checkpoint, tmp, storage_options)
         if os.path.exists(tmp):  # rank 0 writes the main file
-            os.replace(tmp, filepath)
+            durable_replace(tmp, filepath)
 
     def _read_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None) -> Any:
         """The checkpoint's dict (sharded workers' folders: its non-tensor part)."""

@@ -3,9 +3,10 @@
 A Local SGD checkpoint taken mid-round holds the *average* (what evaluation and users want),
 but continuing as if never stopped needs every worker's own parameters, optimizer state
 and RNG streams, and the data position inside the epoch. Each rank writes its part to
-``<checkpoint>.ranks/rank<R>.pt`` next to the main file (all ranks save at the same step;
-Lightning calls ``save_checkpoint`` on every rank), each file through a temporary name and
-an atomic rename, so a crash mid-write never leaves a truncated file under the real name.
+``<checkpoint>.ranks/step<N>/rank<R>.pt`` next to the main file (all ranks save at the same
+step; Lightning calls ``save_checkpoint`` on every rank), each file through a temporary name and
+an atomic rename, and the main file last, naming the set: a crash never leaves a truncated file
+under a real name, nor a main file with part of its set (:mod:`localsgd.core.files`).
 Sharded workers write the same parts into one ``torch.distributed.checkpoint`` folder instead
 (:mod:`localsgd.sharding`), each process its own shards. This module writes, checks and restores
 them; :class:`~localsgd.LocalSGDStrategy`'s checkpoint hooks call its functions.
@@ -19,7 +20,7 @@ from typing import Any
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
-from localsgd.core.files import atomic_save, exists, load, rank_file, remove, rng_state
+from localsgd.core.files import atomic_save, exists, generation, load, rank_file, retire, rng_state
 from localsgd.sharding import (
     load_packed,
     load_worker_state,
@@ -123,16 +124,22 @@ def local_state(strategy: Any) -> dict[str, Any]:
 
 
 def save_rank_file(strategy: Any, filepath: Any) -> None:
-    """Write ``strategy``'s rank's own state beside the checkpoint ``filepath``, atomically."""
+    """Write ``strategy``'s rank's own state beside the checkpoint ``filepath``, atomically, into
+    the folder of this save's step (the main file, written after every rank's, names it)."""
     # a checkpoint saved during validation (ModelCheckpoint's on_validation_end runs before the
     # strategy's) would otherwise store the average swapped in for evaluation
     with strategy.driver.averager.own_models():
         local = local_state(strategy)
-    atomic_save(local, rank_file(filepath, strategy.global_rank))
+    atomic_save(local, rank_file(filepath, strategy.global_rank, generation(strategy.driver.num_steps)))
 
 
-def remove_rank_file(filepath: Any, rank: int) -> None:
-    remove(rank_file(filepath, rank))
+def retire_rank_files(strategy: Any, filepath: Any) -> None:
+    """Once the main file names this save's set: this rank's files of the sets before it go."""
+    retire(filepath, strategy.global_rank, keep=generation(strategy.driver.num_steps))
+
+
+def remove_rank_files(filepath: Any, rank: int) -> None:
+    retire(filepath, rank, keep=None)
 
 
 def check_rank_file(strategy: Any, checkpoint_path: Any, checkpoint: dict[str, Any]) -> dict[str, Any] | None:
@@ -150,20 +157,21 @@ def check_rank_file(strategy: Any, checkpoint_path: Any, checkpoint: dict[str, A
     if not same_layout(strategy, checkpoint_path, saved):
         return None
     rank = strategy.global_rank
-    path = rank_file(checkpoint_path, rank)
+    # the folder of its set (True: the flat layout of checkpoints written before sets had folders)
+    folder = saved["rank_files"]
+    path = rank_file(checkpoint_path, rank, folder if isinstance(folder, str) else None)
     if not exists(path):
         raise ValueError(
             f"checkpoint {checkpoint_path} needs rank {rank}'s state file {path}, which is "
             "missing. HINT: copy the whole checkpoint, its .ranks folder included"
         )
     local = load(path, f"rank {rank}'s state file")
-    # each file is written atomically, the set is not: a rank killed while they are written
-    # leaves files of two steps, and resuming from both would mix two points of the run
+    # a set is whole by construction; files copied or moved by hand from another save are not
     if local.get("num_steps", saved["num_steps"]) != saved["num_steps"]:
         raise ValueError(
             f"rank {rank}'s state file {path} is from optimizer step {local['num_steps']}, "
-            f"the checkpoint {checkpoint_path} from step {saved['num_steps']} (a rank died while they "
-            "were written). HINT: resume from an earlier checkpoint"
+            f"the checkpoint {checkpoint_path} from step {saved['num_steps']} (files of two saves mixed). "
+            "HINT: resume from an earlier checkpoint"
         )
     return local
 

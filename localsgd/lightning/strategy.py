@@ -30,7 +30,7 @@ from localsgd.core.comm import Communicator, worker_mesh
 from localsgd.core.control import StopRequests, check_equal_lengths
 from localsgd.core.driver import LocalSGD
 from localsgd.core.driver_state import sync_state
-from localsgd.core.files import set_rng_state
+from localsgd.core.files import generation, set_rng_state
 from localsgd.core.gradients import gradients_of
 from localsgd.core.options import (
     BufferPolicy,
@@ -492,14 +492,23 @@ class LocalSGDStrategy(StrategyCommon):
             checkpoint[_CHECKPOINT_KEY] = self.state_dict()
             resume.save_sharded(self, checkpoint, filepath)
             return
-        if self.driver is not None:
-            resume.save_rank_file(self, filepath)  # each rank's own state beside the main file
+        if self.driver is None:
+            super().save_checkpoint(checkpoint, filepath, storage_options)
+            return
+        # the set is whole or absent (localsgd.core.files): every rank's own state first, then the
+        # main file naming them, then the sets before go
+        resume.save_rank_file(self, filepath)
+        self.barrier("localsgd rank files")
         super().save_checkpoint(checkpoint, filepath, storage_options)
+        self.barrier("localsgd checkpoint")
+        resume.retire_rank_files(self, filepath)
 
     @override
     def remove_checkpoint(self, filepath: Any) -> None:
-        super().remove_checkpoint(filepath)
-        resume.remove_rank_file(filepath, self.global_rank)
+        super().remove_checkpoint(filepath)  # rank 0: the main file first, so no set is ever named
+        if self.driver is not None:  # but incomplete; every rank calls this (ModelCheckpoint)
+            self.barrier("localsgd remove checkpoint")
+        resume.remove_rank_files(filepath, self.global_rank)
 
     @override
     def _read_checkpoint(self, checkpoint_path: Any, weights_only: bool | None) -> Any:
@@ -544,7 +553,8 @@ class LocalSGDStrategy(StrategyCommon):
             "world_size": self.world_size,
             "workers_per_device": self.workers_per_device,
             "shards_per_worker": self.shards_per_worker,
-            "rank_files": self.driver is not None,
+            # the folder of this save's rank files (False: none were written)
+            "rank_files": generation(self.driver.num_steps) if self.driver is not None else False,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
