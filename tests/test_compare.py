@@ -384,3 +384,13 @@ def test_a_language_model_comparison_reports_bits_per_byte_paired_differences_an
     assert "val/bpb (held-out split, bits per byte)" in seen and "val/loss (held-out split)" not in seen
     assert "val/bpb against MB sent per worker (log scale)" in seen and "MB sent per worker" in seen
     assert "tokens (all workers)" in seen
+    # one worker sends nothing, whatever its counters say: no bytes panel
+    seen.clear()
+    single = load_config(_write(tmp_path, {"out": str(tmp_path / "out"), **raw, "workers": 1}, "single.yaml"))
+    try:
+        matplotlib.axes.Axes.set_title = lambda ax, label, **kw: seen.append(label)  # type: ignore[method-assign]
+        compare_report.plot(single, tmp_path / "single.png")
+    finally:
+        matplotlib.axes.Axes.set_title = set_title
+    assert "val/bpb (held-out split, bits per byte)" in seen
+    assert not [t for t in seen if "MB sent" in t]

@@ -217,7 +217,8 @@ def plot(config: CompareConfig, path: Path | None = None) -> Path:
         curves = [(key, label) for key, label in curves if key != "val/loss"]
     # the quality a sync buys: the first loss the runs logged against the bytes each worker sent
     sent = [k for k in _PAIRED if any(k == key for key, _ in curves)][:1]
-    if sent and any(v > 0 for s in series.values() for _, v in s.get("comm/bytes", [])):
+    talk = any(r.workers > 1 for r in runs)  # one worker sends nothing, whatever it counts
+    if sent and talk and any(v > 0 for s in series.values() for _, v in s.get("comm/bytes", [])):
         curves.append((_SENT + sent[0], f"{sent[0]} against MB sent per worker (log scale)"))
     columns = min(2, max(1, len(curves)))
     rows = max(1, math.ceil(len(curves) / columns))
