@@ -11,7 +11,6 @@ Call :meth:`LocalSGDFabricStrategy.finish` after the loop for the final average.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from typing import Any, Literal
@@ -227,24 +226,22 @@ class LocalSGDFabricStrategy(DDPStrategy):
                     "save without them"
                 )
             return save_checkpoint(path, state, self.driver, barrier=lambda: self.barrier("localsgd save"))
-        # the set is whole or absent (localsgd.core.files): every rank's own state first, then the
-        # main file naming them, then the sets before go
-        own = {"driver": self.driver.state_dict(), "rng": files.rng_state()}
-        generation = files.generation(self.driver.num_steps)
-        files.atomic_save(own, files.rank_file(path, self.global_rank, generation))
-        self.barrier("localsgd rank files")
-        sync = {**self.driver.sync_state_dict(), "world_size": self.world_size, "rank_files": generation}
+        driver, step = self.driver, self.driver.num_steps
+        own = {"driver": driver.state_dict(), "rng": files.rng_state()}
+        sync = {
+            **driver.sync_state_dict(),
+            "world_size": self.world_size,
+            "rank_files": files.generation(step),
+        }
         state = {**state, _KEY: sync}
-        with self.driver.averaged("checkpoint"):
-            if files.is_local(path):  # rank 0 writes it: through a temporary name and a rename
-                tmp = f"{path}.{os.getpid()}.tmp"
-                super().save_checkpoint(tmp, state, storage_options, filter)
-                if os.path.exists(tmp):
-                    files.durable_replace(tmp, path)
-            else:
-                super().save_checkpoint(path, state, storage_options, filter)
-        self.barrier("localsgd save")  # every rank file exists before anyone loads from it
-        files.retire(path, self.global_rank, keep=generation)
+        save = super().save_checkpoint
+
+        def write_main() -> None:  # rank 0 writes it
+            with driver.averaged("checkpoint"):
+                files.write_atomically(lambda p: save(p, state, storage_options, filter), path)
+
+        # whole or absent: every rank's own state, then the main file naming them (localsgd.core.files)
+        files.save_set(path, self.global_rank, step, own, write_main, lambda: self.barrier("localsgd save"))
 
     def load_checkpoint(
         self,
@@ -271,7 +268,7 @@ class LocalSGDFabricStrategy(DDPStrategy):
         sync = remainder.pop(_KEY, None) if isinstance(remainder, dict) else None
         if sync is None or self.driver is None:
             return remainder
-        # the folder of its set (absent: the flat layout of checkpoints written before sets had folders)
+        # in the folder of its set (none named: the flat layout of earlier versions)
         own_path = files.rank_file(path, self.global_rank, sync.get("rank_files"))
         if sync.get("world_size") == self.world_size and files.exists(own_path):
             own = files.load(own_path, f"rank {self.global_rank}'s state file")

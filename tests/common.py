@@ -215,4 +215,4 @@ def rank_file_of(checkpoint: Any, rank: int) -> str:
     from localsgd.core.files import rank_file
 
     folder = torch.load(checkpoint, map_location="cpu", weights_only=False)["localsgd"]["rank_files"]
-    return rank_file(checkpoint, rank, folder if isinstance(folder, str) else None)  # True: flat
+    return rank_file(checkpoint, rank, folder)

@@ -22,6 +22,7 @@ import os
 import pickle
 import random
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,13 +31,15 @@ import torch
 from fsspec.core import url_to_fs
 
 
-def rank_file(checkpoint_path: str | os.PathLike[str], rank: int, generation: str | None) -> str:
+def rank_file(checkpoint_path: str | os.PathLike[str], rank: int, generation: str | bool | None) -> str:
     """Where rank ``rank`` keeps its own state for the checkpoint at ``checkpoint_path``: beside
     the file the path names, through a symlink (``ModelCheckpoint(save_last="link")``'s last.ckpt),
-    in the folder of the save that wrote it (``generation``, named in the main file; ``None``: the
-    flat layout of checkpoints written before sets had folders)."""
+    in the folder of the save that wrote it (``generation``, as the main file names it; anything
+    but a name, such as the ``True`` earlier versions recorded: their flat layout)."""
     folder = ranks_folder(checkpoint_path)
-    return f"{folder}/{generation}/rank{rank}.pt" if generation else f"{folder}/rank{rank}.pt"
+    if isinstance(generation, str) and generation:
+        return f"{folder}/{generation}/rank{rank}.pt"
+    return f"{folder}/rank{rank}.pt"
 
 
 def ranks_folder(checkpoint_path: str | os.PathLike[str]) -> str:
@@ -73,6 +76,39 @@ def atomic_save(obj: Any, path: str) -> None:
     tmp = local.with_name(f".{local.name}.{os.getpid()}.tmp")
     torch.save(obj, tmp)
     durable_replace(tmp, local)
+
+
+def save_set(
+    checkpoint_path: str | os.PathLike[str],
+    rank: int,
+    step: int,
+    own: Any,
+    write_main: Callable[[], None],
+    barrier: Callable[[], None],
+) -> None:
+    """Save a checkpoint as a set that is whole or absent (see the module docstring): this rank's
+    ``own`` state into the folder of ``step``, then (every rank's file on disk) ``write_main``,
+    which writes the main file naming that folder (:func:`generation`), then (it committed)
+    this rank's files of the sets before are deleted. Every rank calls it."""
+    folder = generation(step)
+    atomic_save(own, rank_file(checkpoint_path, rank, folder))
+    barrier()
+    write_main()
+    barrier()
+    retire(checkpoint_path, rank, keep=folder)
+
+
+def write_atomically(write: Callable[[str], None], path: str | os.PathLike[str]) -> None:
+    """``write(p)`` writes the file at ``p`` (on rank 0 only, as Lightning's and Fabric's
+    checkpoint writers do): locally to a temporary name, fsynced and renamed into place, so a crash
+    leaves the previous file; elsewhere (an object store makes one write visible whole) directly."""
+    if not is_local(path):
+        write(str(path))
+        return
+    tmp = f"{path}.{os.getpid()}.tmp"
+    write(tmp)
+    if os.path.exists(tmp):  # the rank that writes
+        durable_replace(tmp, path)
 
 
 def durable_replace(tmp: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:

@@ -19,7 +19,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch.optim import Optimizer
 
 from localsgd.core.comm import destroy_at_exit_if_created
-from localsgd.core.files import add_note, durable_replace, is_local, unreadable
+from localsgd.core.files import add_note, unreadable, write_atomically
 from localsgd.core.scaling import intrinsic_lr
 from localsgd.lightning.resume import ResumedLoader
 from localsgd.sharding import is_dcp_checkpoint, load_meta
@@ -92,14 +92,9 @@ class StrategyCommon(DDPStrategy):
         self, checkpoint: dict[str, Any], filepath: _PATH, storage_options: Any | None = None
     ) -> None:
         checkpoint[_CHECKPOINT_KEY] = self.state_dict()
-        if not is_local(filepath):
-            super().save_checkpoint(checkpoint, filepath, storage_options)
-            return
         # atomic: a crash mid-write leaves the previous file, never a truncated one
-        tmp = f"{filepath}.{os.getpid()}.tmp"
-        super().save_checkpoint(checkpoint, tmp, storage_options)
-        if os.path.exists(tmp):  # rank 0 writes the main file
-            durable_replace(tmp, filepath)
+        save = super().save_checkpoint
+        write_atomically(lambda path: save(checkpoint, path, storage_options), filepath)
 
     def _read_checkpoint(self, checkpoint_path: _PATH, weights_only: bool | None) -> Any:
         """The checkpoint's dict (sharded workers' folders: its non-tensor part)."""

@@ -20,7 +20,7 @@ from typing import Any
 from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch.optim import Optimizer
 
-from localsgd.core.files import atomic_save, exists, generation, load, rank_file, retire, rng_state
+from localsgd.core.files import exists, load, rank_file, retire, rng_state, save_set
 from localsgd.sharding import (
     load_packed,
     load_worker_state,
@@ -123,19 +123,15 @@ def local_state(strategy: Any) -> dict[str, Any]:
     return state
 
 
-def save_rank_file(strategy: Any, filepath: Any) -> None:
-    """Write ``strategy``'s rank's own state beside the checkpoint ``filepath``, atomically, into
-    the folder of this save's step (the main file, written after every rank's, names it)."""
+def save_with_rank_files(strategy: Any, filepath: Any, write_main: Callable[[], None]) -> None:
+    """The checkpoint ``filepath`` as a set that is whole or absent (:func:`~localsgd.core.files.save_set`):
+    ``strategy``'s rank's own state beside it, then the main file (``write_main``)."""
     # a checkpoint saved during validation (ModelCheckpoint's on_validation_end runs before the
     # strategy's) would otherwise store the average swapped in for evaluation
     with strategy.driver.averager.own_models():
         local = local_state(strategy)
-    atomic_save(local, rank_file(filepath, strategy.global_rank, generation(strategy.driver.num_steps)))
-
-
-def retire_rank_files(strategy: Any, filepath: Any) -> None:
-    """Once the main file names this save's set: this rank's files of the sets before it go."""
-    retire(filepath, strategy.global_rank, keep=generation(strategy.driver.num_steps))
+    barrier = lambda: strategy.barrier("localsgd save")  # noqa: E731
+    save_set(filepath, strategy.global_rank, strategy.driver.num_steps, local, write_main, barrier)
 
 
 def remove_rank_files(filepath: Any, rank: int) -> None:
@@ -157,9 +153,7 @@ def check_rank_file(strategy: Any, checkpoint_path: Any, checkpoint: dict[str, A
     if not same_layout(strategy, checkpoint_path, saved):
         return None
     rank = strategy.global_rank
-    # the folder of its set (True: the flat layout of checkpoints written before sets had folders)
-    folder = saved["rank_files"]
-    path = rank_file(checkpoint_path, rank, folder if isinstance(folder, str) else None)
+    path = rank_file(checkpoint_path, rank, saved["rank_files"])  # in the folder of its set
     if not exists(path):
         raise ValueError(
             f"checkpoint {checkpoint_path} needs rank {rank}'s state file {path}, which is "

@@ -11,6 +11,7 @@ logging, SIGTERM handling and the simulated workers' Lightning glue.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Mapping
 from datetime import timedelta
@@ -495,13 +496,8 @@ class LocalSGDStrategy(StrategyCommon):
         if self.driver is None:
             super().save_checkpoint(checkpoint, filepath, storage_options)
             return
-        # the set is whole or absent (localsgd.core.files): every rank's own state first, then the
-        # main file naming them, then the sets before go
-        resume.save_rank_file(self, filepath)
-        self.barrier("localsgd rank files")
-        super().save_checkpoint(checkpoint, filepath, storage_options)
-        self.barrier("localsgd checkpoint")
-        resume.retire_rank_files(self, filepath)
+        save = functools.partial(super().save_checkpoint, checkpoint, filepath, storage_options)
+        resume.save_with_rank_files(self, filepath, save)  # each rank's own state, then the main file
 
     @override
     def remove_checkpoint(self, filepath: Any) -> None:
