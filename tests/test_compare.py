@@ -361,7 +361,16 @@ def test_a_language_model_comparison_reports_bits_per_byte_paired_differences_an
                 final = bpb[run.method, run.seed] + (step == 3)
                 writer.writerow([step, 0, per_step[run.method] * (step + 1), final, final * math.log(2)])
         results.append({"method": run.method, "seed": run.seed, "steps": 8, "seconds": 1.0, "final": {}})
-    assert compare_report._x_scale(config, config.runs()[0]) == 2 * 4 * 32  # workers x batch x context
+    assert compare_report.x_scale(config, config.runs()[0]) == 2 * 4 * 32  # workers x batch x context
+    # a tokens axis needs the data's context, said before anything trains
+    no_context = {
+        **raw,
+        "data": {**raw["data"], "init_args": {"batch_size": 4}},
+        "out": str(tmp_path / "none"),
+    }
+    with pytest.raises(ValueError, match=r"x_axis: tokens needs data.init_args.context in the config"):
+        run_all(load_config(_write(tmp_path, no_context, "no_context.yaml")), progress=False)
+    assert not (tmp_path / "none" / "runs").exists()
     paths = compare_report.report(config, results, "localsgd compare --config tiny.yaml")
     text = paths["markdown"].read_text()
     assert "| method | val/bpb | val/loss | val/bpb - SGD's, paired by seed |" in text

@@ -229,7 +229,7 @@ def plot(config: CompareConfig, path: Path | None = None) -> Path:
         key = panel.removeprefix(_SENT)
         for m, method in enumerate(methods):
             method_runs = [r for r in runs if r.method == method]
-            scale = _x_scale(config, method_runs[0])
+            scale = x_scale(config, method_runs[0])
             per_seed = [points[(r.method, r.seed, key)] for r in method_runs]
             steps = sorted(set.intersection(*(set(s) for s in per_seed))) if per_seed else []
             if panel != key:  # bytes are the same for every seed: the first seed's count
@@ -317,7 +317,8 @@ _SENT = "sent:"  # a panel against the bytes sent rather than the x axis
 _X_LABELS = {"step": "optimizer step", "samples": "samples (all workers)", "tokens": "tokens (all workers)"}
 
 
-def _x_scale(config: CompareConfig, run: RunSpec) -> float:
+def x_scale(config: CompareConfig, run: RunSpec) -> float:
+    """What one optimizer step of ``run`` is on the plot's x axis (steps, samples or tokens)."""
     if config.x_axis == "step":
         return 1.0
     batch = _local_batch(run.data)

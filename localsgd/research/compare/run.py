@@ -19,6 +19,7 @@ import yaml
 from localsgd.lightning.config_errors import parse_error_line
 from localsgd.lightning.quiet import quiet_known_noise
 from localsgd.research.compare.config import _SHARPNESS_FIXED, _STRATEGY_FIXED, CompareConfig, RunSpec
+from localsgd.research.compare.report import x_scale
 
 
 def _parser() -> Any:
@@ -243,6 +244,7 @@ def run_all(config: CompareConfig, *, progress: bool = True) -> list[dict[str, A
     runs = config.runs()
     for run in runs:  # every method builds before anything trains: a typo fails in seconds
         build(run)
+        x_scale(config, run)  # and the plot's x axis can be drawn from its settings
         if run.init_from is not None and not Path(run.init_from).is_file():
             raise ValueError(
                 f"method {run.method!r}: init_from ({run.init_from!r}) is not a file. HINT: train the "
